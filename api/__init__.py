@@ -1,0 +1,63 @@
+"""The HTTP API: an application factory, one blueprint per resource, one JSON error shape.
+Never imports torch or worker/: it stores bytes, writes rows and publishes job ids."""
+from dataclasses import dataclass
+from typing import Any
+
+from flask import Flask, current_app, g
+from sqlalchemy.orm import Session, sessionmaker
+
+from core import captioner
+from core.db import make_engine, make_sessionmaker
+from core.queue import create_celery, publish
+from core.settings import Settings, get_settings
+
+
+@dataclass
+class Services:
+    """What the request handlers share; built once per app by create_app."""
+    settings: Settings
+    sessionmaker: sessionmaker
+    celery: Any | None  # None in embedded mode: jobs wait for `captioner caption` to drain them
+    model_version: str | None = None  # read lazily: the API can start (and say why it is not ready) without a checkpoint
+
+    def current_model_version(self) -> str:
+        if self.model_version is None:
+            self.model_version = captioner.version(self.settings)
+        return self.model_version
+
+    def publish(self, jobs: list[tuple[int, str]]) -> None:
+        if self.celery is not None:
+            publish(self.celery, jobs)
+
+
+def services() -> Services:
+    return current_app.extensions["captioner"]
+
+
+def get_session() -> Session:
+    """One session per request, opened on first use and closed at teardown."""
+    if "session" not in g:
+        g.session = services().sessionmaker()
+    return g.session
+
+
+def _close_session(_exc: BaseException | None) -> None:
+    session = g.pop("session", None)
+    if session is not None:
+        session.close()
+
+
+def create_app(settings: Settings | None = None) -> Flask:
+    settings = settings or get_settings()
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_upload_bytes  # Flask answers 413 before reading more
+    app.json.sort_keys = False  # type: ignore[attr-defined]  (keep fields in the documented order)
+    celery = create_celery(settings) if settings.broker_url else None
+    app.extensions["captioner"] = Services(settings, make_sessionmaker(make_engine(settings.database_url)), celery)
+    app.teardown_appcontext(_close_session)
+
+    from . import batches, docs, errors, health, images, search
+    errors.init_app(app)
+    for module in (images, batches, search, health, docs):
+        app.register_blueprint(module.bp)
+    return app

@@ -1,0 +1,42 @@
+"/v1/batches: many S3 images at once (a prefix or a list), and progress counts."
+from concurrent.futures import ThreadPoolExecutor
+
+from flask import Blueprint, Response, jsonify, url_for
+
+from core import jobs, queries, storage
+from core.errors import InvalidRequest
+
+from . import get_session, requests, services
+
+bp = Blueprint("batches", __name__, url_prefix="/v1/batches")
+
+
+@bp.post("")
+def submit_batch() -> tuple[Response, int, dict]:
+    svc = services()
+    body = requests.json_object()
+    queue = requests.queue(body.get("queue"), "backfill")  # a library import must not delay single uploads
+    if "s3" in body:
+        bucket, prefix = requests.s3_location(body["s3"], "s3", "prefix", allow_empty=True)
+        found = storage.list_prefix(bucket, prefix, svc.settings.s3_prefix_limit)
+        if not found:
+            raise InvalidRequest(f"no images under s3://{bucket}/{prefix}", code="empty_batch")
+        images, source = [jobs.s3_image(o) for o in found], f"s3://{bucket}/{prefix}"
+    elif "images" in body:
+        locations = requests.image_list(body["images"])
+        # head each object (concurrently): it checks it exists and gives the ETag the identity rests on
+        with ThreadPoolExecutor(max_workers=svc.settings.io_threads) as pool:
+            images = [jobs.s3_image(o) for o in pool.map(lambda loc: storage.head(*loc), locations)]
+        source = f"{len(locations)} images"
+    else:
+        raise InvalidRequest('send {"s3": {"bucket": B, "prefix": P}} or {"images": [{"s3": {...}}, ...]}')
+    version = svc.current_model_version()
+    batch_id, _ = jobs.submit_images(svc.sessionmaker, images, version, queue, svc.publish, batch_source=source)
+    location = url_for("batches.get_batch", batch_id=batch_id)
+    view = queries.batch_view(get_session(), batch_id)
+    return jsonify({"id": batch_id, "total": view["total"], "url": location}), 202, {"Location": location}
+
+
+@bp.get("/<int:batch_id>")
+def get_batch(batch_id: int) -> Response:
+    return jsonify(queries.batch_view(get_session(), batch_id))

@@ -1,0 +1,47 @@
+"""/v1/images: submit one image (upload or S3 reference) and read its caption."""
+from flask import Blueprint, Response, jsonify, request, url_for
+
+from core import jobs, queries, storage
+from core.errors import InvalidRequest
+
+from . import get_session, requests, services
+
+bp = Blueprint("images", __name__, url_prefix="/v1/images")
+
+
+def _accepted(sub: queries.Submitted, model_version: str) -> tuple[Response, int, dict]:
+    location = url_for("images.get_image", image_id=sub.image_id)
+    body = {"id": sub.image_id, "status": sub.status, "queue": sub.queue, "model_version": model_version,
+            "url": location}
+    # 202: work was accepted; 200: the same bytes were already captioned (or failed) by this model
+    return jsonify(body), 202 if sub.status in ("queued", "processing") else 200, {"Location": location}
+
+
+@bp.post("")
+def submit_image() -> tuple[Response, int, dict]:
+    svc = services()
+    if "file" in request.files:
+        data = request.files["file"].read()
+        if not data:
+            raise InvalidRequest("the uploaded file is empty")
+        version = svc.current_model_version()
+        sub = jobs.submit_upload(svc.sessionmaker, svc.settings, data, version,
+                                 requests.queue(request.form.get("queue"), "interactive"), svc.publish)
+        return _accepted(sub, version)
+    if request.mimetype == "multipart/form-data":
+        raise InvalidRequest("multipart uploads need the image in a field named 'file'")
+    body = requests.json_object()
+    if "s3" not in body:
+        raise InvalidRequest('send a multipart field "file", or JSON {"s3": {"bucket": B, "key": K}}')
+    bucket, key = requests.s3_location(body["s3"], "s3", "key")
+    queue = requests.queue(body.get("queue"), "interactive")
+    version = svc.current_model_version()
+    image = jobs.s3_image(storage.head(bucket, key))
+    _, [sub] = jobs.submit_images(svc.sessionmaker, [image], version, queue, svc.publish)
+    return _accepted(sub, version)
+
+
+@bp.get("/<int:image_id>")
+def get_image(image_id: int) -> Response:
+    # the job of the model this API submits for, if the image has one; its latest job otherwise
+    return jsonify(queries.image_view(get_session(), image_id, services().model_version))

@@ -1,0 +1,57 @@
+"""The only door from core/ to model/. torch is imported lazily, so processes that never
+caption (the API, the CLI's read commands) never load it."""
+import hashlib
+import importlib.util
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .errors import ConfigError
+from .settings import Settings
+
+if TYPE_CHECKING:
+    from PIL.Image import Image as PILImage
+    from torch import Tensor
+
+    from model.inference import Caption as ModelCaption, Captioner
+
+_loaded: "Captioner | None" = None  # the one lazily loaded global: weights load once per process, after fork
+
+
+def checkpoint_path(settings: Settings) -> Path:
+    """The configured checkpoint, else the shipped one, found without importing model/ (and torch)."""
+    if settings.model_path:
+        return Path(settings.model_path)
+    spec = importlib.util.find_spec("model")
+    if spec is None or spec.origin is None:
+        raise ConfigError("the model package is not installed")
+    return Path(spec.origin).parent / "checkpoints" / "default.pt"
+
+
+def version(settings: Settings) -> str:
+    """The model version jobs are submitted for: the checkpoint's short sha256, as
+    model.inference.checkpoint_version computes it (a test holds the two together)."""
+    path = checkpoint_path(settings)
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+    except FileNotFoundError:
+        raise ConfigError(f"no model checkpoint at {path} (set CAPTIONER_MODEL_PATH)") from None
+
+
+def get(settings: Settings) -> "Captioner":
+    """The loaded model, loaded on first use in this process (CUDA cannot start before a fork)."""
+    from model import inference  # keeps torch out of processes that never caption
+    global _loaded
+    if _loaded is None:
+        _loaded = inference.load(checkpoint_path(settings), device=settings.device)
+    return _loaded
+
+
+def preprocess(settings: Settings, image: "PILImage") -> "Tensor":
+    """PIL image -> (3, 224, 224) tensor; thread-safe, called on the I/O threads."""
+    return get(settings).preprocess(image)
+
+
+def caption_batch(settings: Settings, tensors: "list[Tensor]") -> "list[ModelCaption]":
+    """One model forward for the whole batch: a per-image loop would waste the device."""
+    import torch
+    return get(settings).caption(torch.stack(tensors), beam=settings.beam, n_best=settings.n_best)  # (B, 3, 224, 224)

@@ -1,0 +1,143 @@
+"""The job life-cycle end to end: submit (store bytes, rows, doorbell) and caption a claimed
+batch (fetch, decode, one model forward, one write). The worker and the embedded CLI share it."""
+import hashlib
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+from sqlalchemy.orm import sessionmaker
+
+from . import captioner, decode, queries, storage
+from .errors import CaptioningError, InvalidRequest, TransientError
+from .queries import Claimed, Failure, NewImage, Result, Submitted
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+Publish = Callable[[list[tuple[int, str]]], None]  # (job id, queue) pairs; a no-op in embedded mode
+
+
+@dataclass(frozen=True)
+class BatchReport:
+    captioned: int
+    failed: int
+    released: int  # returned to the queue after a transient error
+    forward_size: int
+    seconds: float
+
+
+def to_publish(submitted: Iterable[Submitted]) -> list[tuple[int, str]]:
+    return list(dict.fromkeys((s.job_id, s.queue) for s in submitted if s.status == "queued"))
+
+
+def submit_upload(sm: sessionmaker, settings: Settings, data: bytes, model_version: str, queue: str,
+                  publish: Publish) -> Submitted:
+    decode.sniff(data, settings.max_pixels)  # refuse junk now, with a clear error, not later in a worker
+    uri, digest = storage.store(settings.storage, data)
+    with sm.begin() as s:
+        [sub] = queries.submit(s, [NewImage(uri, f"sha256:{digest}", digest, len(data))], model_version, queue)
+    publish(to_publish([sub]))
+    return sub
+
+
+def s3_image(obj: storage.S3Object) -> NewImage:
+    # the ETag stands in for the content hash: reading every object at submit time would cost a download
+    return NewImage(obj.uri, f"s3:{obj.bucket}/{obj.key}@{obj.etag}", None, obj.size)
+
+
+def file_image(path: Path) -> NewImage:
+    data = path.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    return NewImage(path.resolve().as_uri(), f"sha256:{digest}", digest, len(data))
+
+
+def submit_images(sm: sessionmaker, images: list[NewImage], model_version: str, queue: str,
+                  publish: Publish, batch_source: str | None = None) -> tuple[int | None, list[Submitted]]:
+    """Rows for images (and a batch grouping them, given its source) in one transaction, then the
+    doorbell -> (batch id or None, submitted)."""
+    with sm.begin() as s:
+        submitted = queries.submit(s, images, model_version, queue)
+        batch_id = None
+        if batch_source is not None:
+            batch_id = queries.create_batch(s, batch_source, model_version, (x.image_id for x in submitted)).id
+    publish(to_publish(submitted))
+    return batch_id, submitted
+
+
+def expand_paths(paths: Iterable[str], limit: int | None, s3_limit: int) -> Iterator[NewImage]:
+    """Files, folders (recursively, image suffixes only) and s3://bucket/prefix -> images."""
+    count = 0
+    for raw in paths:
+        if raw.startswith("s3://"):
+            bucket, prefix = storage.split_s3(raw)
+            found: Iterable[NewImage] = (s3_image(o) for o in storage.list_prefix(bucket, prefix, s3_limit))
+        else:
+            path = Path(raw)
+            if path.is_dir():
+                found = (file_image(p) for p in sorted(path.rglob("*"))
+                         if p.is_file() and p.suffix.lower() in storage.IMAGE_SUFFIXES)
+            elif path.is_file():
+                found = [file_image(path)]
+            else:
+                raise InvalidRequest(f"{raw}: no such file or folder")
+        for image in found:
+            if limit is not None and count >= limit:
+                return
+            count += 1
+            yield image
+
+
+def _prepare(settings: Settings, claimed: Claimed) -> tuple[Claimed, object, tuple[int, int] | CaptioningError]:
+    """Fetch, decode and preprocess one image on an I/O thread; an error fails this image only."""
+    try:
+        image = decode.decode(storage.read(claimed.uri, settings.max_upload_bytes), settings.max_pixels)
+        return claimed, captioner.preprocess(settings, image), image.size
+    except CaptioningError as e:
+        return claimed, None, e
+
+
+def caption_claimed(sm: sessionmaker, settings: Settings, claimed: list[Claimed]) -> BatchReport:
+    """Caption claimed jobs: concurrent fetch and decode, ONE model forward, ONE write transaction."""
+    started = time.perf_counter()
+    if not claimed:
+        return BatchReport(0, 0, 0, 0, 0.0)
+    try:
+        with ThreadPoolExecutor(max_workers=min(settings.io_threads, len(claimed))) as pool:
+            prepared = list(pool.map(lambda c: _prepare(settings, c), claimed))
+        ready = [(c, tensor, size) for c, tensor, size in prepared if tensor is not None]
+        captions = captioner.caption_batch(settings, [t for _, t, _ in ready]) if ready else []
+        version = captioner.get(settings).version
+    except BaseException as e:
+        # give the claims back now rather than after the lease; an interrupt is not the images' fault
+        with sm.begin() as s:
+            queries.release(s, [c.job_id for c in claimed], count_attempt=not isinstance(e, KeyboardInterrupt))
+        raise
+    results = [Result(c, cap.text, cap.alt_text, cap.candidates, cap.tags, cap.confidence, cap.needs_review,
+                      size[0], size[1]) for (c, _, size), cap in zip(ready, captions)]
+    errors = [(c, err) for c, tensor, err in prepared if tensor is None]
+    # a transient error (S3 hiccup) returns the image to the queue, until its attempts run out
+    retry = [c for c, err in errors if isinstance(err, TransientError) and c.attempts < settings.max_attempts]
+    failures = [Failure(c, err.code, err.message) for c, err in errors if c not in retry]
+    transient = [c.job_id for c in retry]
+    with sm.begin() as s:  # short transaction: no model work inside it
+        queries.complete(s, results, failures, version, forward_size=len(ready))
+        queries.release(s, transient, count_attempt=True)
+    for c, err in errors:
+        log.warning("image %d (%s): %s %s", c.image_id, c.uri, err.code, err.message)
+    return BatchReport(len(results), len(failures), len(transient), len(ready), time.perf_counter() - started)
+
+
+def run_embedded(sm: sessionmaker, settings: Settings, batch_id: int | None,
+                 on_batch: Callable[[BatchReport], None]) -> None:
+    """Claim and caption queued jobs in-process until none are left (of the batch, if given)."""
+    version = captioner.get(settings).version
+    with sm.begin() as s:
+        queries.sweep(s, settings.max_attempts, settings.requeue_after_seconds)  # leases of a killed run
+    while True:
+        with sm.begin() as s:
+            claimed = queries.claim(s, version, settings.lease_seconds, settings.batch_size, batch_id=batch_id)
+        if not claimed:
+            return
+        on_batch(caption_claimed(sm, settings, claimed))

@@ -1,0 +1,265 @@
+"""Data functions of the job life-cycle. Each takes a Session; the caller owns the transaction."""
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any, Iterable, Iterator
+
+from sqlalchemy import Select, func, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from .errors import NotFound
+from .tables import Batch, BatchImage, Caption, Image, Job, utcnow
+
+CHUNK = 500  # rows per statement: stays far below SQLite's bound-parameter limit
+
+
+@dataclass(frozen=True)
+class NewImage:
+    uri: str  # where the worker reads the bytes
+    fingerprint: str  # identity for deduplication within a tenant
+    sha256: str | None = None
+    size: int | None = None
+
+
+@dataclass(frozen=True)
+class Submitted:
+    image_id: int
+    job_id: int
+    status: str
+    queue: str
+
+
+@dataclass(frozen=True)
+class Claimed:
+    job_id: int
+    image_id: int
+    uri: str
+    attempts: int  # including this claim
+
+
+@dataclass(frozen=True)
+class Result:
+    """A finished caption, as core/jobs.py hands it over for writing."""
+    claimed: Claimed
+    text: str
+    alt_text: str
+    candidates: list[tuple[str, float]]
+    tags: list[tuple[str, float]]
+    confidence: float
+    needs_review: bool
+    width: int
+    height: int
+
+
+@dataclass(frozen=True)
+class Failure:
+    claimed: Claimed
+    code: str
+    message: str
+
+
+def _insert(session: Session, table: type) -> Any:
+    """INSERT with ON CONFLICT support; both our dialects have it, under different imports."""
+    dialect = session.get_bind().dialect.name
+    return (postgresql.insert if dialect == "postgresql" else sqlite.insert)(table)
+
+
+def _chunks(items: list, size: int = CHUNK) -> Iterator[list]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+def submit(session: Session, images: list[NewImage], model_version: str, queue: str,
+           tenant: str = "default") -> list[Submitted]:
+    """Image and job rows for `images`, reusing existing ones: same tenant + fingerprint + model
+    version is the same job. Returns one Submitted per input, in order. The caller commits, then
+    publishes the ids whose status is queued (a duplicate message is harmless: claim drops it)."""
+    now = utcnow()
+    image_ids: dict[str, int] = {}
+    for chunk in _chunks(images):
+        session.execute(
+            _insert(session, Image).values([
+                {"tenant": tenant, "uri": i.uri, "fingerprint": i.fingerprint, "sha256": i.sha256,
+                 "size": i.size, "created_at": now} for i in chunk])
+            .on_conflict_do_nothing(index_elements=["tenant", "fingerprint"]))
+        rows = session.execute(select(Image.fingerprint, Image.id).where(
+            Image.tenant == tenant, Image.fingerprint.in_([i.fingerprint for i in chunk])))
+        image_ids.update({fp: image_id for fp, image_id in rows})
+    ids = list(dict.fromkeys(image_ids[i.fingerprint] for i in images))
+    jobs: dict[int, tuple[int, str, str]] = {}
+    for chunk in _chunks(ids):
+        session.execute(
+            _insert(session, Job).values([
+                {"image_id": i, "model_version": model_version, "queue": queue, "status": "queued",
+                 "attempts": 0, "created_at": now, "updated_at": now} for i in chunk])
+            .on_conflict_do_nothing(index_elements=["image_id", "model_version"]))
+        rows = session.execute(select(Job.image_id, Job.id, Job.status, Job.queue).where(
+            Job.model_version == model_version, Job.image_id.in_(chunk)))
+        jobs.update({image_id: (job_id, status, q) for image_id, job_id, status, q in rows})
+    out = []
+    for i in images:
+        image_id = image_ids[i.fingerprint]
+        job_id, status, q = jobs[image_id]
+        out.append(Submitted(image_id, job_id, status, q))
+    return out
+
+
+def create_batch(session: Session, source: str, model_version: str, image_ids: Iterable[int],
+                 tenant: str = "default") -> Batch:
+    unique = list(dict.fromkeys(image_ids))
+    batch = Batch(tenant=tenant, source=source, model_version=model_version, total=len(unique))
+    session.add(batch)
+    session.flush()
+    for chunk in _chunks(unique):
+        session.execute(_insert(session, BatchImage).values([{"batch_id": batch.id, "image_id": i} for i in chunk])
+                        .on_conflict_do_nothing())
+    return batch
+
+
+def claim(session: Session, model_version: str, lease_seconds: int, limit: int,
+          job_ids: list[int] | None = None, batch_id: int | None = None) -> list[Claimed]:
+    """Move up to `limit` queued jobs (among `job_ids` / the batch, if given) to processing with a
+    lease, atomically. Ids already claimed, done or for another model version are dropped silently:
+    duplicate broker messages are harmless. Concurrent workers never get the same job."""
+    now = utcnow()
+    candidates = select(Job.id).where(Job.status == "queued", Job.model_version == model_version)
+    if job_ids is not None:
+        candidates = candidates.where(Job.id.in_(job_ids))
+    if batch_id is not None:
+        candidates = candidates.where(Job.image_id.in_(
+            select(BatchImage.image_id).where(BatchImage.batch_id == batch_id)))
+    # SKIP LOCKED: rows another worker is claiming right now are skipped instead of waited for;
+    # SQLite has no row locks (one writer at a time) and ignores the clause
+    candidates = candidates.order_by(Job.id).limit(limit).with_for_update(skip_locked=True)
+    rows = session.execute(
+        update(Job)
+        .where(Job.id.in_(candidates.scalar_subquery()), Job.status == "queued")
+        .values(status="processing", lease_until=now + timedelta(seconds=lease_seconds),
+                attempts=Job.attempts + 1, updated_at=now)
+        .returning(Job.id, Job.image_id, Job.attempts)
+        .execution_options(synchronize_session=False)).all()
+    uris = dict(session.execute(select(Image.id, Image.uri).where(Image.id.in_([r.image_id for r in rows]))).all())
+    return sorted((Claimed(job_id, image_id, uris[image_id], attempts) for job_id, image_id, attempts in rows),
+                  key=lambda c: c.job_id)
+
+
+def complete(session: Session, results: list[Result], failures: list[Failure], model_version: str,
+             forward_size: int) -> None:
+    """Write one batch's outcome: caption rows (upserted, so a redelivered batch leaves one row
+    per image and model), jobs done or failed. One transaction for the whole batch."""
+    now = utcnow()
+    for chunk in _chunks(results):
+        stmt = _insert(session, Caption).values([
+            {"image_id": r.claimed.image_id, "model_version": model_version, "text": r.text,
+             "alt_text": r.alt_text, "candidates": [list(c) for c in r.candidates],
+             "tags": [list(t) for t in r.tags], "confidence": r.confidence, "needs_review": r.needs_review,
+             "forward_size": forward_size, "created_at": now} for r in chunk])
+        session.execute(stmt.on_conflict_do_update(
+            index_elements=["image_id", "model_version"],
+            set_={c: stmt.excluded[c] for c in ("text", "alt_text", "candidates", "tags", "confidence",
+                                                 "needs_review", "forward_size", "created_at")}))
+        session.execute(update(Image), [{"id": r.claimed.image_id, "width": r.width, "height": r.height} for r in chunk])
+        session.execute(update(Job).where(Job.id.in_([r.claimed.job_id for r in chunk]))
+                        .values(status="done", lease_until=None, error_code=None, error_message=None,
+                                updated_at=now, finished_at=now)
+                        .execution_options(synchronize_session=False))
+    if failures:
+        session.execute(update(Job), [
+            {"id": f.claimed.job_id, "status": "failed", "lease_until": None, "error_code": f.code,
+             "error_message": f.message[:2000], "updated_at": now, "finished_at": now} for f in failures])
+
+
+def release(session: Session, job_ids: list[int], count_attempt: bool) -> None:
+    """Return claimed jobs to the queue now (an interrupted run, a transient fetch error)
+    instead of waiting for their lease to expire."""
+    for chunk in _chunks(job_ids):
+        values: dict[str, Any] = {"status": "queued", "lease_until": None, "updated_at": utcnow()}
+        if not count_attempt:
+            values["attempts"] = Job.attempts - 1
+        session.execute(update(Job).where(Job.id.in_(chunk), Job.status == "processing").values(**values)
+                        .execution_options(synchronize_session=False))
+
+
+def sweep(session: Session, max_attempts: int, requeue_after_seconds: int) -> list[tuple[int, str]]:
+    """Expired leases go back to queued (or to failed after max_attempts claims); jobs queued
+    longer than requeue_after are touched. Returns (job id, queue) pairs to publish again: this is
+    what makes a lost message, a flushed broker or a killed worker harmless."""
+    now = utcnow()
+    expired = (Job.status == "processing", Job.lease_until < now)
+    session.execute(update(Job).where(*expired, Job.attempts >= max_attempts)
+                    .values(status="failed", lease_until=None, error_code="too_many_attempts",
+                            error_message=f"claimed {max_attempts} times without finishing (worker crash or timeout)",
+                            updated_at=now, finished_at=now)
+                    .execution_options(synchronize_session=False))
+    returned = session.execute(update(Job).where(*expired).values(status="queued", lease_until=None, updated_at=now)
+                               .returning(Job.id, Job.queue).execution_options(synchronize_session=False)).all()
+    stale = session.execute(update(Job).where(Job.status == "queued",
+                                              Job.updated_at < now - timedelta(seconds=requeue_after_seconds))
+                            .values(updated_at=now).returning(Job.id, Job.queue)
+                            .execution_options(synchronize_session=False)).all()
+    return [(job_id, queue) for job_id, queue in returned + stale]
+
+
+def _image_row(image: Image, job: Job | None, caption: Caption | None) -> dict[str, Any]:
+    error = {"code": job.error_code, "message": job.error_message} if job and job.status == "failed" else None
+    return {
+        "id": image.id,
+        "status": job.status if job else "queued",
+        "caption": caption.text if caption else None,
+        "alt_text": caption.alt_text if caption else None,
+        "candidates": [{"text": t, "score": s} for t, s in caption.candidates] if caption else [],
+        "tags": [{"label": t, "score": s} for t, s in caption.tags] if caption else [],
+        "confidence": caption.confidence if caption else None,
+        "needs_review": caption.needs_review if caption else None,
+        "model_version": job.model_version if job else None,
+        "error": error,
+        "source": image.uri,
+        "sha256": image.sha256,
+        "size": image.size,
+        "width": image.width,
+        "height": image.height,
+        "created_at": image.created_at.isoformat(),
+        "finished_at": job.finished_at.isoformat() if job and job.finished_at else None,
+    }
+
+
+def image_view(session: Session, image_id: int, model_version: str | None,
+               tenant: str = "default") -> dict[str, Any]:
+    """One image as the API shows it: the job for `model_version` if there is one, else its latest."""
+    image = session.get(Image, image_id)
+    if image is None or image.tenant != tenant:
+        raise NotFound(f"no image with id {image_id}")
+    jobs = session.scalars(select(Job).where(Job.image_id == image_id).order_by(Job.id.desc())).all()
+    job = next((j for j in jobs if j.model_version == model_version), jobs[0] if jobs else None)
+    caption = session.scalars(select(Caption).where(
+        Caption.image_id == image_id, Caption.model_version == job.model_version)).first() if job else None
+    return _image_row(image, job, caption)
+
+
+def batch_view(session: Session, batch_id: int, tenant: str = "default") -> dict[str, Any]:
+    batch = session.get(Batch, batch_id)
+    if batch is None or batch.tenant != tenant:
+        raise NotFound(f"no batch with id {batch_id}")
+    counts = dict(session.execute(
+        select(Job.status, func.count()).join(BatchImage, BatchImage.image_id == Job.image_id)
+        .where(BatchImage.batch_id == batch_id, Job.model_version == batch.model_version)
+        .group_by(Job.status)).all())
+    return {"id": batch.id, "source": batch.source, "total": batch.total, "model_version": batch.model_version,
+            "counts": {s: counts.get(s, 0) for s in ("queued", "processing", "done", "failed")},
+            "created_at": batch.created_at.isoformat()}
+
+
+def failures_by_code(session: Session, batch_id: int) -> dict[str, int]:
+    return dict(session.execute(
+        select(Job.error_code, func.count()).join(BatchImage, BatchImage.image_id == Job.image_id)
+        .join(Batch, Batch.id == BatchImage.batch_id)
+        .where(BatchImage.batch_id == batch_id, Job.model_version == Batch.model_version, Job.status == "failed")
+        .group_by(Job.error_code)).all())
+
+
+def results_query(model_version: str | None = None) -> Select:
+    """(Image, Caption) pairs, oldest first: what export streams."""
+    query = select(Image, Caption).join(Caption, Caption.image_id == Image.id).order_by(Image.id)
+    if model_version:
+        query = query.where(Caption.model_version == model_version)
+    return query

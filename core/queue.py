@@ -1,0 +1,50 @@
+"""The Celery app object and task names, so the API can publish without importing worker/ or torch."""
+import logging
+
+from celery import Celery
+from kombu import Queue
+
+from .settings import Settings
+from .tables import QUEUES
+
+CAPTION_TASK = "captioner.caption"
+SWEEP_TASK = "captioner.sweep"
+SWEEP_EVERY_SECONDS = 60.0
+VISIBILITY_TIMEOUT = 3600  # seconds; far above flush interval + the worst batch, or Redis redelivers mid-run
+
+log = logging.getLogger(__name__)
+
+
+def create_celery(settings: Settings) -> Celery:
+    app = Celery("captioner", broker=settings.broker_url, set_as_current=False)
+    app.conf.update(
+        task_queues=[Queue(q) for q in QUEUES],
+        task_default_queue="interactive",
+        task_ignore_result=True,  # results live in the database; the broker is only a doorbell
+        task_acks_late=True,  # a crash mid-batch redelivers instead of losing the ids
+        task_reject_on_worker_lost=True,
+        # one process per device; the buffer must hold more than one batch or batches never fill
+        worker_prefetch_multiplier=2 * settings.batch_size,
+        worker_concurrency=1,
+        worker_send_task_events=True,  # Flower and `celery events` see every request
+        task_send_sent_event=True,
+        broker_transport_options={"visibility_timeout": VISIBILITY_TIMEOUT},
+        broker_connection_retry_on_startup=True,
+        beat_schedule={"sweep": {"task": SWEEP_TASK, "schedule": SWEEP_EVERY_SECONDS,
+                                 "options": {"queue": "interactive", "expires": SWEEP_EVERY_SECONDS}}},
+    )
+    return app
+
+
+def publish(app: Celery, jobs: list[tuple[int, str]]) -> None:
+    """Ring the doorbell for (job id, queue) pairs, after their rows are committed. If the broker
+    is down the jobs stay queued in the database and the sweep publishes them again later."""
+    if not jobs:
+        return
+    try:
+        with app.producer_or_acquire() as producer:
+            for job_id, queue in jobs:
+                app.send_task(CAPTION_TASK, kwargs={"job_id": job_id}, queue=queue, producer=producer,
+                              retry=True, retry_policy={"max_retries": 2, "interval_start": 0.2})
+    except app.connection_for_write().connection_errors as e:
+        log.warning("broker unreachable, %d jobs left for the sweep to publish: %s", len(jobs), e)

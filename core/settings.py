@@ -1,0 +1,76 @@
+"""One typed settings object, read from CAPTIONER_* environment variables in one place.
+
+S3 credentials and endpoint are deliberately not here: boto3 reads the standard AWS variables
+(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL), so any
+S3-compatible store works without our code knowing about it.
+"""
+import os
+from dataclasses import dataclass, fields
+from functools import lru_cache
+from typing import Mapping
+
+from .errors import ConfigError
+
+PREFIX = "CAPTIONER_"
+
+
+@dataclass(frozen=True)
+class Settings:
+    database_url: str = "sqlite:///captioner.db"  # a file in the working directory: the embedded default
+    broker_url: str | None = None  # unset = embedded mode: `captioner caption` works in-process
+    storage: str = "./captioner-data"  # uploads go here: a local folder or s3://bucket[/prefix]
+    batch_size: int = 32  # images per model forward (32-64 on a CPU, 256+ on a GPU)
+    batch_wait_ms: int = 500  # a worker flushes a partial batch after this long
+    device: str | None = None  # torch device; None = CUDA when present, else CPU
+    model_path: str | None = None  # checkpoint file; None = the shipped model/checkpoints/default.pt
+    beam: int = 3  # beam width for decoding
+    n_best: int = 3  # candidates kept per image
+    max_upload_bytes: int = 25 * 1024 * 1024  # larger uploads get 413
+    max_pixels: int = 64_000_000  # decoded width x height above this is refused (decompression bombs)
+    lease_seconds: int = 600  # a claimed job returns to the queue if not finished within this
+    max_attempts: int = 3  # claims before a job is failed for good (a poison image must not loop)
+    requeue_after_seconds: int = 300  # the sweep re-publishes jobs queued longer than this
+    io_threads: int = 8  # concurrent fetch + decode threads per batch
+    s3_prefix_limit: int = 100_000  # most keys one `s3://bucket/prefix` batch may expand to
+
+    @property
+    def embedded(self) -> bool:
+        return self.broker_url is None
+
+
+def _convert(name: str, raw: str, kind: type) -> object:
+    if kind is int:
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ConfigError(f"{PREFIX}{name.upper()} must be an integer, got {raw!r}") from None
+        if value <= 0:
+            raise ConfigError(f"{PREFIX}{name.upper()} must be positive, got {value}")
+        return value
+    return raw
+
+
+def load_settings(env: Mapping[str, str]) -> Settings:
+    """Settings from an environment mapping; unknown CAPTIONER_* names are errors (typos fail early)."""
+    known = {f.name: f for f in fields(Settings)}
+    values: dict[str, object] = {}
+    for key, raw in env.items():
+        if not key.startswith(PREFIX):
+            continue
+        name = key[len(PREFIX):].lower()
+        if name not in known:
+            # CAPTIONER_TEST_* variables configure the test suite, not the service
+            if name.startswith("test_"):
+                continue
+            raise ConfigError(f"unknown setting {key}; known: {', '.join(PREFIX + n.upper() for n in known)}")
+        if raw == "":
+            continue  # an empty variable means "use the default", as in most twelve-factor setups
+        kind = int if known[name].type in (int, "int") else str
+        values[name] = _convert(name, raw, kind)
+    return Settings(**values)  # type: ignore[arg-type]
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process's settings, read once: the only place that reads os.environ."""
+    return load_settings(os.environ)

@@ -1,0 +1,150 @@
+"""Image bytes: S3 (boto3, path-style, any endpoint) or a local folder, addressed by URI
+(s3://bucket/key, file:///abs/path). Uploads are stored under a content-addressed key, so the
+same bytes are stored once."""
+import hashlib
+import os
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Iterator
+from urllib.parse import unquote, urlsplit
+
+from .errors import InvalidRequest, NotFound, TooLarge, TransientError
+
+
+@dataclass(frozen=True)
+class S3Object:
+    bucket: str
+    key: str
+    etag: str
+    size: int
+
+    @property
+    def uri(self) -> str:
+        return f"s3://{self.bucket}/{self.key}"
+
+
+@lru_cache(maxsize=1)
+def s3_client() -> Any:
+    """One client per process (clients are thread-safe; sessions are not). Endpoint and keys come
+    from the standard AWS variables; path-style addressing works with every S3-compatible store."""
+    import boto3  # deferred: the embedded CLI on local files never pays for it
+    from botocore.config import Config
+    return boto3.client("s3", config=Config(s3={"addressing_style": "path"}, max_pool_connections=32,
+                                            retries={"max_attempts": 3, "mode": "standard"}))
+
+
+@contextmanager
+def _s3_errors(what: str) -> Iterator[None]:
+    from botocore.exceptions import BotoCoreError, ClientError
+    try:
+        yield
+    except ClientError as e:
+        status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        code = e.response.get("Error", {}).get("Code", "")
+        if status == 404 or code in ("NoSuchKey", "NoSuchBucket", "404"):
+            raise NotFound(f"{what}: not found", code="source_not_found") from None
+        if status is not None and status >= 500:
+            raise TransientError(f"{what}: S3 answered {status} {code}") from None
+        raise InvalidRequest(f"{what}: S3 refused ({code or status})", code="s3_error") from None
+    except BotoCoreError as e:  # connection refused, timeouts, no credentials
+        raise TransientError(f"{what}: {e}") from None
+
+
+def split_s3(uri: str) -> tuple[str, str]:
+    """s3://bucket/key -> (bucket, key); the key may be empty (a bucket root or prefix)."""
+    parts = urlsplit(uri)
+    if parts.scheme != "s3" or not parts.netloc:
+        raise InvalidRequest(f"not an S3 URI: {uri!r}")
+    return parts.netloc, parts.path.lstrip("/")
+
+
+def content_key(sha256: str) -> str:
+    return f"sha256/{sha256[:2]}/{sha256}"
+
+
+def store(root: str, data: bytes) -> tuple[str, str]:
+    """Store upload bytes under `root` (a folder or s3://bucket[/prefix]) -> (uri, sha256)."""
+    digest = hashlib.sha256(data).hexdigest()
+    if root.startswith("s3://"):
+        bucket, prefix = split_s3(root)
+        key = f"{prefix.rstrip('/')}/{content_key(digest)}".lstrip("/")
+        client = s3_client()
+        with _s3_errors(f"s3://{bucket}/{key}"):
+            try:
+                client.head_object(Bucket=bucket, Key=key)
+            except client.exceptions.ClientError as e:
+                if e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") != 404:
+                    raise
+                client.put_object(Bucket=bucket, Key=key, Body=data)
+        return f"s3://{bucket}/{key}", digest
+    path = Path(root).resolve() / content_key(digest)
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # write then rename: a reader never sees half a file, and two writers of the same bytes agree
+        with tempfile.NamedTemporaryFile(dir=path.parent, delete=False) as tmp:
+            tmp.write(data)
+        os.replace(tmp.name, path)
+    return path.as_uri(), digest
+
+
+def read(uri: str, max_bytes: int) -> bytes:
+    """The bytes at `uri`, refusing more than max_bytes (a huge object must not exhaust memory)."""
+    if uri.startswith("s3://"):
+        bucket, key = split_s3(uri)
+        with _s3_errors(uri):
+            body = s3_client().get_object(Bucket=bucket, Key=key)["Body"]
+            data = body.read(max_bytes + 1)
+            body.close()
+    elif uri.startswith("file://"):
+        try:
+            with open(unquote(urlsplit(uri).path), "rb") as f:
+                data = f.read(max_bytes + 1)
+        except FileNotFoundError:
+            raise NotFound(f"{uri}: not found", code="source_not_found") from None
+    else:
+        raise InvalidRequest(f"unsupported location {uri!r}")
+    if len(data) > max_bytes:
+        raise TooLarge(f"{uri} is larger than {max_bytes} bytes")
+    return data
+
+
+def head(bucket: str, key: str) -> S3Object:
+    with _s3_errors(f"s3://{bucket}/{key}"):
+        meta = s3_client().head_object(Bucket=bucket, Key=key)
+    return S3Object(bucket, key, meta["ETag"].strip('"'), meta["ContentLength"])
+
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
+
+
+def list_prefix(bucket: str, prefix: str, limit: int) -> list[S3Object]:
+    """Image-looking objects under a prefix (by suffix: listing cannot see content)."""
+    out: list[S3Object] = []
+    with _s3_errors(f"s3://{bucket}/{prefix}"):
+        for page in s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+            for obj in page.get("Contents", []):
+                if obj["Key"].lower().endswith(IMAGE_SUFFIXES):
+                    out.append(S3Object(bucket, obj["Key"], obj["ETag"].strip('"'), obj["Size"]))
+                    if len(out) > limit:
+                        raise InvalidRequest(f"s3://{bucket}/{prefix} holds more than {limit} images; "
+                                             "split it into smaller prefixes", code="too_many_images")
+    return out
+
+
+def check(root: str) -> None:
+    """Raise TransientError unless the upload store is reachable and writable (for /readyz)."""
+    if root.startswith("s3://"):
+        bucket, _ = split_s3(root)
+        with _s3_errors(f"s3://{bucket}"):
+            s3_client().head_bucket(Bucket=bucket)
+        return
+    path = Path(root)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise TransientError(f"storage folder {root}: {e}") from None
+    if not os.access(path, os.W_OK):
+        raise TransientError(f"storage folder {root} is not writable")

@@ -1,0 +1,101 @@
+"""ORM tables ("models" would clash with model/). The database is the truth; the broker a doorbell."""
+from datetime import datetime, timezone
+
+from sqlalchemy import (JSON, BigInteger, CheckConstraint, DateTime, Float, ForeignKey, Index, String, Text,
+                        UniqueConstraint)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import Mapped, mapped_column
+
+from .db import Base
+
+STATUSES = ("queued", "processing", "done", "failed")
+QUEUES = ("interactive", "backfill")  # a single upload must not wait behind a library import
+Json = JSON().with_variant(JSONB(), "postgresql")
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Image(Base):
+    """Where one image's bytes are. Same tenant + same fingerprint = the same image."""
+    __tablename__ = "images"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(64), default="default")
+    uri: Mapped[str] = mapped_column(Text)  # s3://bucket/key or file:///abs/path, read by the worker
+    # sha256:<hex> when we have seen the bytes; s3:<bucket>/<key>@<etag> for an S3 object we only listed
+    fingerprint: Mapped[str] = mapped_column(String(1100))
+    sha256: Mapped[str | None] = mapped_column(String(64))
+    size: Mapped[int | None] = mapped_column(BigInteger)
+    width: Mapped[int | None]  # filled in when a worker decodes it
+    height: Mapped[int | None]
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    __table_args__ = (UniqueConstraint("tenant", "fingerprint"),)
+
+    def __repr__(self) -> str:
+        return f"<Image {self.id} {self.uri}>"
+
+
+class Job(Base):
+    """Captioning one image with one model version; its status is the image's status."""
+    __tablename__ = "jobs"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"))
+    model_version: Mapped[str] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(16), default="queued")
+    queue: Mapped[str] = mapped_column(String(32), default="interactive")
+    attempts: Mapped[int] = mapped_column(default=0)  # claims so far; bounded by max_attempts
+    lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    error_code: Mapped[str | None] = mapped_column(String(64))
+    error_message: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    __table_args__ = (
+        UniqueConstraint("image_id", "model_version"),  # submitting twice does no work twice
+        CheckConstraint(f"status IN {STATUSES}", name="status"),
+        Index("ix_jobs_status_queue", "status", "queue"),  # claim and sweep scan by status
+    )
+
+    def __repr__(self) -> str:
+        return f"<Job {self.id} image={self.image_id} {self.status}>"
+
+
+class Batch(Base):
+    """A group of images submitted together (an S3 prefix or a list), for progress counts."""
+    __tablename__ = "batches"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(64), default="default")
+    model_version: Mapped[str] = mapped_column(String(64))
+    source: Mapped[str] = mapped_column(Text)  # e.g. s3://bucket/prefix, or "3 images"
+    total: Mapped[int]
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    def __repr__(self) -> str:
+        return f"<Batch {self.id} {self.source} total={self.total}>"
+
+
+class BatchImage(Base):
+    """Membership, not ownership: a deduplicated image may belong to several batches."""
+    __tablename__ = "batch_images"
+    batch_id: Mapped[int] = mapped_column(ForeignKey("batches.id", ondelete="CASCADE"), primary_key=True)
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), primary_key=True)
+
+
+class Caption(Base):
+    __tablename__ = "captions"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"))
+    model_version: Mapped[str] = mapped_column(String(64))
+    text: Mapped[str] = mapped_column(Text)
+    alt_text: Mapped[str] = mapped_column(Text)
+    candidates: Mapped[list] = mapped_column(Json)  # [[text, score], ...] best first
+    tags: Mapped[list] = mapped_column(Json)  # [[label, score], ...]
+    confidence: Mapped[float] = mapped_column(Float)
+    needs_review: Mapped[bool]
+    forward_size: Mapped[int]  # images in the model forward that produced it: batching, observed
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    __table_args__ = (UniqueConstraint("image_id", "model_version"),)  # one per image and model
+
+    def __repr__(self) -> str:
+        return f"<Caption image={self.image_id} {self.text!r}>"

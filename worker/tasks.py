@@ -1,0 +1,97 @@
+"""The Celery worker: a batching captioning task and the periodic sweep.
+
+Start it with `captioner worker`. Job ids from many requests are buffered by celery-batches and
+flushed every CAPTIONER_BATCH_SIZE ids or CAPTIONER_BATCH_WAIT_MS, whichever comes first; the flush
+runs in the pool's child process, where the model is loaded once, lazily (CUDA cannot start
+before the fork)."""
+import logging
+import time
+from functools import lru_cache
+from typing import Any, Collection
+
+from celery import signals
+from celery.worker.request import Request
+from celery_batches import Batches, SimpleRequest
+from celery_batches.trace import apply_batches_task
+from sqlalchemy.orm import sessionmaker
+
+from core import jobs, queries
+from core.captioner import get as get_model
+from core.db import make_engine, make_sessionmaker
+from core.queue import CAPTION_TASK, SWEEP_TASK, create_celery, publish
+from core.settings import get_settings
+
+log = logging.getLogger(__name__)
+settings = get_settings()
+app = create_celery(settings)
+
+
+@lru_cache(maxsize=1)
+def _sessionmaker() -> sessionmaker:
+    """Created on first use in the child process: a connection pool must not cross a fork."""
+    return make_sessionmaker(make_engine(settings.database_url))
+
+
+class EventBatches(Batches):
+    """Batches that send per-request task events. celery-batches 0.11 (the latest release) sends
+    none, which leaves batched tasks invisible in Flower (clokep/celery-batches#70, PRs #34, #82
+    unreleased); the events below are the ones Celery's own Request sends."""
+
+    def flush(self, requests: Collection[Request]) -> Any:
+        requests = list(requests)
+        simple = ([SimpleRequest.from_request(r) for r in requests],)  # picklable for the prefork pool
+
+        def on_accepted(pid: int, time_accepted: float) -> None:
+            for req in requests:
+                req.send_event("task-started")
+
+        def on_return(result: dict[str, Any] | None) -> None:
+            runtime = time.monotonic() - started
+            for req in requests:
+                if req.task.acks_late:
+                    req.acknowledge()
+                if result is None:  # the batch raised; celery-batches logged it and returns None
+                    req.send_event("task-failed", exception="batch failed", traceback="")
+                else:
+                    req.send_event("task-succeeded", result=repr(result.get(req.id)), runtime=runtime)
+
+        started = time.monotonic()
+        return self._pool.apply_async(apply_batches_task, (self, simple, 0, None),
+                                      accept_callback=on_accepted, callback=on_return)
+
+
+@signals.task_received.connect
+def _send_received(sender: Any = None, request: Request | None = None, **_: Any) -> None:
+    # celery-batches buffers requests in its own strategy, which skips the usual task-received event
+    if request is not None and request.name == CAPTION_TASK:
+        request.send_event("task-received", name=request.name, args=request.argsrepr,
+                           kwargs=request.kwargsrepr, root_id=request.root_id, parent_id=request.parent_id,
+                           retries=request.request_dict.get("retries", 0))
+
+
+@app.task(name=CAPTION_TASK, base=EventBatches, flush_every=settings.batch_size,
+          flush_interval=settings.batch_wait_ms / 1000, acks_late=True, reject_on_worker_lost=True)
+def caption(requests: list[SimpleRequest]) -> dict[str, str]:
+    """Claim the batch's jobs, caption them with one forward pass, write them in one transaction."""
+    job_ids = sorted({r.kwargs["job_id"] for r in requests})
+    sm = _sessionmaker()
+    version = get_model(settings).version
+    with sm.begin() as s:
+        claimed = queries.claim(s, version, settings.lease_seconds, len(job_ids), job_ids=job_ids)
+    report = jobs.caption_claimed(sm, settings, claimed)
+    log.info("batch: %d requests, %d claimed, forward of %d, %d failed, %d requeued in %.2fs",
+             len(requests), len(claimed), report.forward_size, report.failed, report.released, report.seconds)
+    claimed_ids = {c.job_id for c in claimed}
+    # duplicates and jobs already done or claimed elsewhere are dropped by the claim, on purpose
+    return {r.id: ("processed" if r.kwargs["job_id"] in claimed_ids else "skipped") for r in requests}
+
+
+@app.task(name=SWEEP_TASK)
+def sweep() -> int:
+    """Return expired leases to the queue and re-publish jobs queued too long (lost messages)."""
+    with _sessionmaker().begin() as s:
+        republish = queries.sweep(s, settings.max_attempts, settings.requeue_after_seconds)
+    publish(app, republish)
+    if republish:
+        log.info("sweep: re-published %d jobs", len(republish))
+    return len(republish)

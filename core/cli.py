@@ -224,8 +224,7 @@ def caption(paths, limit, queue, samples) -> None:
             click.echo(f"batch {batch_id}: {view['total']} images submitted to the workers, "
                        f"{view['counts']['done']} already done")
             return
-        click.echo(f"loading the model ({captioner.checkpoint_path(settings).name})...", err=True)
-        version = captioner.get(settings).version
+        version = captioner.version(settings)
         started = time.perf_counter()
         batch_id, submitted = jobs.submit_images(sm, images, version, queue, lambda _: None, batch_source=source)
         todo = sum(1 for s in {x.job_id: x for x in submitted}.values() if s.status == "queued")
@@ -235,7 +234,7 @@ def caption(paths, limit, queue, samples) -> None:
                 nonlocal captioned
                 captioned += report.captioned
                 bar.update(report.captioned + report.failed)
-            jobs.run_embedded(sm, settings, batch_id, progress)
+            jobs.run_embedded(sm, settings, version, batch_id, progress)
         elapsed = time.perf_counter() - started
         with sm() as s:
             view = queries.batch_view(s, batch_id)

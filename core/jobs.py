@@ -129,15 +129,16 @@ def caption_claimed(sm: sessionmaker, settings: Settings, claimed: list[Claimed]
     return BatchReport(len(results), len(failures), len(transient), len(ready), time.perf_counter() - started)
 
 
-def run_embedded(sm: sessionmaker, settings: Settings, batch_id: int | None,
+def run_embedded(sm: sessionmaker, settings: Settings, model_version: str, batch_id: int | None,
                  on_batch: Callable[[BatchReport], None]) -> None:
-    """Claim and caption queued jobs in-process until none are left (of the batch, if given)."""
-    version = captioner.get(settings).version
+    """Claim and caption queued jobs in-process until none are left (of the batch, if given).
+    The model loads with the first claimed batch: a run with nothing to do stays quick."""
     with sm.begin() as s:
         queries.sweep(s, settings.max_attempts, settings.requeue_after_seconds)  # leases of a killed run
     while True:
         with sm.begin() as s:
-            claimed = queries.claim(s, version, settings.lease_seconds, settings.batch_size, batch_id=batch_id)
+            claimed = queries.claim(s, model_version, settings.lease_seconds, settings.batch_size,
+                                    batch_id=batch_id)
         if not claimed:
             return
         on_batch(caption_claimed(sm, settings, claimed))

@@ -129,11 +129,13 @@ def claim(session: Session, model_version: str, lease_seconds: int, limit: int,
         candidates = candidates.where(Job.image_id.in_(
             select(BatchImage.image_id).where(BatchImage.batch_id == batch_id)))
     # SKIP LOCKED: rows another worker is claiming right now are skipped instead of waited for;
-    # SQLite has no row locks (one writer at a time) and ignores the clause
-    candidates = candidates.order_by(Job.id).limit(limit).with_for_update(skip_locked=True)
+    # SQLite has no row locks (one writer at a time) and ignores the clause. A MATERIALIZED CTE,
+    # not `id IN (subquery)`: PostgreSQL may re-run such a subquery and claim more than `limit`.
+    chosen = (candidates.order_by(Job.id).limit(limit).with_for_update(skip_locked=True)
+              .cte("chosen").prefix_with("MATERIALIZED"))
     rows = session.execute(
         update(Job)
-        .where(Job.id.in_(candidates.scalar_subquery()), Job.status == "queued")
+        .where(Job.id == chosen.c.id, Job.status == "queued")
         .values(status="processing", lease_until=now + timedelta(seconds=lease_seconds),
                 attempts=Job.attempts + 1, updated_at=now)
         .returning(Job.id, Job.image_id, Job.attempts)

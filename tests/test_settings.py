@@ -1,0 +1,38 @@
+import pytest
+
+from core.errors import ConfigError
+from core.settings import Settings, load_settings
+
+
+def test_defaults_are_the_embedded_mode():
+    settings = load_settings({})
+    assert settings == Settings()
+    assert settings.embedded
+    assert settings.database_url.startswith("sqlite:///")
+
+
+def test_reads_captioner_variables_and_ignores_others():
+    settings = load_settings({"CAPTIONER_BROKER_URL": "redis://h:6379/0", "CAPTIONER_BATCH_SIZE": "64",
+                              "CAPTIONER_STORAGE": "s3://bucket/uploads", "HOME": "/root"})
+    assert settings.broker_url == "redis://h:6379/0" and not settings.embedded
+    assert settings.batch_size == 64
+    assert settings.storage == "s3://bucket/uploads"
+
+
+def test_empty_variable_means_default():
+    assert load_settings({"CAPTIONER_BROKER_URL": ""}).broker_url is None
+
+
+def test_unknown_variable_is_an_error_naming_it():
+    with pytest.raises(ConfigError, match="CAPTIONER_BATCHSIZE"):
+        load_settings({"CAPTIONER_BATCHSIZE": "8"})
+
+
+@pytest.mark.parametrize("raw", ["many", "0", "-3"])
+def test_integer_settings_must_be_positive_integers(raw):
+    with pytest.raises(ConfigError, match="CAPTIONER_BATCH_WAIT_MS"):
+        load_settings({"CAPTIONER_BATCH_WAIT_MS": raw})
+
+
+def test_test_suite_variables_are_not_settings():
+    assert load_settings({"CAPTIONER_TEST_DATA": "/data"}) == Settings()

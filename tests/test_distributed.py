@@ -1,0 +1,100 @@
+"""The distributed path end to end on real services: the Flask API (test client) stores uploads in
+SeaweedFS S3 and publishes to Redis; a real `captioner worker` process batches, captions and
+writes to PostgreSQL."""
+import io
+import os
+import re
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select
+
+from api import create_app
+from core import storage
+from core.db import make_engine
+from core.settings import Settings
+from core.tables import Caption, Job
+
+UPLOADS, PREFIX_KEYS = 20, 100
+BATCH_SIZE, BATCH_WAIT_MS = 16, 1500
+DEADLINE_S = 420  # 120 captions on a shared 2-core CPU, with room to spare
+
+
+@pytest.fixture
+def settings(pg_url, redis_url, s3, checkpoint) -> Settings:
+    return Settings(database_url=pg_url, broker_url=redis_url, storage=f"s3://{s3['S3_TEST_BUCKET']}/uploads",
+                    model_path=str(checkpoint), batch_size=BATCH_SIZE, batch_wait_ms=BATCH_WAIT_MS)
+
+
+@pytest.fixture
+def worker_process(settings, s3, tmp_path):
+    """`captioner worker` as an operator starts it, configured through the environment only."""
+    env = {**os.environ, **s3, "CAPTIONER_DATABASE_URL": settings.database_url,
+           "CAPTIONER_BROKER_URL": settings.broker_url, "CAPTIONER_STORAGE": settings.storage,
+           "CAPTIONER_MODEL_PATH": settings.model_path, "CAPTIONER_BATCH_SIZE": str(BATCH_SIZE),
+           "CAPTIONER_BATCH_WAIT_MS": str(BATCH_WAIT_MS)}
+    log_path = tmp_path / "worker.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "core.cli", "worker", "--no-beat"], env=env,
+                                stdout=log, stderr=subprocess.STDOUT)
+    yield proc, log_path
+    proc.terminate()  # warm shutdown: the batch in hand finishes, then the process exits
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def test_uploads_and_an_s3_prefix_are_captioned_in_batches(settings, s3, photos, worker_process):
+    proc, log_path = worker_process
+    bucket = s3["S3_TEST_BUCKET"]
+    library = photos[UPLOADS:UPLOADS + PREFIX_KEYS]
+    with ThreadPoolExecutor(8) as pool:  # a photo library already sitting in S3
+        list(pool.map(lambda p: storage.s3_client().put_object(Bucket=bucket, Key=f"library/{p.name}",
+                                                                Body=p.read_bytes()), library))
+
+    client = create_app(settings).test_client()
+    started = time.monotonic()
+    upload_ids = []
+    for photo in photos[:UPLOADS]:
+        r = client.post("/v1/images", data={"file": (io.BytesIO(photo.read_bytes()), photo.name)})
+        assert r.status_code == 202, r.get_json()
+        upload_ids.append(r.get_json()["id"])
+    r = client.post("/v1/batches", json={"s3": {"bucket": bucket, "prefix": "library/"}})
+    assert r.status_code == 202, r.get_json()
+    batch = r.get_json()
+    assert batch["total"] == PREFIX_KEYS
+
+    while True:
+        counts = client.get(f"/v1/batches/{batch['id']}").get_json()["counts"]
+        uploads = [client.get(f"/v1/images/{i}").get_json() for i in upload_ids]
+        if counts["done"] == PREFIX_KEYS and all(u["status"] == "done" for u in uploads):
+            break
+        assert proc.poll() is None, f"the worker exited: {log_path.read_text()[-3000:]}"
+        assert time.monotonic() - started < DEADLINE_S, f"not done: {counts}; worker log: {log_path.read_text()[-3000:]}"
+        time.sleep(1)
+    elapsed = time.monotonic() - started
+
+    image = uploads[0]
+    assert image["caption"] and image["alt_text"] and image["model_version"]
+    assert image["candidates"][0]["text"] and isinstance(image["candidates"][0]["score"], float)
+    assert all(set(t) == {"label", "score"} for t in image["tags"])
+    assert image["error"] is None and image["width"] > 0
+
+    engine = make_engine(settings.database_url)
+    with engine.connect() as conn:
+        assert conn.scalar(select(func.count()).select_from(Caption)) == UPLOADS + PREFIX_KEYS
+        assert conn.scalar(select(func.count()).where(Job.status != "done")) == 0
+        sizes = [n for (n,) in conn.execute(select(Caption.forward_size))]
+    engine.dispose()
+    # the worker saw batches, not single images; its log says the same
+    logged = [int(n) for n in re.findall(r"forward of (\d+)", log_path.read_text())]
+    assert logged and sum(logged) >= UPLOADS + PREFIX_KEYS
+    assert max(sizes) > 1 and sum(sizes) / len(sizes) > 4, sorted(sizes)
+    print(f"\ndistributed: {UPLOADS + PREFIX_KEYS} captions in {elapsed:.1f}s "
+          f"({(UPLOADS + PREFIX_KEYS) / elapsed:.1f}/s); forward sizes {logged}")

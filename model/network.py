@@ -1,0 +1,77 @@
+"""Show, Attend and Tell (Xu et al. 2015): soft attention over CNN features + an LSTM decoder."""
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+
+@dataclass(frozen=True)
+class DecoderConfig:
+    vocab_size: int
+    feature_dim: int = 1280  # channels of the encoder's spatial features
+    embed_dim: int = 256  # word-embedding width
+    decoder_dim: int = 512  # LSTM hidden size
+    attention_dim: int = 256  # additive-attention hidden size
+    dropout: float = 0.5  # active only in .train()
+
+
+class Attention(nn.Module):
+    """Additive (Bahdanau) attention over P feature positions."""
+
+    def __init__(self, feature_dim: int, decoder_dim: int, attention_dim: int):
+        super().__init__()
+        self.enc = nn.Linear(feature_dim, attention_dim)
+        self.dec = nn.Linear(decoder_dim, attention_dim)
+        self.score = nn.Linear(attention_dim, 1)
+
+    def forward(self, feats: torch.Tensor, keys: torch.Tensor, h: torch.Tensor):
+        """feats (B, P, F), keys = self.enc(feats) (B, P, A), h (B, D) -> context (B, F), alpha (B, P)."""
+        e = self.score(torch.tanh(keys + self.dec(h).unsqueeze(1))).squeeze(2)  # (B, P)
+        alpha = e.softmax(dim=1)  # (B, P), one weight per position
+        return (feats * alpha.unsqueeze(2)).sum(1), alpha
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.attention = Attention(cfg.feature_dim, cfg.decoder_dim, cfg.attention_dim)
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.embed_dim)
+        self.init_h = nn.Linear(cfg.feature_dim, cfg.decoder_dim)
+        self.init_c = nn.Linear(cfg.feature_dim, cfg.decoder_dim)
+        self.gate = nn.Linear(cfg.decoder_dim, cfg.feature_dim)  # the paper's gating scalar beta, per channel
+        self.lstm = nn.LSTMCell(cfg.embed_dim + cfg.feature_dim, cfg.decoder_dim)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.out = nn.Linear(cfg.decoder_dim, cfg.vocab_size)
+
+    def start(self, feats: torch.Tensor):
+        """feats (B, P, F) -> the decoding state: (attention keys (B, P, A), h (B, D), c (B, D))."""
+        mean = feats.mean(1)  # (B, F)
+        return self.attention.enc(feats), torch.tanh(self.init_h(mean)), torch.tanh(self.init_c(mean))
+
+    def step(self, feats, keys, words, h, c):
+        """One word for every row: words (B,) -> logits (B, V), h, c, alpha (B, P)."""
+        context, alpha = self.attention(feats, keys, h)
+        context = torch.sigmoid(self.gate(h)) * context  # (B, F)
+        h, c = self.lstm(torch.cat([self.embed(words), context], dim=1), (h, c))
+        return self.out(self.dropout(h)), h, c, alpha
+
+    def forward(self, feats: torch.Tensor, captions: torch.Tensor):
+        """Teacher forcing. feats (B, P, F), captions (B, T) starting with <start>.
+
+        Returns logits (B, T-1, V) predicting captions[:, 1:] and alphas (B, T-1, P).
+        Rows are processed only while they have words left (rows sorted by length would waste
+        nothing; unsorted rows waste the padded steps, which the loss masks out).
+        """
+        keys, h, c = self.start(feats)
+        embedded = self.embed(captions)  # (B, T, E)
+        hs, alphas = [], []
+        for t in range(captions.size(1) - 1):
+            context, alpha = self.attention(feats, keys, h)
+            context = torch.sigmoid(self.gate(h)) * context
+            h, c = self.lstm(torch.cat([embedded[:, t], context], dim=1), (h, c))
+            hs.append(h)
+            alphas.append(alpha)
+        # one big projection to the vocabulary instead of one per step
+        logits = self.out(self.dropout(torch.stack(hs, 1)))  # (B, T-1, V)
+        return logits, torch.stack(alphas, 1)

@@ -1,0 +1,182 @@
+"""The decoder, beam search and checkpoints on tiny random-weight models (CPU, no data needed)."""
+import torch
+import torch.nn.functional as F
+
+from model.beam_search import beam_search
+from model.network import Decoder, DecoderConfig
+from model.train import TrainConfig, export_checkpoint, loss_fn
+from model.vocab import Vocab
+
+WORDS = ["a", "dog", "cat", "runs", "sits", "on", "the", "grass", "mat", "red", "ball", "with"]
+VOCAB = Vocab.build([WORDS], min_count=1)
+CAPTIONS = [["a", "dog", "runs", "on", "the", "grass"], ["a", "cat", "sits", "on", "the", "mat"],
+            ["a", "dog", "with", "a", "red", "ball"], ["the", "cat", "runs"]]
+
+
+def tiny_decoder(seed: int = 0, feature_dim: int = 16) -> Decoder:
+    torch.manual_seed(seed)
+    return Decoder(DecoderConfig(len(VOCAB), feature_dim=feature_dim, embed_dim=16, decoder_dim=32,
+                                 attention_dim=16, dropout=0.0))
+
+
+def synthetic_batch(feature_dim: int = 16):
+    torch.manual_seed(1)
+    feats = torch.randn(len(CAPTIONS), 9, feature_dim)  # one distinct "photo" per caption
+    ids = [VOCAB.encode(c, max_len=10) for c in CAPTIONS]
+    caps = torch.full((len(ids), max(map(len, ids))), VOCAB.pad)
+    for i, row in enumerate(ids):
+        caps[i, : len(row)] = torch.tensor(row)
+    return feats, caps
+
+
+def greedy(decoder: Decoder, feats: torch.Tensor, max_len: int = 12) -> list[list[int]]:
+    """Reference greedy decoding, one image at a time, written independently of beam_search."""
+    out = []
+    for f in feats:
+        keys, h, c = decoder.start(f[None])
+        word, tokens = torch.tensor([VOCAB.start]), []
+        for _ in range(max_len):
+            logits, h, c, _ = decoder.step(f[None], keys, word, h, c)
+            logits[0, [VOCAB.pad, VOCAB.start, VOCAB.unk]] = float("-inf")
+            word = logits.argmax(1)
+            if int(word) == VOCAB.end:
+                break
+            tokens.append(int(word))
+        out.append(tokens)
+    return out
+
+
+def search(decoder, feats, **kw):
+    return beam_search(decoder, feats, VOCAB.start, VOCAB.end, [VOCAB.pad, VOCAB.start, VOCAB.unk], **kw)
+
+
+def test_vocab_encode_decode_round_trip():
+    ids = VOCAB.encode(["a", "dog", "zebra"], max_len=10)
+    assert ids[0] == VOCAB.start and ids[-1] == VOCAB.end
+    assert VOCAB.decode(ids[1:]) == ["a", "dog", "<unk>"][:2]  # <unk> is special and dropped
+    assert VOCAB.encode(["a"] * 30, max_len=5) == [VOCAB.start, *[VOCAB.index["a"]] * 5, VOCAB.end]
+
+
+def test_tiny_model_overfits_and_reproduces_captions():
+    decoder = tiny_decoder()
+    feats, caps = synthetic_batch()
+    cfg = TrainConfig(captions="", images="", label_smoothing=0.0, attention_reg=0.0)
+    opt = torch.optim.Adam(decoder.parameters(), lr=1e-2)
+    first = None
+    for _ in range(150):
+        loss, ce = loss_fn(decoder, feats, caps, cfg, VOCAB.pad)
+        first = first if first is not None else ce.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert ce.item() < first / 10, f"loss fell only from {first:.3f} to {ce.item():.3f}"
+    decoder.eval()
+    got = [VOCAB.decode(h[0].tokens) for h in search(decoder, feats, beam=3, n_best=1, block_repeats=False)]
+    assert got == CAPTIONS
+
+
+def test_batched_beam_search_equals_one_image_at_a_time():
+    decoder = tiny_decoder(seed=3).eval()
+    feats = torch.randn(6, 9, 16)
+    batched = search(decoder, feats, beam=4, n_best=3)
+    for i in range(len(feats)):
+        alone = search(decoder, feats[i : i + 1], beam=4, n_best=3)[0]
+        assert [h.tokens for h in alone] == [h.tokens for h in batched[i]]
+        for a, b in zip(alone, batched[i]):
+            assert abs(a.score - b.score) < 1e-4
+
+
+def test_beam_one_is_greedy():
+    decoder = tiny_decoder(seed=5).eval()
+    feats = torch.randn(5, 9, 16)
+    beams = search(decoder, feats, beam=1, n_best=1, max_len=12, block_repeats=False)
+    assert [h[0].tokens for h in beams] == greedy(decoder, feats)
+
+
+def test_beam_search_never_stutters_even_on_a_babbling_model():
+    decoder = tiny_decoder(seed=7).eval()
+    # an untrained model loves repeating itself; make it worse by favouring two words
+    with torch.no_grad():
+        decoder.out.bias[VOCAB.index["a"]] += 4
+        decoder.out.bias[VOCAB.index["dog"]] += 4
+        decoder.out.bias[VOCAB.end] -= 10
+    feats = torch.randn(8, 9, 16)
+    plain = search(decoder, feats, beam=3, n_best=3, max_len=15, block_repeats=False)
+    blocked = search(decoder, feats, beam=3, n_best=3, max_len=15)
+
+    def stutters(t):
+        tri = list(zip(t, t[1:], t[2:]))
+        return any(x == y for x, y in zip(t, t[1:])) or len(tri) != len(set(tri))
+
+    assert any(stutters(h.tokens) for hs in plain for h in hs), "the test model should stutter unblocked"
+    assert not any(stutters(h.tokens) for hs in blocked for h in hs)
+
+
+def test_n_best_scores_are_sorted_and_length_normalised():
+    decoder = tiny_decoder(seed=9).eval()
+    hyps = search(decoder, torch.randn(3, 9, 16), beam=5, n_best=5)
+    for hs in hyps:
+        scores = [h.score for h in hs]
+        assert scores == sorted(scores, reverse=True)
+        assert all(s <= 0 for s in scores)
+        assert len({tuple(h.tokens) for h in hs}) == len(hs), "n-best must be distinct"
+
+
+def test_checkpoint_round_trip_gives_identical_outputs(tmp_path):
+    from model import inference
+
+    decoder = tiny_decoder(feature_dim=1280).eval()
+    state = {"config": {**decoder.cfg.__dict__}, "encoder": {"backbone": "tf_efficientnet_lite0", "weights": None, "grid": 7},
+             "vocab": VOCAB.words, "max_len": 12, "recipe": {}, "metrics": {},
+             "model": {k: v.half().float() for k, v in decoder.state_dict().items()}}  # fp16-exact weights
+    decoder.load_state_dict(state["model"])
+    export_checkpoint(state, tmp_path / "ckpt.pt")
+    loaded = inference.load(tmp_path / "ckpt.pt", device="cpu")
+    assert loaded.version == inference.checkpoint_version(tmp_path / "ckpt.pt")
+    images = torch.randn(2, 3, 224, 224)
+    feats, _ = loaded.encoder(images)
+    want = search(decoder, feats, beam=3, n_best=2, max_len=12)
+    got = search(loaded.decoder, feats, beam=3, n_best=2, max_len=12)
+    assert [[h.tokens for h in hs] for hs in got] == [[h.tokens for h in hs] for hs in want]
+    captions = loaded.caption(images, beam=3, n_best=2)
+    assert [c.text.rstrip(".").lower().split() for c in captions] == [VOCAB.decode(hs[0].tokens) for hs in want]
+
+
+def test_checkpoint_without_model_keys_is_refused(tmp_path):
+    from model import inference
+
+    torch.save({"weights": torch.zeros(1)}, tmp_path / "bad.pt")
+    try:
+        inference.load(tmp_path / "bad.pt", device="cpu")
+    except ValueError as e:
+        assert "not a captioner checkpoint" in str(e)
+    else:
+        raise AssertionError("a foreign checkpoint was accepted")
+
+
+def test_loss_masks_padding():
+    decoder = tiny_decoder().eval()
+    feats, caps = synthetic_batch()
+    cfg = TrainConfig(captions="", images="", label_smoothing=0.0, attention_reg=0.0)
+    _, ce = loss_fn(decoder, feats, caps, cfg, VOCAB.pad)
+    logits, _ = decoder(feats, caps)
+    target = caps[:, 1:]
+    keep = target != VOCAB.pad
+    assert torch.allclose(ce, F.cross_entropy(logits[keep], target[keep]))
+
+
+def test_self_critical_training_raises_the_cider_reward():
+    import random
+
+    from model.scst import CiderD, scst_epoch
+
+    decoder = tiny_decoder(seed=11)
+    feats, _ = synthetic_batch()
+    reward = CiderD({i: [c + ["<end>"]] for i, c in enumerate(CAPTIONS)})
+    opt = torch.optim.Adam(decoder.parameters(), lr=5e-3)
+    rng = random.Random(0)
+    torch.manual_seed(0)
+    rewards = [scst_epoch(decoder, feats, list(range(len(CAPTIONS))), reward, VOCAB, opt, rng,
+                          images_per_batch=4, samples=5, max_len=10) for _ in range(60)]
+    first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
+    assert last > 1.5 * first, f"reward went from {first:.3f} to {last:.3f}"

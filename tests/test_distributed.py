@@ -6,9 +6,10 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 from sqlalchemy import func, select
@@ -16,6 +17,7 @@ from sqlalchemy import func, select
 from api import create_app
 from core import storage
 from core.db import make_engine
+from core.queue import CAPTION_TASK, create_celery
 from core.settings import Settings
 from core.tables import Caption, Job
 
@@ -50,7 +52,34 @@ def worker_process(settings, s3, tmp_path):
         proc.wait()
 
 
-def test_uploads_and_an_s3_prefix_are_captioned_in_batches(settings, s3, photos, worker_process):
+@pytest.fixture
+def task_events(settings):
+    """Counts of the Celery task events for the caption task, as Flower would receive them."""
+    seen: Counter = Counter()
+    stop, ready = threading.Event(), threading.Event()
+
+    def listen() -> None:
+        app = create_celery(settings)
+        with app.connection_for_read() as conn:
+            receiver = app.events.Receiver(conn, handlers={"*": lambda e: seen.update(
+                [e["type"]] if e.get("name", CAPTION_TASK) == CAPTION_TASK else [])})
+            ready.set()
+            while not stop.is_set():
+                try:
+                    receiver.capture(limit=None, timeout=1, wakeup=False)
+                except TimeoutError:
+                    pass
+
+    thread = threading.Thread(target=listen, daemon=True)
+    thread.start()
+    ready.wait(10)
+    time.sleep(0.5)  # the receiver's queue is bound once capture starts consuming
+    yield seen
+    stop.set()
+    thread.join(5)
+
+
+def test_uploads_and_an_s3_prefix_are_captioned_in_batches(settings, s3, photos, task_events, worker_process):
     proc, log_path = worker_process
     bucket = s3["S3_TEST_BUCKET"]
     library = photos[UPLOADS:UPLOADS + PREFIX_KEYS]
@@ -96,5 +125,11 @@ def test_uploads_and_an_s3_prefix_are_captioned_in_batches(settings, s3, photos,
     logged = [int(n) for n in re.findall(r"forward of (\d+)", log_path.read_text())]
     assert logged and sum(logged) >= UPLOADS + PREFIX_KEYS
     assert max(sizes) > 1 and sum(sizes) / len(sizes) > 4, sorted(sizes)
+    # batched requests are visible to monitoring like any other task (events are per request)
+    deadline = time.monotonic() + 10
+    while task_events["task-succeeded"] < UPLOADS + PREFIX_KEYS and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for kind in ("task-sent", "task-received", "task-started", "task-succeeded"):
+        assert task_events[kind] >= UPLOADS + PREFIX_KEYS, dict(task_events)
     print(f"\ndistributed: {UPLOADS + PREFIX_KEYS} captions in {elapsed:.1f}s "
           f"({(UPLOADS + PREFIX_KEYS) / elapsed:.1f}/s); forward sizes {logged}")

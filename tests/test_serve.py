@@ -1,0 +1,43 @@
+"""`captioner serve` as an operator runs it: gunicorn in front of create_app()."""
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_serve_answers_health_and_json_errors(sqlite_url, tmp_path, fake_checkpoint):
+    port = free_port()
+    env = {**os.environ, "CAPTIONER_DATABASE_URL": sqlite_url, "CAPTIONER_STORAGE": str(tmp_path / "store"),
+           "CAPTIONER_MODEL_PATH": str(fake_checkpoint)}
+    env.pop("CAPTIONER_BROKER_URL", None)
+    proc = subprocess.Popen([sys.executable, "-m", "core.cli", "serve", "--port", str(port), "--workers", "1"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as r:
+                    assert json.load(r) == {"status": "ok"}
+                break
+            except (urllib.error.URLError, ConnectionError):
+                assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read().decode()
+                time.sleep(0.3)
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/images/77", timeout=5)
+        except urllib.error.HTTPError as e:
+            assert e.code == 404 and json.load(e)["error"]["code"] == "not_found"
+        else:
+            raise AssertionError("expected a 404")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

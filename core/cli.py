@@ -23,7 +23,9 @@ def cli() -> None:
               help="File of training image names (default for Flickr8k: its official split).")
 @click.option("--dev-split", type=click.Path(exists=True, dir_okay=False), default=None)
 @click.option("--run-dir", type=click.Path(file_okay=False), default="runs/default", show_default=True)
-@click.option("--epochs", type=int, default=None)
+@click.option("--cache-dir", type=click.Path(file_okay=False), default=None, help="Where encoder features are cached [.cache].")
+@click.option("--epochs", type=int, default=None, help="Cross-entropy epochs.")
+@click.option("--scst-epochs", type=int, default=None, help="Self-critical (CIDEr) epochs after them.")
 @click.option("--max-minutes", type=float, default=None, help="Stop after the epoch that crosses this.")
 @click.option("--batch-size", type=int, default=None)
 @click.option("--lr", type=float, default=None)
@@ -338,9 +340,16 @@ def worker(queues, concurrency, beat, loglevel) -> None:
     """Start a Celery worker that captions batches (needs CAPTIONER_BROKER_URL)."""
     import tempfile
 
+    from core import captioner
+    from core.errors import CaptioningError
+
     settings = _settings()
     if settings.embedded:
         raise click.ClickException("CAPTIONER_BROKER_URL is not set; without a broker use `captioner caption PATH`")
+    try:
+        captioner.version(settings)  # a missing checkpoint stops here, not in every pool child
+    except CaptioningError as e:
+        raise click.ClickException(e.message)
     from worker.tasks import app
 
     argv = ["worker", "--queues", queues, "--concurrency", str(concurrency), "--pool", "prefork",

@@ -3,6 +3,7 @@ import logging
 
 from celery import Celery
 from kombu import Queue
+from kombu.exceptions import OperationalError
 
 from .settings import Settings
 from .tables import QUEUES
@@ -46,5 +47,5 @@ def publish(app: Celery, jobs: list[tuple[int, str]]) -> None:
             for job_id, queue in jobs:
                 app.send_task(CAPTION_TASK, kwargs={"job_id": job_id}, queue=queue, producer=producer,
                               retry=True, retry_policy={"max_retries": 2, "interval_start": 0.2})
-    except app.connection_for_write().connection_errors as e:
+    except OperationalError as e:  # kombu's wrapper for every transport's connection errors
         log.warning("broker unreachable, %d jobs left for the sweep to publish: %s", len(jobs), e)

@@ -2,6 +2,7 @@
 submissions stay queued). The full path with a broker and workers is in test_distributed.py."""
 import io
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -128,3 +129,19 @@ def test_the_api_never_imports_torch(app_settings):
             "assert 'torch' not in sys.modules, 'torch was imported'; "
             "assert not any(m == 'worker' or m.startswith('worker.') for m in sys.modules)")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_broker_outage_still_accepts_uploads_for_the_sweep(app_settings):
+    from dataclasses import replace
+
+    from api import create_app
+
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
+    port = closed.getsockname()[1]
+    try:
+        app = create_app(replace(app_settings, broker_url=f"redis://127.0.0.1:{port}/0"))
+        r = app.test_client().post("/v1/images", data={"file": (io.BytesIO(jpeg()), "a.jpg")})
+    finally:
+        closed.close()
+    assert r.status_code == 202 and r.get_json()["status"] == "queued"  # the row is the truth

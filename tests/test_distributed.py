@@ -26,20 +26,20 @@ BATCH_SIZE, BATCH_WAIT_MS = 16, 1500
 DEADLINE_S = 420  # 120 captions on a shared 2-core CPU, with room to spare
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def settings(pg_url, redis_url, s3, checkpoint) -> Settings:
     return Settings(database_url=pg_url, broker_url=redis_url, storage=f"s3://{s3['S3_TEST_BUCKET']}/uploads",
                     model_path=str(checkpoint), batch_size=BATCH_SIZE, batch_wait_ms=BATCH_WAIT_MS)
 
 
-@pytest.fixture
-def worker_process(settings, s3, tmp_path):
+@pytest.fixture(scope="module")
+def worker_process(settings, s3, tmp_path_factory):
     """`captioner worker` as an operator starts it, configured through the environment only."""
     env = {**os.environ, **s3, "CAPTIONER_DATABASE_URL": settings.database_url,
            "CAPTIONER_BROKER_URL": settings.broker_url, "CAPTIONER_STORAGE": settings.storage,
            "CAPTIONER_MODEL_PATH": settings.model_path, "CAPTIONER_BATCH_SIZE": str(BATCH_SIZE),
            "CAPTIONER_BATCH_WAIT_MS": str(BATCH_WAIT_MS)}
-    log_path = tmp_path / "worker.log"
+    log_path = tmp_path_factory.mktemp("worker") / "worker.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen([sys.executable, "-m", "core.cli", "worker", "--no-beat"], env=env,
                                 stdout=log, stderr=subprocess.STDOUT)
@@ -133,3 +133,40 @@ def test_uploads_and_an_s3_prefix_are_captioned_in_batches(settings, s3, photos,
         assert task_events[kind] >= UPLOADS + PREFIX_KEYS, dict(task_events)
     print(f"\ndistributed: {UPLOADS + PREFIX_KEYS} captions in {elapsed:.1f}s "
           f"({(UPLOADS + PREFIX_KEYS) / elapsed:.1f}/s); forward sizes {logged}")
+
+
+def test_cli_with_a_broker_hands_local_files_to_the_workers(settings, s3, photos, worker_process, tmp_path,
+                                                            monkeypatch):
+    from click.testing import CliRunner
+
+    from core.cli import cli
+    from core.settings import get_settings
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for photo in photos[150:160]:
+        (folder / photo.name).symlink_to(photo)
+    for key, value in {"CAPTIONER_DATABASE_URL": settings.database_url, "CAPTIONER_BROKER_URL": settings.broker_url,
+                       "CAPTIONER_STORAGE": settings.storage, "CAPTIONER_MODEL_PATH": settings.model_path}.items():
+        monkeypatch.setenv(key, value)
+    get_settings.cache_clear()
+    try:
+        result = CliRunner().invoke(cli, ["caption", str(folder)], catch_exceptions=False)
+    finally:
+        get_settings.cache_clear()
+    assert result.exit_code == 0, result.output
+    batch_id = int(re.search(r"batch (\d+): 10 images submitted", result.output).group(1))
+
+    client = create_app(settings).test_client()
+    deadline = time.monotonic() + DEADLINE_S
+    while (view := client.get(f"/v1/batches/{batch_id}").get_json())["counts"]["done"] < 10:
+        assert time.monotonic() < deadline, view
+        time.sleep(1)
+    # the workers read the bytes from S3, where the CLI put them, not from this machine's disk
+    engine = make_engine(settings.database_url)
+    with engine.connect() as conn:
+        uris = conn.exec_driver_sql(
+            "SELECT i.uri FROM images i JOIN batch_images b ON b.image_id = i.id WHERE b.batch_id = %s",
+            (batch_id,)).scalars().all()
+    engine.dispose()
+    assert len(uris) == 10 and all(u.startswith(settings.storage + "/sha256/") for u in uris)

@@ -60,6 +60,13 @@ class EventBatches(Batches):
                                       accept_callback=on_accepted, callback=on_return)
 
 
+@signals.worker_process_init.connect
+def _load_model(**_: Any) -> None:
+    # in each pool child right after the fork (so CUDA starts there, not in the parent): the
+    # first batch then does not wait for the weights
+    get_model(settings)
+
+
 @signals.task_received.connect
 def _send_received(sender: Any = None, request: Request | None = None, **_: Any) -> None:
     # celery-batches buffers requests in its own strategy, which skips the usual task-received event

@@ -78,3 +78,15 @@ def test_caption_a_folder_then_resume_search_and_export(run, folder, tmp_path):
 def test_caption_reports_a_missing_path(run, tmp_path):
     result = CliRunner().invoke(cli, ["caption", str(tmp_path / "nowhere")])
     assert result.exit_code == 1 and "no such file or folder" in result.output
+
+
+def test_caption_an_s3_prefix_in_process(run, s3, photos):
+    from core import storage
+
+    bucket = s3["S3_TEST_BUCKET"]
+    for photo in photos[170:174]:
+        storage.s3_client().put_object(Bucket=bucket, Key=f"embedded/{photo.name}", Body=photo.read_bytes())
+    out = run("caption", f"s3://{bucket}/embedded/")
+    assert "4 images: 4 done (4 captioned now, 0 already), 0 failed" in out
+    rows = [json.loads(line) for line in run("export").splitlines()]
+    assert sorted(r["source"] for r in rows) == sorted(f"s3://{bucket}/embedded/{p.name}" for p in photos[170:174])

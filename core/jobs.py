@@ -6,7 +6,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from sqlalchemy.orm import sessionmaker
 
@@ -89,13 +89,21 @@ def expand_paths(paths: Iterable[str], limit: int | None, s3_limit: int) -> Iter
             yield image
 
 
-def _prepare(settings: Settings, claimed: Claimed) -> tuple[Claimed, object, tuple[int, int] | CaptioningError]:
+@dataclass(frozen=True)
+class _Prepared:
+    claimed: Claimed
+    tensor: Any = None  # (3, 224, 224), or None when the image failed
+    size: tuple[int, int] = (0, 0)  # decoded width, height
+    error: CaptioningError | None = None
+
+
+def _prepare(settings: Settings, claimed: Claimed) -> _Prepared:
     """Fetch, decode and preprocess one image on an I/O thread; an error fails this image only."""
     try:
         image = decode.decode(storage.read(claimed.uri, settings.max_upload_bytes), settings.max_pixels)
-        return claimed, captioner.preprocess(settings, image), image.size
+        return _Prepared(claimed, captioner.preprocess(settings, image), image.size)
     except CaptioningError as e:
-        return claimed, None, e
+        return _Prepared(claimed, error=e)
 
 
 def caption_claimed(sm: sessionmaker, settings: Settings, claimed: list[Claimed]) -> BatchReport:
@@ -106,17 +114,17 @@ def caption_claimed(sm: sessionmaker, settings: Settings, claimed: list[Claimed]
     try:
         with ThreadPoolExecutor(max_workers=min(settings.io_threads, len(claimed))) as pool:
             prepared = list(pool.map(lambda c: _prepare(settings, c), claimed))
-        ready = [(c, tensor, size) for c, tensor, size in prepared if tensor is not None]
-        captions = captioner.caption_batch(settings, [t for _, t, _ in ready]) if ready else []
+        ready = [p for p in prepared if p.error is None]
+        captions = captioner.caption_batch(settings, [p.tensor for p in ready]) if ready else []
         version = captioner.get(settings).version
     except BaseException as e:
         # give the claims back now rather than after the lease; an interrupt is not the images' fault
         with sm.begin() as s:
             queries.release(s, [c.job_id for c in claimed], count_attempt=not isinstance(e, KeyboardInterrupt))
         raise
-    results = [Result(c, cap.text, cap.alt_text, cap.candidates, cap.tags, cap.confidence, cap.needs_review,
-                      size[0], size[1]) for (c, _, size), cap in zip(ready, captions)]
-    errors = [(c, err) for c, tensor, err in prepared if tensor is None]
+    results = [Result(p.claimed, cap.text, cap.alt_text, cap.candidates, cap.tags, cap.confidence,
+                      cap.needs_review, *p.size) for p, cap in zip(ready, captions)]
+    errors = [(p.claimed, p.error) for p in prepared if p.error is not None]
     # a transient error (S3 hiccup) returns the image to the queue, until its attempts run out
     retry = [c for c, err in errors if isinstance(err, TransientError) and c.attempts < settings.max_attempts]
     failures = [Failure(c, err.code, err.message) for c, err in errors if c not in retry]

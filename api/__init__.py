@@ -18,7 +18,8 @@ class Services:
     settings: Settings
     sessionmaker: sessionmaker
     celery: Any | None  # None in embedded mode: jobs wait for `captioner caption` to drain them
-    model_version: str | None = None  # read lazily: the API can start (and say why it is not ready) without a checkpoint
+    # read lazily: the API can start, and say why it is not ready, without a checkpoint
+    model_version: str | None = None
 
     def current_model_version(self) -> str:
         if self.model_version is None:

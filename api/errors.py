@@ -4,8 +4,7 @@ import logging
 from flask import Flask, Response, jsonify
 from werkzeug.exceptions import HTTPException
 
-from core.errors import (CaptioningError, ConfigError, InvalidImage, InvalidRequest, NotFound, TooLarge,
-                         TransientError)
+from core.errors import CaptioningError, ConfigError, InvalidImage, InvalidRequest, NotFound, TooLarge, TransientError
 
 log = logging.getLogger(__name__)
 

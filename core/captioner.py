@@ -12,7 +12,8 @@ if TYPE_CHECKING:
     from PIL.Image import Image as PILImage
     from torch import Tensor
 
-    from model.inference import Caption as ModelCaption, Captioner
+    from model.inference import Caption as ModelCaption
+    from model.inference import Captioner
 
 _loaded: "Captioner | None" = None  # the one lazily loaded global: weights load once per process, after fork
 

@@ -1,6 +1,6 @@
 """Data functions of the job life-cycle. Each takes a Session; the caller owns the transaction."""
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any, Iterable, Iterator
 
 from sqlalchemy import Select, func, select, update
@@ -160,7 +160,8 @@ def complete(session: Session, results: list[Result], failures: list[Failure], m
             index_elements=["image_id", "model_version"],
             set_={c: stmt.excluded[c] for c in ("text", "alt_text", "candidates", "tags", "confidence",
                                                  "needs_review", "forward_size", "created_at")}))
-        session.execute(update(Image), [{"id": r.claimed.image_id, "width": r.width, "height": r.height} for r in chunk])
+        session.execute(update(Image),
+                        [{"id": r.claimed.image_id, "width": r.width, "height": r.height} for r in chunk])
         session.execute(update(Job).where(Job.id.in_([r.claimed.job_id for r in chunk]))
                         .values(status="done", lease_until=None, error_code=None, error_message=None,
                                 updated_at=now, finished_at=now)

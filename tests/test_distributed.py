@@ -105,7 +105,7 @@ def test_uploads_and_an_s3_prefix_are_captioned_in_batches(settings, s3, photos,
         if counts["done"] == PREFIX_KEYS and all(u["status"] == "done" for u in uploads):
             break
         assert proc.poll() is None, f"the worker exited: {log_path.read_text()[-3000:]}"
-        assert time.monotonic() - started < DEADLINE_S, f"not done: {counts}; worker log: {log_path.read_text()[-3000:]}"
+        assert time.monotonic() - started < DEADLINE_S, f"not done: {counts}; log: {log_path.read_text()[-3000:]}"
         time.sleep(1)
     elapsed = time.monotonic() - started
 

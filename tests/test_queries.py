@@ -59,7 +59,8 @@ def test_claim_takes_queued_jobs_once_and_drops_the_rest(sm):
 
 def test_claim_without_ids_honours_limit_and_batch(sm):
     with sm.begin() as s:
-        batch_a = queries.create_batch(s, "a", VERSION, [x.image_id for x in queries.submit(s, images(5, "a"), VERSION, "backfill")])
+        in_a = queries.submit(s, images(5, "a"), VERSION, "backfill")
+        batch_a = queries.create_batch(s, "a", VERSION, [x.image_id for x in in_a])
         queries.submit(s, images(5, "b"), VERSION, "backfill")
     with sm.begin() as s:
         claimed = queries.claim(s, VERSION, 60, limit=3, batch_id=batch_a.id)

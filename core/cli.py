@@ -338,8 +338,6 @@ def export(fmt, output, model_version) -> None:
 @click.option("--loglevel", default="info", show_default=True)
 def worker(queues, concurrency, beat, loglevel) -> None:
     """Start a Celery worker that captions batches (needs CAPTIONER_BROKER_URL)."""
-    import tempfile
-
     from core import captioner
     from core.errors import CaptioningError
 
@@ -355,7 +353,8 @@ def worker(queues, concurrency, beat, loglevel) -> None:
     argv = ["worker", "--queues", queues, "--concurrency", str(concurrency), "--pool", "prefork",
             "--loglevel", loglevel, "--task-events"]
     if beat:
-        argv += ["--beat", "--schedule", str(Path(tempfile.gettempdir()) / "captioner-beat-schedule")]
+        # the in-memory scheduler: no schedule file for two workers on one host to fight over
+        argv += ["--beat", "--scheduler", "celery.beat:Scheduler"]
     app.worker_main(argv)
 
 

@@ -12,7 +12,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from api import create_app
 from core import storage
@@ -170,3 +170,35 @@ def test_cli_with_a_broker_hands_local_files_to_the_workers(settings, s3, photos
             (batch_id,)).scalars().all()
     engine.dispose()
     assert len(uris) == 10 and all(u.startswith(settings.storage + "/sha256/") for u in uris)
+
+
+def test_the_sweep_recovers_a_job_whose_message_was_lost(settings, s3, photos, worker_process):
+    """A job committed but never published (broker flushed, publisher crashed): the sweep task
+    publishes it again and the worker captions it."""
+    from datetime import timedelta
+
+    from core import captioner, queries
+    from core.db import make_sessionmaker
+    from core.tables import utcnow
+
+    data = photos[190].read_bytes()
+    uri, digest = storage.store(settings.storage, data)
+    engine = make_engine(settings.database_url)
+    sm = make_sessionmaker(engine)
+    with sm.begin() as s:
+        [sub] = queries.submit(s, [queries.NewImage(uri, f"sha256:{digest}", digest, len(data))],
+                               captioner.version(settings), "interactive")
+        s.execute(update(Job).where(Job.id == sub.job_id).values(updated_at=utcnow() - timedelta(hours=1)))
+    env = {**os.environ, **s3, "CAPTIONER_DATABASE_URL": settings.database_url,
+           "CAPTIONER_BROKER_URL": settings.broker_url, "CAPTIONER_MODEL_PATH": settings.model_path}
+    swept = subprocess.run([sys.executable, "-c", "from worker.tasks import sweep; print(sweep())"], env=env,
+                           capture_output=True, text=True, check=True)
+    assert swept.stdout.strip() == "1"
+    deadline = time.monotonic() + DEADLINE_S
+    while True:
+        with sm() as s:
+            if s.get(Job, sub.job_id).status == "done":
+                break
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+    engine.dispose()

@@ -145,7 +145,7 @@ def run_embedded(sm: sessionmaker, settings: Settings, model_version: str, batch
         queries.sweep(s, settings.max_attempts, settings.requeue_after_seconds)  # leases of a killed run
     while True:
         with sm.begin() as s:
-            claimed = queries.claim(s, model_version, settings.lease_seconds, settings.batch_size,
+            claimed = queries.claim(s, model_version, settings.lease_seconds, captioner.batch_size(settings),
                                     batch_id=batch_id)
         if not claimed:
             return

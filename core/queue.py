@@ -5,6 +5,7 @@ from celery import Celery
 from kombu import Queue
 from kombu.exceptions import OperationalError
 
+from .captioner import batch_size
 from .settings import Settings
 from .tables import QUEUES
 
@@ -25,7 +26,7 @@ def create_celery(settings: Settings) -> Celery:
         task_acks_late=True,  # a crash mid-batch redelivers instead of losing the ids
         task_reject_on_worker_lost=True,
         # one process per device; the buffer must hold more than one batch or batches never fill
-        worker_prefetch_multiplier=2 * settings.batch_size,
+        worker_prefetch_multiplier=2 * batch_size(settings),
         worker_concurrency=1,
         worker_send_task_events=True,  # Flower and `celery events` see every request
         task_send_sent_event=True,

@@ -7,7 +7,7 @@ S3-compatible store works without our code knowing about it.
 import os
 from dataclasses import dataclass, fields
 from functools import lru_cache
-from typing import Mapping
+from typing import Mapping, get_args
 
 from .errors import ConfigError
 
@@ -19,7 +19,7 @@ class Settings:
     database_url: str = "sqlite:///captioner.db"  # a file in the working directory: the embedded default
     broker_url: str | None = None  # unset = embedded mode: `captioner caption` works in-process
     storage: str = "./captioner-data"  # uploads go here: a local folder or s3://bucket[/prefix]
-    batch_size: int = 32  # images per model forward (32-64 on a CPU, 256+ on a GPU)
+    batch_size: int | None = None  # images per model forward; None = 256 on a GPU host, 32 on a CPU
     batch_wait_ms: int = 500  # a worker flushes a partial batch after this long
     device: str | None = None  # torch device; None = CUDA when present, else CPU
     model_path: str | None = None  # checkpoint file; None = the shipped model/checkpoints/default.pt
@@ -65,7 +65,7 @@ def load_settings(env: Mapping[str, str]) -> Settings:
             raise ConfigError(f"unknown setting {key}; known: {', '.join(PREFIX + n.upper() for n in known)}")
         if raw == "":
             continue  # an empty variable means "use the default", as in most twelve-factor setups
-        kind = int if known[name].type in (int, "int") else str
+        kind = int if int in (known[name].type, *get_args(known[name].type)) else str
         values[name] = _convert(name, raw, kind)
     return Settings(**values)  # type: ignore[arg-type]
 

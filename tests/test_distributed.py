@@ -54,29 +54,23 @@ def worker_process(settings, s3, tmp_path_factory):
 
 @pytest.fixture
 def task_events(settings):
-    """Counts of the Celery task events for the caption task, as Flower would receive them."""
+    """Counts of Celery events (task events of the caption task only), as Flower would receive them."""
     seen: Counter = Counter()
-    stop, ready = threading.Event(), threading.Event()
+    app = create_celery(settings)
+    conn = app.connection_for_read()
 
-    def listen() -> None:
-        app = create_celery(settings)
-        with app.connection_for_read() as conn:
-            receiver = app.events.Receiver(conn, handlers={"*": lambda e: seen.update(
-                [e["type"]] if e.get("name", CAPTION_TASK) == CAPTION_TASK else [])})
-            ready.set()
-            while not stop.is_set():
-                try:
-                    receiver.capture(limit=None, timeout=1, wakeup=False)
-                except TimeoutError:
-                    pass
+    def count(event: dict) -> None:
+        if event.get("name", CAPTION_TASK) == CAPTION_TASK:  # task-succeeded events carry no name
+            seen[event["type"]] += 1
 
-    thread = threading.Thread(target=listen, daemon=True)
+    # one long capture: with Redis, events are pub/sub and a gap between captures would lose some
+    receiver = app.events.Receiver(conn, handlers={"*": count})
+    thread = threading.Thread(target=lambda: receiver.capture(limit=None, timeout=None, wakeup=False), daemon=True)
     thread.start()
-    ready.wait(10)
-    time.sleep(0.5)  # the receiver's queue is bound once capture starts consuming
     yield seen
-    stop.set()
+    receiver.should_stop = True
     thread.join(5)
+    conn.release()
 
 
 def test_uploads_and_an_s3_prefix_are_captioned_in_batches(settings, s3, photos, task_events, worker_process):
@@ -86,6 +80,11 @@ def test_uploads_and_an_s3_prefix_are_captioned_in_batches(settings, s3, photos,
     with ThreadPoolExecutor(8) as pool:  # a photo library already sitting in S3
         list(pool.map(lambda p: storage.s3_client().put_object(Bucket=bucket, Key=f"library/{p.name}",
                                                                 Body=p.read_bytes()), library))
+
+    deadline = time.monotonic() + 60
+    while not (task_events["worker-online"] or task_events["worker-heartbeat"]):  # the worker is up
+        assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
+        time.sleep(0.2)
 
     client = create_app(settings).test_client()
     started = time.monotonic()

@@ -19,6 +19,14 @@ def test_reads_captioner_variables_and_ignores_others():
     assert settings.storage == "s3://bucket/uploads"
 
 
+def test_batch_size_suits_the_device_unless_set():
+    from core.captioner import CPU_BATCH, GPU_BATCH, batch_size
+
+    assert batch_size(load_settings({"CAPTIONER_DEVICE": "cuda:0"})) == GPU_BATCH
+    assert batch_size(load_settings({"CAPTIONER_DEVICE": "cpu"})) == CPU_BATCH
+    assert batch_size(load_settings({"CAPTIONER_DEVICE": "cuda", "CAPTIONER_BATCH_SIZE": "100"})) == 100
+
+
 def test_empty_variable_means_default():
     assert load_settings({"CAPTIONER_BROKER_URL": ""}).broker_url is None
 

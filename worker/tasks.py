@@ -16,6 +16,7 @@ from celery_batches.trace import apply_batches_task
 from sqlalchemy.orm import sessionmaker
 
 from core import jobs, queries
+from core.captioner import batch_size
 from core.captioner import get as get_model
 from core.db import make_engine, make_sessionmaker
 from core.queue import CAPTION_TASK, SWEEP_TASK, create_celery, publish
@@ -76,7 +77,7 @@ def _send_received(sender: Any = None, request: Request | None = None, **_: Any)
                            retries=request.request_dict.get("retries", 0))
 
 
-@app.task(name=CAPTION_TASK, base=EventBatches, flush_every=settings.batch_size,
+@app.task(name=CAPTION_TASK, base=EventBatches, flush_every=batch_size(settings),
           flush_interval=settings.batch_wait_ms / 1000, acks_late=True, reject_on_worker_lost=True)
 def caption(requests: list[SimpleRequest]) -> dict[str, str]:
     """Claim the batch's jobs, caption them with one forward pass, write them in one transaction."""

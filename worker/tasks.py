@@ -5,14 +5,12 @@ flushed every CAPTIONER_BATCH_SIZE ids or CAPTIONER_BATCH_WAIT_MS, whichever com
 runs in the pool's child process, where the model is loaded once, lazily (CUDA cannot start
 before the fork)."""
 import logging
-import time
 from functools import lru_cache
-from typing import Any, Collection
+from typing import Any
 
 from celery import signals
 from celery.worker.request import Request
-from celery_batches import Batches, SimpleRequest
-from celery_batches.trace import apply_batches_task
+from celery_batches import SimpleRequest
 from sqlalchemy.orm import sessionmaker
 
 from core import jobs, queries
@@ -21,6 +19,8 @@ from core.captioner import get as get_model
 from core.db import make_engine, make_sessionmaker
 from core.queue import CAPTION_TASK, SWEEP_TASK, create_celery, publish
 from core.settings import get_settings
+
+from .batching import Batches
 
 log = logging.getLogger(__name__)
 settings = get_settings()
@@ -31,34 +31,6 @@ app = create_celery(settings)
 def _sessionmaker() -> sessionmaker:
     """Created on first use in the child process: a connection pool must not cross a fork."""
     return make_sessionmaker(make_engine(settings.database_url))
-
-
-class EventBatches(Batches):
-    """Batches that send per-request task events. celery-batches 0.11 (the latest release) sends
-    none, which leaves batched tasks invisible in Flower (clokep/celery-batches#70, PRs #34, #82
-    unreleased); the events below are the ones Celery's own Request sends."""
-
-    def flush(self, requests: Collection[Request]) -> Any:
-        requests = list(requests)
-        simple = ([SimpleRequest.from_request(r) for r in requests],)  # picklable for the prefork pool
-
-        def on_accepted(pid: int, time_accepted: float) -> None:
-            for req in requests:
-                req.send_event("task-started")
-
-        def on_return(result: dict[str, Any] | None) -> None:
-            runtime = time.monotonic() - started
-            for req in requests:
-                if req.task.acks_late:
-                    req.acknowledge()
-                if result is None:  # the batch raised; celery-batches logged it and returns None
-                    req.send_event("task-failed", exception="batch failed", traceback="")
-                else:
-                    req.send_event("task-succeeded", result=repr(result.get(req.id)), runtime=runtime)
-
-        started = time.monotonic()
-        return self._pool.apply_async(apply_batches_task, (self, simple, 0, None),
-                                      accept_callback=on_accepted, callback=on_return)
 
 
 @signals.worker_process_init.connect
@@ -77,7 +49,7 @@ def _send_received(sender: Any = None, request: Request | None = None, **_: Any)
                            retries=request.request_dict.get("retries", 0))
 
 
-@app.task(name=CAPTION_TASK, base=EventBatches, flush_every=batch_size(settings),
+@app.task(name=CAPTION_TASK, base=Batches, flush_every=batch_size(settings),
           flush_interval=settings.batch_wait_ms / 1000, acks_late=True, reject_on_worker_lost=True)
 def caption(requests: list[SimpleRequest]) -> dict[str, str]:
     """Claim the batch's jobs, caption them with one forward pass, write them in one transaction."""

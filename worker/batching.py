@@ -1,0 +1,76 @@
+"""celery-batches' Batches with three changes a serving worker needs.
+
+1. Per-request task events (received, started, succeeded/failed). celery-batches 0.11, the latest
+   release, sends none, which leaves batched tasks invisible in Flower (clokep/celery-batches#70;
+   PRs #34 and #82 were never released). The events are the ones Celery's own Request sends.
+2. A batch goes to the pool only when a pool process is free. Upstream flushes on every timer tick
+   and every N-th message, so while one batch runs, partial batches (7, 9, ...) queue up behind
+   it; here the buffer keeps filling instead and the next batch leaves full when the pool frees.
+3. reject_on_worker_lost: when the child dies mid-batch (OOM, signal), upstream never acks or
+   rejects the messages, which then wait for Redis' visibility timeout. Here they are requeued
+   once (not when already redelivered: the database's attempt counter bounds the rest).
+
+Meant for tasks with acks_late=True: requests are acknowledged when their batch returns.
+"""
+import time
+from typing import Any, Collection
+
+from billiard.einfo import ExceptionInfo
+from billiard.exceptions import WorkerLostError
+from celery.worker.request import Request
+from celery_batches import Batches as UpstreamBatches
+from celery_batches import SimpleRequest
+from celery_batches.trace import apply_batches_task
+
+
+class Batches(UpstreamBatches):
+    def __init__(self) -> None:
+        super().__init__()
+        self._in_flight = 0  # batches handed to the pool and not yet returned
+
+    def flush(self, requests: Collection[Request]) -> Any:
+        requests = list(requests)
+        if self._in_flight >= self._pool.limit:
+            for req in requests:  # busy: keep them for a fuller batch when a process frees
+                self._buffer.put(req)
+            return None
+        batch, rest = requests[:self.flush_every], requests[self.flush_every:]
+        for req in rest:
+            self._buffer.put(req)
+        simple = ([SimpleRequest.from_request(r) for r in batch],)  # picklable for the prefork pool
+        started = time.monotonic()
+
+        def on_accepted(pid: int, time_accepted: float) -> None:
+            for req in batch:
+                req.send_event("task-started")
+
+        def on_return(result: dict[str, Any] | None) -> None:
+            self._in_flight -= 1
+            runtime = time.monotonic() - started
+            for req in batch:
+                req.acknowledge()
+                if result is None:  # the batch raised; celery-batches logged it and returned None
+                    req.send_event("task-failed", exception="batch failed", traceback="")
+                else:
+                    req.send_event("task-succeeded", result=repr(result.get(req.id)), runtime=runtime)
+            self._flush_waiting()
+
+        def on_error(einfo: ExceptionInfo) -> None:
+            self._in_flight -= 1
+            lost = isinstance(einfo.exception, WorkerLostError)
+            for req in batch:
+                if lost and self.reject_on_worker_lost and not req.delivery_info.get("redelivered"):
+                    req.reject(requeue=True)
+                else:
+                    req.acknowledge()
+                req.send_event("task-failed", exception=repr(einfo.exception), traceback=str(einfo.traceback))
+            self._flush_waiting()
+
+        self._in_flight += 1
+        return self._pool.apply_async(apply_batches_task, (self, simple, 0, None),
+                                      accept_callback=on_accepted, callback=on_return, error_callback=on_error)
+
+    def _flush_waiting(self) -> None:
+        # a process just freed: send what waited at once rather than at the next timer tick
+        if not self._buffer.empty():
+            self._do_flush()

@@ -31,10 +31,11 @@ def submit_batch() -> tuple[Response, int, dict]:
     else:
         raise InvalidRequest('send {"s3": {"bucket": B, "prefix": P}} or {"images": [{"s3": {...}}, ...]}')
     version = svc.current_model_version()
-    batch_id, _ = jobs.submit_images(svc.sessionmaker, images, version, queue, svc.publish, batch_source=source)
+    batch_id, submitted = jobs.submit_images(svc.sessionmaker, images, version, queue, svc.publish,
+                                             batch_source=source)
     location = url_for("batches.get_batch", batch_id=batch_id)
-    view = queries.batch_view(get_session(), batch_id)
-    return jsonify({"id": batch_id, "total": view["total"], "url": location}), 202, {"Location": location}
+    total = len({s.image_id for s in submitted})  # the same object listed twice is one image
+    return jsonify({"id": batch_id, "total": total, "url": location}), 202, {"Location": location}
 
 
 @bp.get("/<int:batch_id>")

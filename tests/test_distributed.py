@@ -114,6 +114,14 @@ def test_uploads_and_an_s3_prefix_are_captioned_in_batches(settings, s3, photos,
     assert all(set(t) == {"label", "score"} for t in image["tags"])
     assert image["error"] is None and image["width"] > 0
 
+    # the same S3 objects listed again: same ETags, same jobs, nothing to redo
+    listed = [{"s3": {"bucket": bucket, "key": f"library/{p.name}"}} for p in library[:3]]
+    r = client.post("/v1/batches", json={"images": listed + listed[:1]})
+    assert r.status_code == 202 and r.get_json()["total"] == 3
+    assert client.get(r.get_json()["url"]).get_json()["counts"]["done"] == 3
+    missing = client.post("/v1/batches", json={"images": [{"s3": {"bucket": bucket, "key": "library/nope.jpg"}}]})
+    assert missing.status_code == 404 and missing.get_json()["error"]["code"] == "source_not_found"
+
     engine = make_engine(settings.database_url)
     with engine.connect() as conn:
         assert conn.scalar(select(func.count()).select_from(Caption)) == UPLOADS + PREFIX_KEYS

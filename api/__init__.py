@@ -52,7 +52,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     settings = settings or get_settings()
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_upload_bytes  # Flask answers 413 before reading more
-    app.json.sort_keys = False  # type: ignore[attr-defined]  (keep fields in the documented order)
+    # keep fields in the documented order
+    app.json.sort_keys = False  # type: ignore[attr-defined]
     celery = create_celery(settings) if settings.broker_url else None
     app.extensions["captioner"] = Services(settings, make_sessionmaker(make_engine(settings.database_url)), celery)
     app.teardown_appcontext(_close_session)

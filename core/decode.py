@@ -36,7 +36,6 @@ def decode(data: bytes, max_pixels: int) -> Image.Image:
         # draft mode: a 12 MP JPEG reaches 224x224 about ten times faster (see field notes)
         im.draft("RGB", DRAFT_SIZE)
         im.load()
-        im = ImageOps.exif_transpose(im)
-        return im.convert("RGB")
+        return ImageOps.exif_transpose(im).convert("RGB")
     except Exception as e:  # truncated or corrupt data surfaces only here, as any of many types
         raise InvalidImage(f"cannot decode image ({type(e).__name__}: {e})") from None

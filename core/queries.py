@@ -93,9 +93,9 @@ def submit(session: Session, images: list[NewImage], model_version: str, queue: 
                 {"image_id": i, "model_version": model_version, "queue": queue, "status": "queued",
                  "attempts": 0, "created_at": now, "updated_at": now} for i in chunk])
             .on_conflict_do_nothing(index_elements=["image_id", "model_version"]))
-        rows = session.execute(select(Job.image_id, Job.id, Job.status, Job.queue).where(
+        found = session.execute(select(Job.image_id, Job.id, Job.status, Job.queue).where(
             Job.model_version == model_version, Job.image_id.in_(chunk)))
-        jobs.update({image_id: (job_id, status, q) for image_id, job_id, status, q in rows})
+        jobs.update({image_id: (job_id, status, q) for image_id, job_id, status, q in found})
     out = []
     for i in images:
         image_id = image_ids[i.fingerprint]
@@ -200,7 +200,7 @@ def sweep(session: Session, max_attempts: int, requeue_after_seconds: int) -> li
                                               Job.updated_at < now - timedelta(seconds=requeue_after_seconds))
                             .values(updated_at=now).returning(Job.id, Job.queue)
                             .execution_options(synchronize_session=False)).all()
-    return [(job_id, queue) for job_id, queue in returned + stale]
+    return [(job_id, queue) for job_id, queue in [*returned, *stale]]
 
 
 def _image_row(image: Image, job: Job | None, caption: Caption | None) -> dict[str, Any]:
@@ -252,7 +252,7 @@ def batch_view(session: Session, batch_id: int, tenant: str = "default") -> dict
             "created_at": batch.created_at.isoformat()}
 
 
-def failures_by_code(session: Session, batch_id: int) -> dict[str, int]:
+def failures_by_code(session: Session, batch_id: int) -> dict[str | None, int]:
     return dict(session.execute(
         select(Job.error_code, func.count()).join(BatchImage, BatchImage.image_id == Job.image_id)
         .join(Batch, Batch.id == BatchImage.batch_id)

@@ -209,14 +209,16 @@ def _settings():
 @click.option("--limit", type=int, default=None, help="Caption at most this many images.")
 @click.option("--queue", type=click.Choice(["interactive", "backfill"]), default="backfill", show_default=True,
               help="Broker queue (distributed mode only).")
+@click.option("--wait/--no-wait", default=False, help="Distributed mode: follow the batch until it is done.")
 @click.option("--samples", type=int, default=5, show_default=True, help="Captions to show at the end.")
-def caption(paths, limit, queue, samples) -> None:
+def caption(paths, limit, queue, wait, samples) -> None:
     """Caption image files, folders and s3://bucket/prefix locations.
 
     With no broker configured (CAPTIONER_BROKER_URL unset) this runs the whole pipeline in this
     process on the SQLite database, skipping images this model already captioned, so a second run
     is quick and an interrupted run resumes. With a broker it submits the images for the workers
-    (uploading local files to CAPTIONER_STORAGE first) and prints the batch id.
+    (uploading local files to CAPTIONER_STORAGE first), prints the batch id and, with --wait,
+    follows the batch to the end.
     """
     import time
 
@@ -232,8 +234,12 @@ def caption(paths, limit, queue, samples) -> None:
         images = list(jobs.expand_paths(paths, limit, settings.s3_prefix_limit))
         if not images:
             raise click.ClickException(f"no images found in {' '.join(paths)}")
-        source = " ".join(paths)
-        if not settings.embedded:
+        version = captioner.version(settings)
+        started = time.perf_counter()
+        if settings.embedded:
+            batch_id, submitted = jobs.submit_images(sm, images, version, queue, lambda _: None,
+                                                     batch_source=" ".join(paths))
+        else:
             from core.queue import create_celery, publish
 
             # workers elsewhere cannot read this machine's files: put them in the shared store
@@ -241,24 +247,20 @@ def caption(paths, limit, queue, samples) -> None:
                                     i.fingerprint, i.sha256, i.size) if i.uri.startswith("file://") else i
                       for i in images]
             app = create_celery(settings)
-            batch_id, _ = jobs.submit_images(sm, images, captioner.version(settings), queue,
-                                             lambda j: publish(app, j), batch_source=source)
-            with sm() as s:
-                view = queries.batch_view(s, batch_id)
-            click.echo(f"batch {batch_id}: {view['total']} images submitted to the workers, "
-                       f"{view['counts']['done']} already done")
-            return
-        version = captioner.version(settings)
-        started = time.perf_counter()
-        batch_id, submitted = jobs.submit_images(sm, images, version, queue, lambda _: None, batch_source=source)
-        todo = sum(1 for s in {x.job_id: x for x in submitted}.values() if s.status == "queued")
-        captioned = 0
+            batch_id, submitted = jobs.submit_images(sm, images, version, queue, lambda j: publish(app, j),
+                                                     batch_source=" ".join(paths))
+            click.echo(f"batch {batch_id}: {len({x.image_id for x in submitted})} images submitted to the workers")
+            if not wait:
+                return
+        unique = {x.job_id: x for x in submitted}.values()
+        already = sum(1 for x in unique if x.status == "done")
+        todo = sum(1 for x in unique if x.status in ("queued", "processing"))
         with tqdm(total=todo, unit="img", desc="captioning", disable=todo == 0) as bar:
-            def progress(report: jobs.BatchReport) -> None:
-                nonlocal captioned
-                captioned += report.captioned
-                bar.update(report.captioned + report.failed)
-            jobs.run_embedded(sm, settings, version, batch_id, progress)
+            if settings.embedded:
+                jobs.run_embedded(sm, settings, version, batch_id,
+                                  lambda report: bar.update(report.captioned + report.failed))
+            else:
+                _follow(sm, batch_id, todo, bar)
         elapsed = time.perf_counter() - started
         with sm() as s:
             view = queries.batch_view(s, batch_id)
@@ -268,15 +270,32 @@ def caption(paths, limit, queue, samples) -> None:
     except CaptioningError as e:
         raise click.ClickException(f"{e.code}: {e.message}")
     counts = view["counts"]
+    captioned = counts["done"] - already
     rate = f", {captioned / elapsed:.1f} captions/s" if captioned else ""
-    click.echo(f"{view['total']} images: {counts['done']} done ({captioned} captioned now, "
-               f"{counts['done'] - captioned} already), {counts['failed']} failed, "
-               f"{counts['queued'] + counts['processing']} left; {elapsed:.1f}s{rate}; model {version}")
+    click.echo(f"{view['total']} images: {counts['done']} done ({captioned} captioned now, {already} already), "
+               f"{counts['failed']} failed, {counts['queued'] + counts['processing']} left; "
+               f"{elapsed:.1f}s{rate}; model {version}")
     for code, n in sorted(failures.items()):
         click.echo(f"  failed: {n} x {code}")
     for image, cap in shown:
         click.echo(f"  {Path(image.uri).name}: {cap.text}")
     click.echo(f"database: {settings.database_url}  (try: captioner search WORDS, captioner export)")
+
+
+def _follow(sm, batch_id: int, todo: int, bar) -> None:
+    """Poll a batch's counts until none is queued or processing (Ctrl-C stops watching, not the work)."""
+    import time
+
+    from core import queries
+
+    while True:
+        with sm() as s:
+            counts = queries.batch_view(s, batch_id)["counts"]
+        left = counts["queued"] + counts["processing"]
+        bar.update(max(todo - left - bar.n, 0))
+        if left == 0:
+            return
+        time.sleep(1)
 
 
 @cli.command()

@@ -1,0 +1,44 @@
+"""One claimed batch through core.jobs with the real model, on SQLite and a local folder."""
+import io
+
+from PIL import Image
+from sqlalchemy import select
+
+from core import captioner, jobs, queries
+from core.db import make_engine, make_sessionmaker
+from core.settings import Settings
+from core.tables import Caption, Job
+
+
+def test_one_bad_image_never_fails_its_neighbours(sqlite_url, tmp_path, checkpoint, photos):
+    bomb = tmp_path / "bomb.png"  # a few kB on disk, 81 MP once decoded
+    out = io.BytesIO()
+    Image.new("1", (9000, 9000)).save(out, "PNG")
+    bomb.write_bytes(out.getvalue())
+    junk = tmp_path / "junk.jpg"
+    junk.write_bytes(b"\xff\xd8\xff\xe0" + b"garbage" * 100)
+    gone = tmp_path / "gone.jpg"
+    gone.write_bytes(b"soon deleted")
+    files = [photos[0], bomb, photos[1], junk, gone]
+    images = [jobs.file_image(p) for p in files]
+    gone.unlink()  # deleted between submission and captioning
+
+    settings = Settings(database_url=sqlite_url, model_path=str(checkpoint), device="cpu")
+    engine = make_engine(sqlite_url)
+    sm = make_sessionmaker(engine)
+    version = captioner.version(settings)
+    _, submitted = jobs.submit_images(sm, images, version, "backfill", lambda _: None)
+    with sm.begin() as s:
+        claimed = queries.claim(s, version, 60, limit=10)
+    report = jobs.caption_claimed(sm, settings, claimed)
+
+    assert (report.captioned, report.failed, report.forward_size) == (2, 3, 2)
+    with sm() as s:
+        outcome = {j.image_id: (j.status, j.error_code) for j in s.scalars(select(Job))}
+        captions = s.scalars(select(Caption)).all()
+    engine.dispose()
+    by_file = {f.name: outcome[x.image_id] for f, x in zip(files, submitted, strict=True)}
+    assert by_file == {photos[0].name: ("done", None), photos[1].name: ("done", None),
+                       "bomb.png": ("failed", "image_too_large"), "junk.jpg": ("failed", "invalid_image"),
+                       "gone.jpg": ("failed", "source_not_found")}
+    assert all(c.forward_size == 2 and c.model_version == version for c in captions)

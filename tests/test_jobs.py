@@ -42,3 +42,36 @@ def test_one_bad_image_never_fails_its_neighbours(sqlite_url, tmp_path, checkpoi
                        "bomb.png": ("failed", "image_too_large"), "junk.jpg": ("failed", "invalid_image"),
                        "gone.jpg": ("failed", "source_not_found")}
     assert all(c.forward_size == 2 and c.model_version == version for c in captions)
+
+
+def test_an_unreachable_store_returns_the_image_to_the_queue(sqlite_url, checkpoint, photos, monkeypatch):
+    import socket
+
+    from core import storage
+
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))  # bound, never listening: S3 connections are refused
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", f"http://127.0.0.1:{closed.getsockname()[1]}")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
+    storage.s3_client.cache_clear()
+    settings = Settings(database_url=sqlite_url, model_path=str(checkpoint), device="cpu", max_attempts=2)
+    engine = make_engine(sqlite_url)
+    sm = make_sessionmaker(engine)
+    version = captioner.version(settings)
+    try:
+        images = [jobs.file_image(photos[2]), queries.NewImage("s3://bucket/a.jpg", "s3:bucket/a.jpg@etag")]
+        _, submitted = jobs.submit_images(sm, images, version, "backfill", lambda _: None)
+        reports = []
+        for _ in range(2):
+            with sm.begin() as s:
+                reports.append(jobs.caption_claimed(sm, settings, queries.claim(s, version, 60, limit=10)))
+    finally:
+        storage.s3_client.cache_clear()
+        closed.close()
+    with sm() as s:
+        first, second = (s.get(Job, x.job_id) for x in submitted)
+    engine.dispose()
+    assert (reports[0].captioned, reports[0].released) == (1, 1)  # a transient error is retried...
+    assert (reports[1].failed, reports[1].released) == (1, 0)  # ...until its attempts run out
+    assert first.status == "done" and (second.status, second.error_code) == ("failed", "unavailable")

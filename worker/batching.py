@@ -17,6 +17,7 @@ from typing import Any, Collection
 
 from billiard.einfo import ExceptionInfo
 from billiard.exceptions import WorkerLostError
+from celery import signals
 from celery.worker.request import Request
 from celery_batches import Batches as UpstreamBatches
 from celery_batches import SimpleRequest
@@ -74,3 +75,12 @@ class Batches(UpstreamBatches):
         # a process just freed: send what waited at once rather than at the next timer tick
         if not self._buffer.empty():
             self._do_flush()
+
+
+@signals.task_received.connect
+def _send_received(sender: Any = None, request: Request | None = None, **_: Any) -> None:
+    # celery-batches' strategy buffers requests and skips the task-received event Celery's sends
+    if request is not None and isinstance(request.task, Batches):
+        request.send_event("task-received", name=request.name, args=request.argsrepr,
+                           kwargs=request.kwargsrepr, root_id=request.root_id, parent_id=request.parent_id,
+                           retries=request.request_dict.get("retries", 0))

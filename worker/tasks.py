@@ -9,7 +9,6 @@ from functools import lru_cache
 from typing import Any
 
 from celery import signals
-from celery.worker.request import Request
 from celery_batches import SimpleRequest
 from sqlalchemy.orm import sessionmaker
 
@@ -38,15 +37,6 @@ def _load_model(**_: Any) -> None:
     # in each pool child right after the fork (so CUDA starts there, not in the parent): the
     # first batch then does not wait for the weights
     get_model(settings)
-
-
-@signals.task_received.connect
-def _send_received(sender: Any = None, request: Request | None = None, **_: Any) -> None:
-    # celery-batches buffers requests in its own strategy, which skips the usual task-received event
-    if request is not None and request.name == CAPTION_TASK:
-        request.send_event("task-received", name=request.name, args=request.argsrepr,
-                           kwargs=request.kwargsrepr, root_id=request.root_id, parent_id=request.parent_id,
-                           retries=request.request_dict.get("retries", 0))
 
 
 @app.task(name=CAPTION_TASK, base=Batches, flush_every=batch_size(settings),

@@ -6,7 +6,7 @@ from flask import Blueprint, Response, jsonify, url_for
 from core import jobs, queries, storage
 from core.errors import InvalidRequest
 
-from . import get_session, requests, services
+from . import bodies, get_session, services
 
 bp = Blueprint("batches", __name__, url_prefix="/v1/batches")
 
@@ -14,16 +14,16 @@ bp = Blueprint("batches", __name__, url_prefix="/v1/batches")
 @bp.post("")
 def submit_batch() -> tuple[Response, int, dict]:
     svc = services()
-    body = requests.json_object()
-    queue = requests.queue(body.get("queue"), "backfill")  # a library import must not delay single uploads
+    body = bodies.json_object()
+    queue = bodies.queue(body.get("queue"), "backfill")  # a library import must not delay single uploads
     if "s3" in body:
-        bucket, prefix = requests.s3_location(body["s3"], "s3", "prefix", allow_empty=True)
+        bucket, prefix = bodies.s3_location(body["s3"], "s3", "prefix", allow_empty=True)
         found = storage.list_prefix(bucket, prefix, svc.settings.s3_prefix_limit)
         if not found:
             raise InvalidRequest(f"no images under s3://{bucket}/{prefix}", code="empty_batch")
         images, source = [jobs.s3_image(o) for o in found], f"s3://{bucket}/{prefix}"
     elif "images" in body:
-        locations = requests.image_list(body["images"])
+        locations = bodies.image_list(body["images"])
         # head each object (concurrently): it checks it exists and gives the ETag the identity rests on
         with ThreadPoolExecutor(max_workers=svc.settings.io_threads) as pool:
             images = [jobs.s3_image(o) for o in pool.map(lambda loc: storage.head(*loc), locations)]

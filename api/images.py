@@ -4,7 +4,7 @@ from flask import Blueprint, Response, jsonify, request, url_for
 from core import jobs, queries, storage
 from core.errors import InvalidRequest
 
-from . import get_session, requests, services
+from . import bodies, get_session, services
 
 bp = Blueprint("images", __name__, url_prefix="/v1/images")
 
@@ -26,15 +26,15 @@ def submit_image() -> tuple[Response, int, dict]:
             raise InvalidRequest("the uploaded file is empty")
         version = svc.current_model_version()
         sub = jobs.submit_upload(svc.sessionmaker, svc.settings, data, version,
-                                 requests.queue(request.form.get("queue"), "interactive"), svc.publish)
+                                 bodies.queue(request.form.get("queue"), "interactive"), svc.publish)
         return _accepted(sub, version)
     if request.mimetype == "multipart/form-data":
         raise InvalidRequest("multipart uploads need the image in a field named 'file'")
-    body = requests.json_object()
+    body = bodies.json_object()
     if "s3" not in body:
         raise InvalidRequest('send a multipart field "file", or JSON {"s3": {"bucket": B, "key": K}}')
-    bucket, key = requests.s3_location(body["s3"], "s3", "key")
-    queue = requests.queue(body.get("queue"), "interactive")
+    bucket, key = bodies.s3_location(body["s3"], "s3", "key")
+    queue = bodies.queue(body.get("queue"), "interactive")
     version = svc.current_model_version()
     image = jobs.s3_image(storage.head(bucket, key))
     _, [sub] = jobs.submit_images(svc.sessionmaker, [image], version, queue, svc.publish)

@@ -1,4 +1,4 @@
-"""Parsing and validating request bodies into core values; every problem is an InvalidRequest (400)."""
+"""Request bodies -> core values; every problem is an InvalidRequest (400) naming the bad field."""
 from typing import Any
 
 from flask import request

@@ -20,3 +20,12 @@ def test_shipped_checkpoint_is_found_without_importing_the_model():
 def test_loaded_model_reports_the_version_jobs_are_submitted_for(checkpoint):
     settings = Settings(model_path=str(checkpoint), device="cpu")
     assert captioner.get(settings).version == captioner.version(settings)
+
+
+def test_the_worker_parent_never_imports_torch():
+    """The worker's main process forks the pool: torch (and CUDA) must first load in the children."""
+    import subprocess
+    import sys
+
+    code = "import sys, worker.tasks; assert 'torch' not in sys.modules, 'torch imported before the fork'"
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -66,33 +66,33 @@ class _ImageFiles(Dataset):
 
 @torch.no_grad()
 def encode_folder(encoder: Encoder, folder: Path, names: list[str], batch_size: int = 64,
-                  device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """Encode every named image once -> (features (N, P, C) fp16, logits (N, 1000) fp16)."""
+                  device: str = "cpu") -> torch.Tensor:
+    """Run the encoder's frozen trunk over every named image once -> fp16 (N, ...)."""
     loader = DataLoader(_ImageFiles([Path(folder) / n for n in names]), batch_size=batch_size,
                         num_workers=1)  # decoding overlaps the CNN on a second process
-    encoder = encoder.to(device).eval()
-    feats, logits = [], []
-    for batch in tqdm(loader, desc="encoding images", unit="batch"):
-        f, lg = encoder(batch.to(device))
-        feats.append(f.half().cpu())
-        logits.append(lg.half().cpu())
-    return torch.cat(feats), torch.cat(logits)
+    encoder = encoder.to(device)
+    out = [encoder.trunk(batch.to(device)).half().cpu() for batch in tqdm(loader, desc="encoding images", unit="batch")]
+    return torch.cat(out)
 
 
-def cached_features(encoder: Encoder, folder: Path, names: list[str], cache: Path,
-                    device: str = "cpu") -> dict[str, int] | tuple:
-    """Features for `names`, computed once and kept in `cache` (a .pt file) for later runs.
+def cached_features(encoder: Encoder, folder: Path, names: list[str], cache_dir: Path,
+                    device: str = "cpu") -> tuple[dict[str, int], torch.Tensor]:
+    """Trunk outputs for `names`, computed once and kept in `cache_dir` for later runs.
 
-    Returns (index {name: row}, features (N, P, C) fp16). A cache made for other images or
-    another backbone is recomputed.
+    Returns (index {name: row}, fp16 tensor). A cache made for other images or another encoder
+    is recomputed.
     """
-    cache = Path(cache)
-    key = {"backbone": encoder.cfg.backbone, "weights": str(encoder.cfg.weights), "grid": encoder.cfg.grid}
+    cfg = encoder.cfg
+    key = {"backbone": cfg.backbone, "weights": str(cfg.weights), "grid": cfg.grid}
+    suffix = f"-trunk{cfg.tuned_stages}" if cfg.tuned_stages else ""
+    if cfg.tuned_stages:
+        key["tuned_stages"] = cfg.tuned_stages
+    cache = Path(cache_dir) / f"features-{cfg.backbone}{suffix}.pt"
     if cache.exists():
         saved = torch.load(cache, weights_only=True)
         if saved["key"] == key and set(names) <= set(saved["names"]):
             return {n: i for i, n in enumerate(saved["names"])}, saved["features"]
-    feats, _ = encode_folder(encoder, folder, names, device=device)
+    feats = encode_folder(encoder, folder, names, device=device)
     cache.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"key": key, "names": list(names), "features": feats}, cache)
     return {n: i for i, n in enumerate(names)}, feats

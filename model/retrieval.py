@@ -77,8 +77,7 @@ def evaluate_baseline(cfg, k: int = 40) -> tuple[dict[str, float], dict[str, str
     captions = {n: c for n, c in captions.items() if (Path(cfg.images) / n).exists()}
     train_names, dev_names = split_names(cfg, captions)
     encoder = Encoder(EncoderConfig(cfg.backbone, cfg.encoder_weights))
-    index, feats = cached_features(encoder, Path(cfg.images), sorted(captions),
-                                   Path(cfg.cache_dir) / f"features-{cfg.backbone}.pt")
+    index, feats = cached_features(encoder, Path(cfg.images), sorted(captions), Path(cfg.cache_dir))
     predictions = dev_baseline(captions, train_names, dev_names, index, feats, k)
     metrics = score({n: captions[n] for n in dev_names}, predictions)
     metrics["images"] = len(dev_names)

@@ -78,18 +78,22 @@ def sample(decoder: Decoder, feats: torch.Tensor, vocab: Vocab, max_len: int):
     return torch.stack(out, 1), logp_sum
 
 
-def scst_epoch(decoder: Decoder, feats: torch.Tensor, rows_refs: list[int], reward: CiderD, vocab: Vocab,
+def scst_epoch(decoder: Decoder, features, n_images: int, reward: CiderD, vocab: Vocab,
                opt: torch.optim.Optimizer, rng: random.Random, images_per_batch: int = 16, samples: int = 5,
-               max_len: int = 16, clip: float = 5.0, device: str = "cpu") -> float:
-    """One pass over the training images; returns the mean sampled reward."""
+               max_len: int = 16, clip: float = 5.0) -> float:
+    """One pass over the training images; returns the mean sampled reward.
+
+    `features(rows)` gives the attention features (B, P, F) of training images `rows`, and
+    `reward(row, words)` scores a sampled caption of image `row`.
+    """
     decoder.train()
-    order = list(rows_refs)
+    order = list(range(n_images))
     rng.shuffle(order)
     total, n = 0.0, 0
     bar = tqdm(range(0, len(order), images_per_batch), desc="self-critical", unit="batch")
     for i in bar:
         rows = order[i : i + images_per_batch]
-        f = feats[rows].to(device).float().repeat_interleave(samples, 0)  # (B*S, P, F)
+        f = features(torch.tensor(rows)).repeat_interleave(samples, 0)  # (B*S, P, F)
         tokens, logp = sample(decoder, f, vocab, max_len)
         words = [vocab.decode(t) + (["<end>"] if vocab.end in t else []) for t in tokens.tolist()]
         r = torch.tensor([reward(rows[j // samples], w) for j, w in enumerate(words)], device=f.device)
@@ -99,7 +103,7 @@ def scst_epoch(decoder: Decoder, feats: torch.Tensor, rows_refs: list[int], rewa
         loss = -(advantage * logp).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(decoder.parameters(), clip)
+        torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], clip)
         opt.step()
         total, n = total + r.mean().item(), n + 1
         bar.set_postfix(reward=f"{total / n:.3f}")

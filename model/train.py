@@ -7,7 +7,7 @@ import json
 import math
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -40,11 +40,13 @@ class TrainConfig:
     decoder_dim: int = 512
     attention_dim: int = 256
     dropout: float = 0.5
+    tuned_stages: int = 0  # fine-tune the encoder's last N stages (trunk below them is cached); 0 = frozen
+    encoder_lr_ratio: float = 0.1  # their learning rate relative to the decoder's
     batch_size: int = 64
     lr: float = 1e-3
     lr_min_ratio: float = 0.05  # cosine decay from lr to lr * ratio over `epochs`
-    epochs: int = 10
-    scst_epochs: int = 3  # self-critical epochs after cross-entropy (0 = none)
+    epochs: int = 6
+    scst_epochs: int = 2  # self-critical epochs after cross-entropy (0 = none)
     scst_lr: float = 5e-5
     scst_images_per_batch: int = 16
     scst_samples: int = 5  # captions sampled per photo; each one's baseline is the others' mean
@@ -57,7 +59,6 @@ class TrainConfig:
     dev_images: int = 1000  # dev photos scored after each epoch
     seed: int = 0
     device: str = "cpu"
-    extra_vocab: list[str] = field(default_factory=list)  # caption files that only widen the vocabulary
 
 
 def split_names(cfg: TrainConfig, captions: dict[str, list[str]]) -> tuple[list[str], list[str]]:
@@ -127,6 +128,8 @@ def export_checkpoint(state: dict, path: Path) -> None:
     model = {k: (v.half() if v.is_floating_point() else v) for k, v in state["model"].items()}
     out = {k: state[k] for k in ("config", "encoder", "vocab", "max_len", "recipe", "metrics")}
     out["model"] = model
+    if state.get("encoder_top"):
+        out["encoder_top"] = {k: (v.half() if v.is_floating_point() else v) for k, v in state["encoder_top"].items()}
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     torch.save(out, path)
 
@@ -164,41 +167,54 @@ def train(cfg: TrainConfig, resume: bool = True, log=print) -> Path:
         captions = {n: c for n, c in captions.items() if n not in set(missing)}
     train_names, dev_names = split_names(cfg, captions)
     tokens = {n: [tokenize(c) for c in captions[n]] for n in train_names}
-    extra = [tokenize(c) for p in cfg.extra_vocab for cs in read_captions(Path(p)).values() for c in cs]
-    vocab = Vocab.build([t for ts in tokens.values() for t in ts] + extra, cfg.min_count)
+    vocab = Vocab.build([t for ts in tokens.values() for t in ts], cfg.min_count)
     log(f"{len(train_names)} training photos, {len(dev_names)} dev photos, vocabulary {len(vocab)} words")
 
-    enc_cfg = EncoderConfig(cfg.backbone, cfg.encoder_weights)
-    encoder = Encoder(enc_cfg)
-    cache = Path(cfg.cache_dir) / f"features-{cfg.backbone}.pt"
-    index, feats = cached_features(encoder, Path(cfg.images), sorted(captions), cache, device=cfg.device)
-    del encoder
-    train_feats = feats[[index[n] for n in train_names]]
+    enc_cfg = EncoderConfig(cfg.backbone, cfg.encoder_weights, tuned_stages=cfg.tuned_stages)
+    encoder = Encoder(enc_cfg).to(device)
+    index, cached = cached_features(encoder, Path(cfg.images), sorted(captions), Path(cfg.cache_dir), device=cfg.device)
+    train_rows = torch.tensor([index[n] for n in train_names])
     dev_names = dev_names[: cfg.dev_images]
-    dev_feats = feats[[index[n] for n in dev_names]].to(device)
+    dev_rows = torch.tensor([index[n] for n in dev_names])
     dev_refs = {n: captions[n] for n in dev_names}
     pairs = [(i, vocab.encode(t, cfg.max_len)) for i, n in enumerate(train_names) for t in tokens[n]]
+    tuned = [p for p in encoder.parameters() if p.requires_grad]
 
-    dec_cfg = DecoderConfig(len(vocab), int(feats.shape[-1]), cfg.embed_dim, cfg.decoder_dim,
+    def features(rows: torch.Tensor) -> torch.Tensor:
+        """Attention features (B, P, C) of cached rows, through the fine-tuned stages if any."""
+        with torch.set_grad_enabled(bool(tuned) and torch.is_grad_enabled()):
+            return encoder.top(cached[rows].to(device, non_blocking=True).float())
+
+    dec_cfg = DecoderConfig(len(vocab), encoder.cnn.num_features, cfg.embed_dim, cfg.decoder_dim,
                             cfg.attention_dim, cfg.dropout)
     decoder = Decoder(dec_cfg).to(device)
     steps_per_epoch = math.ceil(len(pairs) / cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
 
     def optimizer(self_critical: bool):
-        opt = torch.optim.Adam(decoder.parameters(), lr=cfg.scst_lr if self_critical else cfg.lr)
+        lr = cfg.scst_lr if self_critical else cfg.lr
+        groups = [{"params": list(decoder.parameters()), "lr": lr}]
+        if tuned:
+            groups.append({"params": tuned, "lr": lr * cfg.encoder_lr_ratio})
+        opt = torch.optim.Adam(groups)
         cosine = lambda s: cfg.lr_min_ratio + (1 - cfg.lr_min_ratio) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
         return opt, torch.optim.lr_scheduler.LambdaLR(opt, (lambda s: 1.0) if self_critical else cosine)
 
+    def tuned_state() -> dict[str, torch.Tensor]:
+        names = encoder.tuned_names()
+        return {k: v.detach().cpu() for k, v in encoder.cnn.state_dict().items() if k in names}
+
     state_path = run / "last.pt"
     history: list[dict] = []
-    epoch, best, stale, elapsed = 0, -1.0, 0, 0.0
+    epoch, best, stale, elapsed, self_critical = 0, -1.0, 0, 0.0, False
     opt, sched = optimizer(self_critical=False)
     if resume and state_path.exists():
         saved = torch.load(state_path, weights_only=False)  # our own file, holds RNG states
         epoch, best, stale, elapsed, history = (saved[k] for k in ("epoch", "best", "stale", "elapsed", "history"))
-        opt, sched = optimizer(self_critical=saved.get("self_critical", False))
+        self_critical = saved.get("self_critical", False)
+        opt, sched = optimizer(self_critical)
         decoder.load_state_dict(saved["model"])
+        encoder.cnn.load_state_dict(saved.get("encoder_top", {}), strict=False)
         opt.load_state_dict(saved["optimizer"])
         sched.load_state_dict(saved["scheduler"])
         torch.set_rng_state(saved["torch_rng"])
@@ -207,26 +223,28 @@ def train(cfg: TrainConfig, resume: bool = True, log=print) -> Path:
     recipe = {k: v for k, v in asdict(cfg).items() if k not in ("run_dir", "cache_dir", "device")}
 
     while epoch < cfg.epochs + cfg.scst_epochs and elapsed / 60 < cfg.max_minutes:
-        self_critical = epoch >= cfg.epochs
-        if not self_critical and stale >= cfg.patience:
+        if epoch < cfg.epochs and stale >= cfg.patience:
             epoch = cfg.epochs  # cross-entropy has stopped improving: go on to the self-critical phase
             continue
-        if self_critical and opt.defaults["lr"] != cfg.scst_lr:
+        if epoch >= cfg.epochs and not self_critical:
             # self-critical training starts from the best cross-entropy epoch, with its own optimizer
-            best_state = torch.load(run / "best.pt", weights_only=True)["model"]
-            decoder.load_state_dict({k: v.float() for k, v in best_state.items()})
-            opt, sched = optimizer(self_critical=True)
-            stale = 0
+            best_state = torch.load(run / "best.pt", weights_only=True)
+            decoder.load_state_dict({k: v.float() for k, v in best_state["model"].items()})
+            encoder.cnn.load_state_dict({k: v.float() for k, v in best_state.get("encoder_top", {}).items()}, strict=False)
+            self_critical, stale = True, 0
+            opt, sched = optimizer(self_critical)
         t0 = time.time()
         rng = random.Random(cfg.seed * 1000 + epoch)
         if self_critical:
             if reward is None:
                 reward = CiderD(references_by_row(tokens, train_names))
-            train_loss = -scst_epoch(decoder, train_feats, list(range(len(train_names))), reward, vocab, opt, rng,
-                                     cfg.scst_images_per_batch, cfg.scst_samples, cfg.max_len, cfg.clip, cfg.device)
+            train_loss = -scst_epoch(decoder, lambda rows: features(train_rows[rows]), len(train_names), reward, vocab,
+                                     opt, rng, cfg.scst_images_per_batch, cfg.scst_samples, cfg.max_len, cfg.clip)
         else:
-            train_loss = xe_epoch(decoder, train_feats, pairs, opt, sched, rng, cfg, vocab, steps_per_epoch,
-                                  f"epoch {epoch + 1}/{cfg.epochs}")
+            train_loss = xe_epoch(decoder, lambda rows: features(train_rows[rows]), pairs, opt, sched, rng, cfg,
+                                  vocab, steps_per_epoch, f"epoch {epoch + 1}/{cfg.epochs}")
+        with torch.no_grad():
+            dev_feats = features(dev_rows)
         dev, preds = dev_scores(decoder, dev_feats, dev_refs, vocab, cfg.beam, cfg.max_len)
         elapsed += time.time() - t0
         epoch += 1
@@ -242,29 +260,28 @@ def train(cfg: TrainConfig, resume: bool = True, log=print) -> Path:
             best, stale = dev["CIDEr"], 0
             export_checkpoint({"config": asdict(dec_cfg), "encoder": asdict(enc_cfg), "vocab": vocab.words,
                                "max_len": cfg.max_len, "recipe": recipe, "metrics": {"epoch": epoch, "dev": dev},
-                               "model": {k: v.detach().cpu() for k, v in decoder.state_dict().items()}},
-                              run / "best.pt")
+                               "model": {k: v.detach().cpu() for k, v in decoder.state_dict().items()},
+                               "encoder_top": tuned_state()}, run / "best.pt")
             (run / "dev_captions.json").write_text(json.dumps(preds, indent=1))
         else:
             stale += 1
         torch.save({"model": decoder.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                    "self_critical": self_critical, "epoch": epoch, "best": best, "stale": stale,
+                    "encoder_top": tuned_state(), "self_critical": self_critical, "epoch": epoch, "best": best, "stale": stale,
                     "elapsed": elapsed, "history": history, "torch_rng": torch.get_rng_state()}, state_path)
     log(f"best dev CIDEr {best:.4f}; checkpoint {run / 'best.pt'}")
     return run / "best.pt"
 
 
-def xe_epoch(decoder, train_feats, pairs, opt, sched, rng, cfg, vocab, steps, desc) -> float:
+def xe_epoch(decoder, features, pairs, opt, sched, rng, cfg, vocab, steps, desc) -> float:
     """One teacher-forced pass over every (photo, caption) pair; returns the mean cross-entropy."""
     decoder.train()
     total_ce, n = 0.0, 0
     bar = tqdm(_batches(pairs, cfg.batch_size, rng, vocab.pad), total=steps, desc=desc, unit="batch")
     for rows, caps in bar:
-        f = train_feats[rows].to(cfg.device, non_blocking=True).float()
-        loss, ce = loss_fn(decoder, f, caps.to(cfg.device), cfg, vocab.pad)
+        loss, ce = loss_fn(decoder, features(rows), caps.to(cfg.device), cfg, vocab.pad)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(decoder.parameters(), cfg.clip)
+        torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], cfg.clip)
         opt.step()
         sched.step()
         total_ce, n = total_ce + ce.item(), n + 1

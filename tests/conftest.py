@@ -152,9 +152,10 @@ def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
         if proc is not None:
             proc.terminate()
             try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
+                proc.wait(timeout=3)
+            except subprocess.TimeoutExpired:  # its data is a temporary folder: no clean stop needed
                 proc.kill()
+                proc.wait()
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)

@@ -46,7 +46,7 @@ class TrainConfig:
     lr: float = 1e-3
     lr_min_ratio: float = 0.05  # cosine decay from lr to lr * ratio over `epochs`
     epochs: int = 6
-    scst_epochs: int = 2  # self-critical epochs after cross-entropy (0 = none)
+    scst_epochs: int = 0  # self-critical epochs after cross-entropy (see the model card: it did not help yet)
     scst_lr: float = 5e-5
     scst_images_per_batch: int = 16
     scst_samples: int = 5  # captions sampled per photo; each one's baseline is the others' mean

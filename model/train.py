@@ -140,12 +140,17 @@ def plot(history: list[dict], path: Path) -> None:
     matplotlib.use("Agg")  # no display on servers
     import matplotlib.pyplot as plt
 
-    epochs = [h["epoch"] for h in history]
+    xe = [h for h in history if h.get("phase", "cross-entropy") == "cross-entropy"]
+    sc = [h for h in history if h.get("phase") == "self-critical"]
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    a.plot(epochs, [h["train_loss"] for h in history], label="train cross-entropy")
-    a.set_xlabel("epoch"), a.legend()
+    a.plot([h["epoch"] for h in xe], [h["train_loss"] for h in xe], marker="o", label="train cross-entropy")
+    a.set_xlabel("epoch"), a.legend(loc="upper left")
+    if sc:  # the self-critical phase logs minus its mean sampled reward: a different scale
+        r = a.twinx()
+        r.plot([h["epoch"] for h in sc], [-h["train_loss"] for h in sc], "s-", color="tab:red", label="self-critical reward")
+        r.legend(loc="upper right")
     for key in ("CIDEr", "BLEU-4"):
-        b.plot(epochs, [h["dev"][key] for h in history], marker="o", label=f"dev {key}")
+        b.plot([h["epoch"] for h in history], [h["dev"][key] for h in history], marker="o", label=f"dev {key}")
     b.set_xlabel("epoch"), b.legend()
     fig.tight_layout()
     fig.savefig(path)

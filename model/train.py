@@ -161,8 +161,6 @@ def train(cfg: TrainConfig, resume: bool = True, log=print) -> Path:
     """Train, keeping the best epoch by dev CIDEr; returns the path of the exported checkpoint."""
     run = Path(cfg.run_dir)
     run.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
     device = torch.device(cfg.device)
 
     captions = read_captions(Path(cfg.captions))
@@ -192,6 +190,7 @@ def train(cfg: TrainConfig, resume: bool = True, log=print) -> Path:
 
     dec_cfg = DecoderConfig(len(vocab), encoder.cnn.num_features, cfg.embed_dim, cfg.decoder_dim,
                             cfg.attention_dim, cfg.dropout)
+    torch.manual_seed(cfg.seed)  # here, not earlier: computing the feature cache draws random numbers
     decoder = Decoder(dec_cfg).to(device)
     steps_per_epoch = math.ceil(len(pairs) / cfg.batch_size)
     total = steps_per_epoch * cfg.epochs

@@ -55,6 +55,20 @@ def test_train_writes_a_resumable_run_and_a_loadable_checkpoint(tiny_set, tmp_pa
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 3
 
 
+def test_training_is_deterministic_for_a_seed(tiny_set, tmp_path):
+    def run(folder: str, seed: str) -> dict:
+        args = ["train", "--captions", str(tiny_set / "tokens.txt"), "--images", str(tiny_set / "images"),
+                "--run-dir", str(tmp_path / folder), "--epochs", "1", "--scst-epochs", "0", "--batch-size", "16",
+                "--seed", seed, "--device", "cpu", "--cache-dir", str(tmp_path / "cache")]
+        result = CliRunner().invoke(cli, args, catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        return torch.load(tmp_path / folder / "best.pt", weights_only=True)["model"]
+
+    first, again, other = run("a", "7"), run("b", "7"), run("c", "8")
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert not all(torch.equal(first[k], other[k]) for k in first)
+
+
 def test_fine_tuning_the_top_stage_ships_its_weights(tiny_set, tmp_path):
     from model import inference
     from model.encoder import Encoder, EncoderConfig

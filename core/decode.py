@@ -1,41 +1,113 @@
-"""Bytes -> RGB image, with limits. Runs on worker threads (Pillow releases the GIL while it decodes)."""
-import io
-import warnings
+"""Bytes -> RGB image, with limits. Runs on worker threads (Pillow releases the GIL while it decodes).
 
-from PIL import Image, ImageOps
+Limits: bytes are capped by whoever reads them (storage.read, the API's MAX_CONTENT_LENGTH), pixels
+here from the header before any pixel is decoded, and time while decoding (see _Deadline)."""
+import io
+import time
+
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from .errors import InvalidImage
 
-FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO")  # MPO: multi-picture JPEGs from cameras
+# MPO (multi-picture JPEGs from cameras) opens through the JPEG plugin: naming it here made every
+# non-image fail on a KeyError, as Pillow registers no opener under that name.
+FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 DRAFT_SIZE = (224, 224)  # the encoder's input; JPEG draft decodes at 1/2..1/8 scale but never below this
+# A 64 MP image decodes in about a second here; a progressive JPEG of 8000x8000 with 1,000 repeated
+# scans (470 kB) took 38 s, and pixel caps cannot bound that: each scan re-walks every block.
+DECODE_SECONDS = 10.0
+DECODE_BLOCK = 4096  # bytes fed to the decoder between deadline checks (Pillow's default is 64 kB)
+WHITE = (255, 255, 255, 255)  # transparent pixels become white, as a browser shows them on a page
 
 
-def sniff(data: bytes, max_pixels: int) -> tuple[str, int, int]:
-    """Read only the header: (format, width, height), or InvalidImage. Cheap enough for the API."""
+class _OutOfTime(Exception):
+    """Raised inside Pillow's read loop; not an OSError/SyntaxError, which Pillow would swallow."""
+
+
+class _Deadline(io.BytesIO):
+    """Image bytes whose reads fail once the deadline has passed. Pillow feeds its decoders from
+    fp.read() in blocks, so this stops a slow decode between two blocks: unlike a thread with a
+    timeout it leaves nothing running, and unlike a subprocess it costs nothing per image."""
+
+    def __init__(self, data: bytes, seconds: float):
+        super().__init__(data)
+        self.deadline = time.monotonic() + seconds
+
+    def read(self, size: int | None = -1) -> bytes:
+        if time.monotonic() > self.deadline:
+            raise _OutOfTime
+        return super().read(size)
+
+
+def _signature(head: bytes) -> str | None:
+    """The format whose signature the data starts with, by Pillow's own checks."""
+    for fmt in FORMATS:
+        accept = Image.OPEN[fmt][1] if fmt in Image.OPEN else None
+        if accept is not None and accept(head):
+            return fmt
+    return None
+
+
+def _open(fp: io.BytesIO, max_pixels: int) -> ImageFile.ImageFile:
+    """Image.open with precise errors; the size is that of the first frame, as Pillow reports it
+    once a GIF's first frame descriptor has been read."""
+    if not fp.getbuffer().nbytes:
+        raise InvalidImage("empty file (0 bytes)")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            im = Image.open(io.BytesIO(data), formats=FORMATS)
-        fmt, (width, height) = im.format or "", im.size
-    except (Image.DecompressionBombWarning, Image.DecompressionBombError):
-        raise InvalidImage("image dimensions are too large", code="image_too_large") from None
-    except Exception as e:  # Pillow raises many types (OSError, SyntaxError, struct.error...) on junk
-        raise InvalidImage(f"not a supported image ({type(e).__name__}: {e})") from None
+        im = Image.open(fp, formats=FORMATS)
+    except Image.DecompressionBombError as e:  # over twice Image.MAX_IMAGE_PIXELS, raised before any decoding
+        raise InvalidImage(str(e), code="image_too_large") from None
+    except UnidentifiedImageError:
+        head = bytes(fp.getbuffer()[:16])
+        # Pillow says "cannot identify" also for a known signature followed by a cut-off header
+        claimed = _signature(head)
+        if claimed:
+            raise InvalidImage(f"truncated or corrupt {claimed} header") from None
+        raise InvalidImage(f"not an image in a supported format ({', '.join(FORMATS)}); "
+                           f"the data starts with {head!r}") from None
+    except _OutOfTime:
+        raise InvalidImage("reading the image header took too long", code="decode_timeout") from None
+    except Exception as e:  # a known format with a broken header: Pillow raises OSError, SyntaxError, struct.error...
+        raise InvalidImage(f"unreadable image header ({type(e).__name__}: {e})") from None
+    # No warnings.catch_warnings() around open for DecompressionBombWarning: it swaps process-wide
+    # filters and this runs on threads. This explicit cap is the check that matters.
+    width, height = im.size
     if width * height > max_pixels:
         raise InvalidImage(f"{width}x{height} exceeds the limit of {max_pixels} pixels", code="image_too_large")
     if width < 1 or height < 1:
         raise InvalidImage(f"empty image ({width}x{height})")
-    return fmt, width, height
+    return im
 
 
-def decode(data: bytes, max_pixels: int) -> Image.Image:
-    """Full decode to RGB, upright (EXIF orientation applied), downscaled early for big JPEGs."""
-    sniff(data, max_pixels)
+def sniff(data: bytes, max_pixels: int) -> tuple[str, int, int]:
+    """Read only the header: (format, width, height), or InvalidImage. Cheap enough for the API."""
+    im = _open(_Deadline(data, DECODE_SECONDS), max_pixels)
+    return im.format or "", *im.size
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """Any mode -> RGB: 16-bit grey scaled (convert() would clip it to white), alpha on white."""
+    if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        im = im.point(lambda v: v / 256).convert("L")  # 16-bit PNG/TIFF grey: 0..65535 -> 0..255
+    if im.mode in ("RGBA", "RGBa", "LA", "La", "PA") or "transparency" in im.info:
+        rgba = im.convert("RGBA")  # palette and grey transparency (GIF, tRNS) become an alpha band
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, WHITE), rgba).convert("RGB")
+    return im.convert("RGB")  # CMYK (Adobe-inverted too), L, 1, P, YCbCr
+
+
+def decode(data: bytes, max_pixels: int, seconds: float = DECODE_SECONDS) -> Image.Image:
+    """Full decode to RGB, upright (EXIF orientation applied), downscaled early for big JPEGs;
+    the first frame of an animation. InvalidImage (a precise code) for anything else."""
+    fp = _Deadline(data, seconds)
+    im = _open(fp, max_pixels)
     try:
-        im = Image.open(io.BytesIO(data), formats=FORMATS)
         # draft mode: a 12 MP JPEG reaches 224x224 about ten times faster (see field notes)
         im.draft("RGB", DRAFT_SIZE)
+        im.decodermaxblock = DECODE_BLOCK
         im.load()
-        return ImageOps.exif_transpose(im).convert("RGB")
+        return _to_rgb(ImageOps.exif_transpose(im))
+    except _OutOfTime:
+        raise InvalidImage(f"decoding took longer than {seconds:g} s (a pathological file?)",
+                           code="decode_timeout") from None
     except Exception as e:  # truncated or corrupt data surfaces only here, as any of many types
-        raise InvalidImage(f"cannot decode image ({type(e).__name__}: {e})") from None
+        raise InvalidImage(f"truncated or corrupt image data ({type(e).__name__}: {e})") from None

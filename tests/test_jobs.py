@@ -4,10 +4,18 @@ import io
 from PIL import Image
 from sqlalchemy import select
 
+from test_hostile_images import HOSTILE, ODD, encode, with_orientation
+
 from core import captioner, jobs, queries
 from core.db import make_engine, make_sessionmaker
 from core.settings import Settings
 from core.tables import Caption, Job
+
+
+# odd files that the real model captions in the same forward as the photos (the rest of ODD
+# reaches the model input in tests/test_hostile_images.py); every hostile file fails alone
+ODD_IN_BATCH = ["cmyk.jpg", "grey16.png", "rgba16.png", "animated.gif", "photo.webp", "photo.tiff",
+                "photo.bmp", "progressive.jpg", "one-pixel.png", "wide.jpg", "tall.png"]
 
 
 def test_one_bad_image_never_fails_its_neighbours(sqlite_url, tmp_path, checkpoint, photos):
@@ -19,7 +27,15 @@ def test_one_bad_image_never_fails_its_neighbours(sqlite_url, tmp_path, checkpoi
     junk.write_bytes(b"\xff\xd8\xff\xe0" + b"garbage" * 100)
     gone = tmp_path / "gone.jpg"
     gone.write_bytes(b"soon deleted")
-    files = [photos[0], bomb, photos[1], junk, gone]
+    liar = tmp_path / "really-a-png.jpg"  # the extension lies: only the bytes count
+    liar.write_bytes(encode(Image.new("RGB", (64, 48), (0, 0, 255)), "PNG"))
+    rotated = tmp_path / "exif-6.jpg"
+    rotated.write_bytes(with_orientation(6))
+    odd = {name: ODD[name]()[0] for name in ODD_IN_BATCH}
+    hostile = {name: HOSTILE[name]() for name in HOSTILE}
+    for name, data in [*odd.items(), *((n, h[0]) for n, h in hostile.items())]:
+        (tmp_path / name).write_bytes(data)
+    files = [photos[0], bomb, photos[1], junk, gone, liar, rotated, *(tmp_path / n for n in [*odd, *hostile])]
     images = [jobs.file_image(p) for p in files]
     gone.unlink()  # deleted between submission and captioning
 
@@ -29,10 +45,11 @@ def test_one_bad_image_never_fails_its_neighbours(sqlite_url, tmp_path, checkpoi
     version = captioner.version(settings)
     _, submitted = jobs.submit_images(sm, images, version, "backfill", lambda _: None)
     with sm.begin() as s:
-        claimed = queries.claim(s, version, 60, limit=10)
+        claimed = queries.claim(s, version, 60, limit=len(files))
     report = jobs.caption_claimed(sm, settings, claimed)
 
-    assert (report.captioned, report.failed, report.forward_size) == (2, 3, 2)
+    good = 2 + 2 + len(odd)
+    assert (report.captioned, report.failed, report.forward_size) == (good, 3 + len(hostile), good)
     with sm() as s:
         outcome = {j.image_id: (j.status, j.error_code) for j in s.scalars(select(Job))}
         captions = s.scalars(select(Caption)).all()
@@ -40,8 +57,11 @@ def test_one_bad_image_never_fails_its_neighbours(sqlite_url, tmp_path, checkpoi
     by_file = {f.name: outcome[x.image_id] for f, x in zip(files, submitted, strict=True)}
     assert by_file == {photos[0].name: ("done", None), photos[1].name: ("done", None),
                        "bomb.png": ("failed", "image_too_large"), "junk.jpg": ("failed", "invalid_image"),
-                       "gone.jpg": ("failed", "source_not_found")}
-    assert all(c.forward_size == 2 and c.model_version == version for c in captions)
+                       "gone.jpg": ("failed", "source_not_found"), liar.name: ("done", None),
+                       rotated.name: ("done", None), **{n: ("done", None) for n in odd},
+                       **{n: ("failed", code) for n, (_, code, _) in hostile.items()}}
+    assert all(c.forward_size == good and c.model_version == version and c.text.strip() for c in captions)
+    assert len(captions) == good
 
 
 def test_an_unreachable_store_returns_the_image_to_the_queue(sqlite_url, checkpoint, photos, monkeypatch):

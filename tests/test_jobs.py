@@ -3,14 +3,12 @@ import io
 
 from PIL import Image
 from sqlalchemy import select
-
-from test_hostile_images import HOSTILE, ODD, encode, with_orientation
+from test_hostile_images import HOSTILE, ODD, encode, with_orientation  # a sibling: tests/ is on sys.path
 
 from core import captioner, jobs, queries
 from core.db import make_engine, make_sessionmaker
 from core.settings import Settings
 from core.tables import Caption, Job
-
 
 # odd files that the real model captions in the same forward as the photos (the rest of ODD
 # reaches the model input in tests/test_hostile_images.py); every hostile file fails alone

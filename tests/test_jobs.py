@@ -14,6 +14,7 @@ from core.tables import Caption, Job
 # reaches the model input in tests/test_hostile_images.py); every hostile file fails alone
 ODD_IN_BATCH = ["cmyk.jpg", "grey16.png", "rgba16.png", "animated.gif", "photo.webp", "photo.tiff",
                 "photo.bmp", "progressive.jpg", "one-pixel.png", "wide.jpg", "tall.png"]
+MAX_BYTES = 1_000_000  # every other file in the batch is smaller
 
 
 def test_one_bad_image_never_fails_its_neighbours(sqlite_url, tmp_path, checkpoint, photos):
@@ -33,11 +34,13 @@ def test_one_bad_image_never_fails_its_neighbours(sqlite_url, tmp_path, checkpoi
     hostile = {name: HOSTILE[name]() for name in HOSTILE}
     for name, data in [*odd.items(), *((n, h[0]) for n, h in hostile.items())]:
         (tmp_path / name).write_bytes(data)
-    files = [photos[0], bomb, photos[1], junk, gone, liar, rotated, *(tmp_path / n for n in [*odd, *hostile])]
+    huge = tmp_path / "huge.jpg"  # over max_upload_bytes below: refused while reading, never decoded
+    huge.write_bytes(b"\xff\xd8\xff\xe0" + bytes(MAX_BYTES))
+    files = [photos[0], bomb, photos[1], junk, gone, liar, rotated, huge, *(tmp_path / n for n in [*odd, *hostile])]
     images = [jobs.file_image(p) for p in files]
     gone.unlink()  # deleted between submission and captioning
 
-    settings = Settings(database_url=sqlite_url, model_path=str(checkpoint), device="cpu")
+    settings = Settings(database_url=sqlite_url, model_path=str(checkpoint), device="cpu", max_upload_bytes=MAX_BYTES)
     engine = make_engine(sqlite_url)
     sm = make_sessionmaker(engine)
     version = captioner.version(settings)
@@ -47,7 +50,7 @@ def test_one_bad_image_never_fails_its_neighbours(sqlite_url, tmp_path, checkpoi
     report = jobs.caption_claimed(sm, settings, claimed)
 
     good = 2 + 2 + len(odd)
-    assert (report.captioned, report.failed, report.forward_size) == (good, 3 + len(hostile), good)
+    assert (report.captioned, report.failed, report.forward_size) == (good, 4 + len(hostile), good)
     with sm() as s:
         outcome = {j.image_id: (j.status, j.error_code) for j in s.scalars(select(Job))}
         captions = s.scalars(select(Caption)).all()
@@ -56,7 +59,8 @@ def test_one_bad_image_never_fails_its_neighbours(sqlite_url, tmp_path, checkpoi
     assert by_file == {photos[0].name: ("done", None), photos[1].name: ("done", None),
                        "bomb.png": ("failed", "image_too_large"), "junk.jpg": ("failed", "invalid_image"),
                        "gone.jpg": ("failed", "source_not_found"), liar.name: ("done", None),
-                       rotated.name: ("done", None), **{n: ("done", None) for n in odd},
+                       rotated.name: ("done", None), "huge.jpg": ("failed", "too_large"),
+                       **{n: ("done", None) for n in odd},
                        **{n: ("failed", code) for n, (_, code, _) in hostile.items()}}
     assert all(c.forward_size == good and c.model_version == version and c.text.strip() for c in captions)
     assert len(captions) == good

@@ -142,14 +142,26 @@ _to_tensor = T.Compose([
 ])
 
 
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any Pillow mode -> RGB the way a browser shows it: transparent pixels on white, 16-bit
+    grey scaled to 8 bits (`convert` alone would turn both black or white). core/decode.py does
+    the same for untrusted uploads; model/ cannot import it."""
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        image = image.point(lambda v: v / 256).convert("L")
+    if image.mode in ("RGBA", "RGBa", "LA", "La", "PA") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        canvas = Image.new("RGB", rgba.size, (255, 255, 255))
+        canvas.paste(rgba, mask=rgba)
+        return canvas
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
 def preprocess(image: Image.Image) -> torch.Tensor:
     """A PIL image (any mode, any size) -> normalised tensor (3, 224, 224).
 
-    JPEGs are decoded at a reduced scale first (Pillow's draft mode), which cuts the cost of a
-    12-megapixel photo by an order of magnitude without changing the 224x224 result visibly.
+    A JPEG not yet loaded is decoded at a reduced scale (Pillow's draft mode), which cuts the cost
+    of a 12-megapixel photo by an order of magnitude without changing the 224x224 result visibly.
     """
     if image.format == "JPEG" and image.mode in ("RGB", "L", "CMYK"):
         image.draft("RGB", (IMAGE_SIZE, IMAGE_SIZE))
-    if image.mode != "RGB":
-        image = image.convert("RGBA").convert("RGB") if "A" in image.getbands() or image.mode == "P" else image.convert("RGB")
-    return _to_tensor(image)
+    return _to_tensor(to_rgb(image))

@@ -180,3 +180,15 @@ def test_self_critical_training_raises_the_cider_reward():
                           images_per_batch=4, samples=5, max_len=10) for _ in range(60)]
     first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
     assert last > 1.5 * first, f"reward went from {first:.3f} to {last:.3f}"
+
+
+def test_preprocess_puts_transparency_on_white_and_scales_16_bit_grey():
+    from PIL import Image
+
+    from model.encoder import preprocess
+
+    clear = preprocess(Image.new("RGBA", (32, 32), (0, 0, 0, 0)))
+    assert torch.allclose(clear, torch.ones_like(clear), atol=1e-3)  # white is +1 after normalising
+    grey16 = Image.new("I;16", (32, 32), 32768)
+    assert abs(float(preprocess(grey16).mean())) < 0.05  # mid-grey is ~0, not white (+1)
+    assert preprocess(Image.new("P", (5, 300))).shape == (3, 224, 224)

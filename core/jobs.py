@@ -93,7 +93,7 @@ def expand_paths(paths: Iterable[str], limit: int | None, s3_limit: int) -> Iter
 class _Prepared:
     claimed: Claimed
     tensor: Any = None  # (3, 224, 224), or None when the image failed
-    size: tuple[int, int] = (0, 0)  # decoded width, height
+    size: tuple[int, int] = (0, 0)  # the photo's upright width, height (not the draft-mode decode's)
     error: CaptioningError | None = None
 
 
@@ -101,7 +101,7 @@ def _prepare(settings: Settings, claimed: Claimed) -> _Prepared:
     """Fetch, decode and preprocess one image on an I/O thread; an error fails this image only."""
     try:
         image = decode.decode(storage.read(claimed.uri, settings.max_upload_bytes), settings.max_pixels)
-        return _Prepared(claimed, captioner.preprocess(settings, image), image.size)
+        return _Prepared(claimed, captioner.preprocess(settings, image), image.info["source_size"])
     except CaptioningError as e:
         return _Prepared(claimed, error=e)
 

@@ -23,13 +23,14 @@ def test_decodes_to_rgb():
 def test_large_jpeg_is_drafted_down_but_not_below_the_encoder_input():
     im = decode(encode(Image.new("RGB", (2000, 1600), (10, 200, 30))), LIMIT)
     assert 224 <= min(im.size) < 1600
+    assert im.info["source_size"] == (2000, 1600)  # what the API reports as the photo's size
 
 
 def test_exif_orientation_is_applied():
     exif = Image.Exif()
     exif[0x0112] = 6  # rotated 90 degrees: stored landscape, shown portrait
     im = decode(encode(Image.new("RGB", (400, 300)), exif=exif), LIMIT)
-    assert im.size == (300, 400)
+    assert im.size == (300, 400) and im.info["source_size"] == (300, 400)
 
 
 def test_png_with_alpha_becomes_rgb():

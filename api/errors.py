@@ -4,11 +4,12 @@ import logging
 from flask import Flask, Response, jsonify
 from werkzeug.exceptions import HTTPException
 
-from core.errors import CaptioningError, ConfigError, InvalidImage, InvalidRequest, NotFound, TooLarge, TransientError
+from core.errors import (AccessDenied, CaptioningError, ConfigError, InvalidImage, InvalidRequest, NotFound, TooLarge,
+                         TransientError)
 
 log = logging.getLogger(__name__)
 
-STATUS = {InvalidRequest: 400, NotFound: 404, TooLarge: 413, InvalidImage: 422,
+STATUS = {InvalidRequest: 400, AccessDenied: 403, NotFound: 404, TooLarge: 413, InvalidImage: 422,
           TransientError: 503, ConfigError: 503}
 
 
@@ -16,21 +17,25 @@ def error_body(code: str, message: str) -> dict:
     return {"error": {"code": code, "message": message}}
 
 
-def _response(status: int, code: str, message: str) -> tuple[Response, int]:
-    return jsonify(error_body(code, message)), status
+Headers = list[tuple[str, str]]
 
 
-def _captioning_error(e: CaptioningError) -> tuple[Response, int]:
+def _response(status: int, code: str, message: str, headers: Headers | None = None) -> tuple[Response, int, Headers]:
+    return jsonify(error_body(code, message)), status, headers or []
+
+
+def _captioning_error(e: CaptioningError) -> tuple[Response, int, Headers]:
     status = next((s for cls, s in STATUS.items() if isinstance(e, cls)), 500)
     return _response(status, e.code, e.message)
 
 
-def _http_error(e: HTTPException) -> tuple[Response, int]:
-    # 404s, 405s and 413s from Flask itself look like ours
-    return _response(e.code or 500, (e.name or "error").lower().replace(" ", "_"), e.description or "")
+def _http_error(e: HTTPException) -> tuple[Response, int, Headers]:
+    # 404s, 405s and 413s from Flask itself look like ours; their headers stay (a 405 must carry Allow)
+    headers = [(k, v) for k, v in e.get_headers() if k.lower() != "content-type"]
+    return _response(e.code or 500, (e.name or "error").lower().replace(" ", "_"), e.description or "", headers)
 
 
-def _unexpected(e: Exception) -> tuple[Response, int]:
+def _unexpected(e: Exception) -> tuple[Response, int, Headers]:
     log.exception("unhandled error")  # the traceback goes to the log, never to the client
     return _response(500, "internal_error", "internal server error")
 

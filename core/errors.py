@@ -22,6 +22,11 @@ class InvalidRequest(CaptioningError):
     code = "invalid_request"
 
 
+class AccessDenied(CaptioningError):
+    """The service may not read what the caller named, e.g. an S3 bucket it has no access to."""
+    code = "access_denied"
+
+
 class NotFound(CaptioningError):
     code = "not_found"
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Iterator
 from urllib.parse import unquote, urlsplit
 
-from .errors import InvalidRequest, NotFound, TooLarge, TransientError
+from .errors import AccessDenied, InvalidRequest, NotFound, TooLarge, TransientError
 
 
 @dataclass(frozen=True)
@@ -36,19 +36,33 @@ def s3_client() -> Any:
                                             retries={"max_attempts": 3, "mode": "standard"}))
 
 
+def _status(e: Any) -> int | None:
+    return e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+
+
+def _unreadable(bucket: str) -> AccessDenied:
+    # one answer whether the bucket is missing or forbidden: the API must not tell callers which
+    # buckets exist, and with a HEAD request (no error body) S3 itself often cannot say which
+    return AccessDenied(f"s3://{bucket}: the service cannot read this bucket (it does not exist or access is denied)",
+                        code="bucket_not_readable")
+
+
 @contextmanager
-def _s3_errors(what: str) -> Iterator[None]:
-    from botocore.exceptions import BotoCoreError, ClientError
+def _s3_errors(bucket: str, what: str) -> Iterator[None]:
+    from botocore.exceptions import BotoCoreError, ClientError, ParamValidationError
     try:
         yield
     except ClientError as e:
-        status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-        code = e.response.get("Error", {}).get("Code", "")
-        if status == 404 or code in ("NoSuchKey", "NoSuchBucket", "404"):
+        status, code = _status(e), e.response.get("Error", {}).get("Code", "")
+        if status == 403 or code in ("NoSuchBucket", "AccessDenied", "AllAccessDisabled"):
+            raise _unreadable(bucket) from None
+        if status == 404 or code in ("NoSuchKey", "404"):
             raise NotFound(f"{what}: not found", code="source_not_found") from None
         if status is not None and status >= 500:
             raise TransientError(f"{what}: S3 answered {status} {code}") from None
         raise InvalidRequest(f"{what}: S3 refused ({code or status})", code="s3_error") from None
+    except ParamValidationError as e:  # a name boto3 will not send (e.g. "a b" as a bucket): retrying cannot help
+        raise InvalidRequest(f"{what}: not a valid S3 location ({e})", code="s3_error") from None
     except BotoCoreError as e:  # connection refused, timeouts, no credentials
         raise TransientError(f"{what}: {e}") from None
 
@@ -72,11 +86,11 @@ def store(root: str, data: bytes) -> tuple[str, str]:
         bucket, prefix = split_s3(root)
         key = f"{prefix.rstrip('/')}/{content_key(digest)}".lstrip("/")
         client = s3_client()
-        with _s3_errors(f"s3://{bucket}/{key}"):
+        with _s3_errors(bucket, f"s3://{bucket}/{key}"):
             try:
                 client.head_object(Bucket=bucket, Key=key)
             except client.exceptions.ClientError as e:
-                if e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") != 404:
+                if _status(e) != 404:
                     raise
                 client.put_object(Bucket=bucket, Key=key, Body=data)
         return f"s3://{bucket}/{key}", digest
@@ -94,7 +108,7 @@ def read(uri: str, max_bytes: int) -> bytes:
     """The bytes at `uri`, refusing more than max_bytes (a huge object must not exhaust memory)."""
     if uri.startswith("s3://"):
         bucket, key = split_s3(uri)
-        with _s3_errors(uri):
+        with _s3_errors(bucket, uri):
             body = s3_client().get_object(Bucket=bucket, Key=key)["Body"]
             data = body.read(max_bytes + 1)
             body.close()
@@ -112,8 +126,20 @@ def read(uri: str, max_bytes: int) -> bytes:
 
 
 def head(bucket: str, key: str) -> S3Object:
-    with _s3_errors(f"s3://{bucket}/{key}"):
-        meta = s3_client().head_object(Bucket=bucket, Key=key)
+    client = s3_client()
+    with _s3_errors(bucket, f"s3://{bucket}/{key}"):
+        try:
+            meta = client.head_object(Bucket=bucket, Key=key)
+        except client.exceptions.ClientError as e:
+            # a HEAD answer has no body: its 404 does not say whether the key or the bucket is missing
+            if _status(e) == 404:
+                try:
+                    client.head_bucket(Bucket=bucket)
+                except client.exceptions.ClientError as b:
+                    if _status(b) in (403, 404):
+                        raise _unreadable(bucket) from None
+                    raise
+            raise
     return S3Object(bucket, key, meta["ETag"].strip('"'), meta["ContentLength"])
 
 
@@ -123,7 +149,7 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".ti
 def list_prefix(bucket: str, prefix: str, limit: int) -> list[S3Object]:
     """Image-looking objects under a prefix (by suffix: listing cannot see content)."""
     out: list[S3Object] = []
-    with _s3_errors(f"s3://{bucket}/{prefix}"):
+    with _s3_errors(bucket, f"s3://{bucket}/{prefix}"):
         for page in s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
             for obj in page.get("Contents", []):
                 if obj["Key"].lower().endswith(IMAGE_SUFFIXES):
@@ -138,7 +164,7 @@ def check(root: str) -> None:
     """Raise TransientError unless the upload store is reachable and writable (for /readyz)."""
     if root.startswith("s3://"):
         bucket, _ = split_s3(root)
-        with _s3_errors(f"s3://{bucket}"):
+        with _s3_errors(bucket, f"s3://{bucket}"):
             s3_client().head_bucket(Bucket=bucket)
         return
     path = Path(root)

@@ -2,7 +2,7 @@
 import pytest
 
 from core import storage
-from core.errors import InvalidRequest, NotFound, TooLarge
+from core.errors import AccessDenied, InvalidRequest, NotFound, TooLarge
 
 
 def test_local_store_is_content_addressed(tmp_path):
@@ -32,7 +32,17 @@ def test_s3_errors_are_ours(s3):
     with pytest.raises(NotFound):
         storage.read(f"s3://{bucket}/missing.jpg", 10)
     with pytest.raises(NotFound):
-        storage.head("no-such-bucket-here", "x.jpg")
+        storage.head(bucket, "missing.jpg")
+    # a missing bucket reads as one the service may not read, by HEAD (no error body) or by listing
+    for unreadable in (lambda: storage.head("no-such-bucket-here", "x.jpg"),
+                       lambda: storage.list_prefix("no-such-bucket-here", "", 10),
+                       lambda: storage.read("s3://no-such-bucket-here/x.jpg", 10)):
+        with pytest.raises(AccessDenied) as e:
+            unreadable()
+        assert e.value.code == "bucket_not_readable"
+    with pytest.raises(InvalidRequest) as e:  # boto3 will not send it: the caller's mistake, not an outage
+        storage.head("not a bucket", "x.jpg")
+    assert e.value.code == "s3_error"
     storage.s3_client().put_object(Bucket=bucket, Key="big.jpg", Body=b"x" * 100)
     with pytest.raises(TooLarge):
         storage.read(f"s3://{bucket}/big.jpg", 50)

@@ -5,6 +5,7 @@ from typing import Any
 
 from flask import Flask, current_app, g
 from sqlalchemy.orm import Session, sessionmaker
+from werkzeug.routing import IntegerConverter
 
 from core import captioner
 from core.db import make_engine, make_sessionmaker
@@ -31,6 +32,17 @@ class Services:
             publish(self.celery, jobs)
 
 
+MAX_ID = 2**31 - 1  # row ids are PostgreSQL INTEGER columns
+
+
+class RowId(IntegerConverter):
+    """`<id:...>`: 1..MAX_ID. A larger number names no row, and PostgreSQL would refuse to compare
+    it with an INTEGER column, so it is a routing 404 like any other id that does not exist."""
+
+    def __init__(self, url_map: Any) -> None:
+        super().__init__(url_map, min=1, max=MAX_ID)
+
+
 def services() -> Services:
     return current_app.extensions["captioner"]
 
@@ -51,6 +63,7 @@ def _close_session(_exc: BaseException | None) -> None:
 def create_app(settings: Settings | None = None) -> Flask:
     settings = settings or get_settings()
     app = Flask(__name__)
+    app.url_map.converters["id"] = RowId
     app.config["MAX_CONTENT_LENGTH"] = settings.max_upload_bytes  # Flask answers 413 before reading more
     # keep fields in the documented order
     app.json.sort_keys = False  # type: ignore[attr-defined]

@@ -14,8 +14,10 @@ bp = Blueprint("batches", __name__, url_prefix="/v1/batches")
 @bp.post("")
 def submit_batch() -> tuple[Response, int, dict]:
     svc = services()
-    body = bodies.json_object()
-    queue = bodies.queue(body.get("queue"), "backfill")  # a library import must not delay single uploads
+    body = bodies.json_object(("s3", "images", "queue"))
+    if "s3" in body and "images" in body:
+        raise InvalidRequest("send either s3 (a prefix) or images (a list), not both")
+    queue = bodies.queue(body.get("queue", "backfill"))  # a library import must not delay single uploads
     if "s3" in body:
         bucket, prefix = bodies.s3_location(body["s3"], "s3", "prefix", allow_empty=True)
         found = storage.list_prefix(bucket, prefix, svc.settings.s3_prefix_limit)
@@ -38,6 +40,6 @@ def submit_batch() -> tuple[Response, int, dict]:
     return jsonify({"id": batch_id, "total": total, "url": location}), 202, {"Location": location}
 
 
-@bp.get("/<int:batch_id>")
+@bp.get("/<id:batch_id>")
 def get_batch(batch_id: int) -> Response:
     return jsonify(queries.batch_view(get_session(), batch_id))

@@ -1,24 +1,53 @@
-"""Request bodies -> core values; every problem is an InvalidRequest (400) naming the bad field."""
-from typing import Any
+"""Request bodies -> core values; every problem is an InvalidRequest (400) naming the bad field, or
+a 415 when the body is not of a media type the route reads. The OpenAPI document in api/docs.py
+states the same rules; the schemathesis suite holds the two together."""
+import re
+from typing import Any, Collection
 
 from flask import request
+from werkzeug.exceptions import BadRequest, UnsupportedMediaType
 
 from core.errors import InvalidRequest
 from core.tables import QUEUES
 
 MAX_LIST = 10_000  # images in one JSON batch; larger sets go by S3 prefix
+# the bucket names boto3 will send (botocore's own check); anything else could never be read
+BUCKET = r"^[a-zA-Z0-9._-]{1,255}$"
+# S3's own limit is 1024 UTF-8 bytes; control characters are refused by S3 servers (SeaweedFS
+# answers 400 to a NUL) and a NUL could never be stored in PostgreSQL as part of the image's uri
+KEY = r"^[^\x00-\x1f\x7f]{1,1024}$"
+PREFIX = r"^[^\x00-\x1f\x7f]{0,1024}$"
 
 
-def json_object() -> dict[str, Any]:
-    body = request.get_json(silent=True)
+def known_fields(value: dict[str, Any], where: str, allowed: Collection[str]) -> None:
+    """Refuse a field we do not read: a typo (`"queu"`) must not be silently ignored."""
+    unknown = sorted(set(value) - set(allowed))
+    if unknown:
+        raise InvalidRequest(f"unknown field {where}{unknown[0]}; allowed: {', '.join(allowed)}")
+
+
+def json_object(allowed: Collection[str]) -> dict[str, Any]:
+    if not request.is_json:
+        raise UnsupportedMediaType(f"send the body as application/json, not {request.mimetype or 'nothing'}")
+    try:
+        body = request.get_json()
+    except BadRequest:  # Flask's own parse error; ours names the problem in our shape
+        raise InvalidRequest("the body is not valid JSON") from None
     if not isinstance(body, dict):
-        raise InvalidRequest("the body must be a JSON object (Content-Type: application/json)")
+        raise InvalidRequest("the body must be a JSON object")
+    known_fields(body, "", allowed)
     return body
 
 
-def queue(value: Any, default: str) -> str:
-    if value is None:
-        return default
+def upload() -> bytes:
+    """The bytes of the multipart field `file`; `queue` is the only other field read."""
+    known_fields({**request.form, **request.files}, "", ("file", "queue"))
+    if "file" not in request.files:
+        raise InvalidRequest("multipart uploads need the image in a file field named 'file'")
+    return request.files["file"].read()
+
+
+def queue(value: Any) -> str:
     if value not in QUEUES:
         raise InvalidRequest(f"queue must be one of {', '.join(QUEUES)}")
     return value
@@ -28,11 +57,13 @@ def s3_location(value: Any, field: str, key_name: str, allow_empty: bool = False
     """{"bucket": B, key_name: K} -> (B, K), with a message that names the bad field."""
     if not isinstance(value, dict):
         raise InvalidRequest(f"{field} must be an object with bucket and {key_name}")
+    known_fields(value, f"{field}.", ("bucket", key_name))
     bucket, key = value.get("bucket"), value.get(key_name, "" if allow_empty else None)
-    if not isinstance(bucket, str) or not bucket:
-        raise InvalidRequest(f"{field}.bucket must be a non-empty string")
-    if not isinstance(key, str) or (not key and not allow_empty):
-        raise InvalidRequest(f"{field}.{key_name} must be a{'' if allow_empty else ' non-empty'} string")
+    if not isinstance(bucket, str) or not re.fullmatch(BUCKET, bucket):
+        raise InvalidRequest(f"{field}.bucket must be an S3 bucket name (letters, digits, '.', '-', '_')")
+    if not isinstance(key, str) or not re.fullmatch(PREFIX if allow_empty else KEY, key):
+        raise InvalidRequest(f"{field}.{key_name} must be a string of {0 if allow_empty else 1} to 1024 "
+                             "characters, none of them control characters")
     return bucket, key
 
 
@@ -45,5 +76,6 @@ def image_list(value: Any) -> list[tuple[str, str]]:
     for n, item in enumerate(value):
         if not isinstance(item, dict) or "s3" not in item:
             raise InvalidRequest(f"images[{n}] must be {{\"s3\": {{\"bucket\", \"key\"}}}}")
+        known_fields(item, f"images[{n}].", ("s3",))
         out.append(s3_location(item["s3"], f"images[{n}].s3", "key"))
     return out

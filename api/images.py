@@ -1,5 +1,6 @@
 """/v1/images: submit one image (upload or S3 reference) and read its caption."""
 from flask import Blueprint, Response, jsonify, request, url_for
+from werkzeug.exceptions import UnsupportedMediaType
 
 from core import jobs, queries, storage
 from core.errors import InvalidRequest
@@ -20,28 +21,27 @@ def _accepted(sub: queries.Submitted, model_version: str) -> tuple[Response, int
 @bp.post("")
 def submit_image() -> tuple[Response, int, dict]:
     svc = services()
-    if "file" in request.files:
-        data = request.files["file"].read()
-        if not data:
-            raise InvalidRequest("the uploaded file is empty")
-        version = svc.current_model_version()
-        sub = jobs.submit_upload(svc.sessionmaker, svc.settings, data, version,
-                                 bodies.queue(request.form.get("queue"), "interactive"), svc.publish)
-        return _accepted(sub, version)
     if request.mimetype == "multipart/form-data":
-        raise InvalidRequest("multipart uploads need the image in a field named 'file'")
-    body = bodies.json_object()
+        data = bodies.upload()  # an empty file is an invalid image (422), as it is for the worker
+        queue = bodies.queue(request.form.get("queue", "interactive"))
+        version = svc.current_model_version()
+        sub = jobs.submit_upload(svc.sessionmaker, svc.settings, data, version, queue, svc.publish)
+        return _accepted(sub, version)
+    if not request.is_json:
+        raise UnsupportedMediaType("send the image as multipart/form-data (field 'file') or an S3 object as "
+                                   f"application/json, not {request.mimetype or 'nothing'}")
+    body = bodies.json_object(("s3", "queue"))
     if "s3" not in body:
         raise InvalidRequest('send a multipart field "file", or JSON {"s3": {"bucket": B, "key": K}}')
     bucket, key = bodies.s3_location(body["s3"], "s3", "key")
-    queue = bodies.queue(body.get("queue"), "interactive")
+    queue = bodies.queue(body.get("queue", "interactive"))
     version = svc.current_model_version()
     image = jobs.s3_image(storage.head(bucket, key))
     _, [sub] = jobs.submit_images(svc.sessionmaker, [image], version, queue, svc.publish)
     return _accepted(sub, version)
 
 
-@bp.get("/<int:image_id>")
+@bp.get("/<id:image_id>")
 def get_image(image_id: int) -> Response:
     # the job of the model this API submits for, if the image has one; its latest job otherwise
     return jsonify(queries.image_view(get_session(), image_id, services().model_version))

@@ -1,4 +1,6 @@
 "/v1/search: captions matching words (a simple match until the search issue lands)."
+import re
+
 from flask import Blueprint, Response, jsonify, request
 
 from core import search
@@ -6,16 +8,23 @@ from core.errors import InvalidRequest
 
 from . import get_session
 
+MAX_LIMIT = 100
+# a character that is not white space, spelt out: Python's str.split() and the JSON Schema (ECMA)
+# `\S` disagree (\x1c-\x1f, \x85, \ufeff), and the OpenAPI document states this same pattern
+WORD = "[^\\t\\n\\v\\f\\r \\x1c-\\x1f\\x85\\xa0\\u1680\\u2000-\\u200a\\u2028\\u2029\\u202f\\u205f\\u3000\\ufeff]"
+
 bp = Blueprint("search", __name__, url_prefix="/v1/search")
 
 
 @bp.get("")
 def search_captions() -> Response:
     q = request.args.get("q", "").strip()
-    if not q:
+    if not re.search(WORD, q):
         raise InvalidRequest("give the words to search for as ?q=")
     try:
-        limit = min(int(request.args.get("limit", 20)), 100)
+        limit = int(request.args.get("limit", 20))
     except ValueError:
         raise InvalidRequest("limit must be an integer") from None
+    if not 1 <= limit <= MAX_LIMIT:
+        raise InvalidRequest(f"limit must be between 1 and {MAX_LIMIT}")
     return jsonify({"query": q, "results": search.query_index(get_session(), q, limit)})

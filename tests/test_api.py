@@ -109,7 +109,7 @@ def test_openapi_documents_every_route(client):
     spec = client.get("/openapi.json").get_json()
     assert spec["openapi"].startswith("3.")
     app = client.application
-    routes = {rule.rule.replace("<int:image_id>", "{id}").replace("<int:batch_id>", "{id}")
+    routes = {rule.rule.replace("<id:image_id>", "{id}").replace("<id:batch_id>", "{id}")
               for rule in app.url_map.iter_rules() if rule.endpoint != "static"}
     assert routes == set(spec["paths"])
     page = client.get("/docs")
@@ -145,3 +145,63 @@ def test_a_broker_outage_still_accepts_uploads_for_the_sweep(app_settings):
     finally:
         closed.close()
     assert r.status_code == 202 and r.get_json()["status"] == "queued"  # the row is the truth
+
+
+def test_a_body_of_another_media_type_is_a_415(client):
+    body = assert_error(client.post("/v1/images", data=b"s3://b/k", content_type="text/plain"), 415,
+                        "unsupported_media_type")
+    assert "text/plain" in body["error"]["message"]
+    assert_error(client.post("/v1/images", data=jpeg(), content_type="image/jpeg"), 415, "unsupported_media_type")
+    assert_error(client.post("/v1/batches", data={"file": (io.BytesIO(jpeg()), "a.jpg")}), 415,
+                 "unsupported_media_type")
+
+
+def test_unknown_fields_are_400s_that_name_the_field(client):
+    cases = [("/v1/images", {"s3": {"bucket": "b", "key": "k"}, "queu": "backfill"}, "queu"),
+             ("/v1/images", {"s3": {"bucket": "b", "key": "k", "region": "eu"}}, "s3.region"),
+             ("/v1/batches", {"s3": {"bucket": "b", "key": "k"}}, "s3.key"),
+             ("/v1/batches", {"images": [{"s3": {"bucket": "b", "key": "k"}, "tag": 1}]}, "images[0].tag")]
+    for path, payload, field in cases:
+        body = assert_error(client.post(path, json=payload), 400, "invalid_request")
+        assert f"unknown field {field};" in body["error"]["message"]
+    body = assert_error(client.post("/v1/images", data={"file": (io.BytesIO(jpeg()), "a.jpg"), "prio": "1"}), 400,
+                        "invalid_request")
+    assert "unknown field prio" in body["error"]["message"]
+    body = assert_error(client.post("/v1/batches", json={"s3": {"bucket": "b"}, "images": []}), 400, "invalid_request")
+    assert "not both" in body["error"]["message"]
+
+
+def test_s3_names_that_cannot_exist_are_400s(client):
+    for s3, field in [({"bucket": "no spaces", "key": "k"}, "s3.bucket"), ({"bucket": "b", "key": "a\x00b"}, "s3.key"),
+                      ({"bucket": "b", "key": "k" * 1025}, "s3.key"), ({"bucket": "b", "key": 7}, "s3.key")]:
+        body = assert_error(client.post("/v1/images", json={"s3": s3}), 400, "invalid_request")
+        assert body["error"]["message"].startswith(field)
+
+
+def test_a_bucket_the_service_cannot_read_is_a_403(client, s3):
+    # missing or forbidden: one answer, so the API does not tell callers which buckets exist
+    body = assert_error(client.post("/v1/images", json={"s3": {"bucket": "no-such-bucket-here", "key": "a.jpg"}}),
+                        403, "bucket_not_readable")
+    assert "no-such-bucket-here" in body["error"]["message"]
+    assert_error(client.post("/v1/batches", json={"s3": {"bucket": "no-such-bucket-here"}}), 403,
+                 "bucket_not_readable")
+    assert_error(client.post("/v1/images", json={"s3": {"bucket": s3["S3_TEST_BUCKET"], "key": "nope.jpg"}}), 404,
+                 "source_not_found")
+
+
+def test_ids_beyond_the_id_column_are_404s(client):
+    for path in ("/v1/images/2147483648", "/v1/batches/99999999999999999999", "/v1/images/0", "/v1/images/-1"):
+        assert_error(client.get(path), 404, "not_found")
+
+
+def test_a_405_says_which_methods_are_allowed(client):
+    r = client.delete("/v1/images")
+    assert_error(r, 405, "method_not_allowed")
+    assert set(r.headers["Allow"].split(", ")) == {"POST", "OPTIONS"}
+
+
+def test_search_limit_and_odd_words(client):
+    assert_error(client.get("/v1/search?q=dog&limit=0"), 400, "invalid_request")
+    assert_error(client.get("/v1/search?q=dog&limit=101"), 400, "invalid_request")
+    assert_error(client.get("/v1/search?q=%1D%20"), 400, "invalid_request")  # \x1d is white space to Python
+    assert client.get("/v1/search?q=a%00b").get_json()["results"] == []  # PostgreSQL would refuse the NUL

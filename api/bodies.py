@@ -11,8 +11,9 @@ from core.errors import InvalidRequest
 from core.tables import QUEUES
 
 MAX_LIST = 10_000  # images in one JSON batch; larger sets go by S3 prefix
-# the bucket names boto3 will send (botocore's own check); anything else could never be read
-BUCKET = r"^[a-zA-Z0-9._-]{1,255}$"
+# the bucket names boto3 will send (botocore's own check), starting with a letter or digit as S3
+# requires: "." or ".." would address a path segment, never a bucket
+BUCKET = r"^[a-zA-Z0-9][a-zA-Z0-9._-]{0,254}$"
 # S3's own limit is 1024 UTF-8 bytes; control characters are refused by S3 servers (SeaweedFS
 # answers 400 to a NUL) and a NUL could never be stored in PostgreSQL as part of the image's uri
 KEY = r"^[^\x00-\x1f\x7f]{1,1024}$"
@@ -41,7 +42,10 @@ def json_object(allowed: Collection[str]) -> dict[str, Any]:
 
 def upload() -> bytes:
     """The bytes of the multipart field `file`; `queue` is the only other field read."""
-    known_fields({**request.form, **request.files}, "", ("file", "queue"))
+    fields = {**request.form, **request.files}
+    if None in fields:  # werkzeug's key for a part whose Content-Disposition has no name
+        raise InvalidRequest("every multipart part needs a name")
+    known_fields(fields, "", ("file", "queue"))
     if "file" not in request.files:
         raise InvalidRequest("multipart uploads need the image in a file field named 'file'")
     return request.files["file"].read()
@@ -60,7 +64,8 @@ def s3_location(value: Any, field: str, key_name: str, allow_empty: bool = False
     known_fields(value, f"{field}.", ("bucket", key_name))
     bucket, key = value.get("bucket"), value.get(key_name, "" if allow_empty else None)
     if not isinstance(bucket, str) or not re.fullmatch(BUCKET, bucket):
-        raise InvalidRequest(f"{field}.bucket must be an S3 bucket name (letters, digits, '.', '-', '_')")
+        raise InvalidRequest(f"{field}.bucket must be an S3 bucket name (a letter or digit, then letters, "
+                             "digits, '.', '-', '_')")
     if not isinstance(key, str) or not re.fullmatch(PREFIX if allow_empty else KEY, key):
         raise InvalidRequest(f"{field}.{key_name} must be a string of {0 if allow_empty else 1} to 1024 "
                              "characters, none of them control characters")

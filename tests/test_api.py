@@ -169,10 +169,15 @@ def test_unknown_fields_are_400s_that_name_the_field(client):
     assert "unknown field prio" in body["error"]["message"]
     body = assert_error(client.post("/v1/batches", json={"s3": {"bucket": "b"}, "images": []}), 400, "invalid_request")
     assert "not both" in body["error"]["message"]
+    nameless = (b'--x\r\nContent-Disposition: form-data; filename="a.jpg"\r\n\r\n' + jpeg() + b"\r\n--x--\r\n")
+    body = assert_error(client.post("/v1/images", data=nameless, content_type="multipart/form-data; boundary=x"), 400,
+                        "invalid_request")
+    assert "needs a name" in body["error"]["message"]
 
 
 def test_s3_names_that_cannot_exist_are_400s(client):
-    for s3, field in [({"bucket": "no spaces", "key": "k"}, "s3.bucket"), ({"bucket": "b", "key": "a\x00b"}, "s3.key"),
+    for s3, field in [({"bucket": "no spaces", "key": "k"}, "s3.bucket"), ({"bucket": "..", "key": "k"}, "s3.bucket"),
+                      ({"bucket": "b", "key": "a\x00b"}, "s3.key"),
                       ({"bucket": "b", "key": "k" * 1025}, "s3.key"), ({"bucket": "b", "key": 7}, "s3.key")]:
         body = assert_error(client.post("/v1/images", json={"s3": s3}), 400, "invalid_request")
         assert body["error"]["message"].startswith(field)

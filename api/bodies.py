@@ -2,7 +2,8 @@
 a 415 when the body is not of a media type the route reads. The OpenAPI document in api/docs.py
 states the same rules; the schemathesis suite holds the two together."""
 import re
-from typing import Any, Collection
+from collections.abc import Collection
+from typing import Any
 
 from flask import request
 from werkzeug.exceptions import BadRequest, UnsupportedMediaType

@@ -4,8 +4,16 @@ import logging
 from flask import Flask, Response, jsonify
 from werkzeug.exceptions import HTTPException
 
-from core.errors import (AccessDenied, CaptioningError, ConfigError, InvalidImage, InvalidRequest, NotFound, TooLarge,
-                         TransientError)
+from core.errors import (
+    AccessDenied,
+    CaptioningError,
+    ConfigError,
+    InvalidImage,
+    InvalidRequest,
+    NotFound,
+    TooLarge,
+    TransientError,
+)
 
 log = logging.getLogger(__name__)
 

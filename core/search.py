@@ -10,9 +10,9 @@ from .tables import Caption, Image
 
 def query_index(session: Session, query: str, limit: int) -> list[dict[str, Any]]:
     """Images whose caption or alt text contains every word of `query`, most confident first."""
-    words = [w for w in query.lower().split() if w]
     if "\x00" in query:
         return []  # no caption holds a NUL, and PostgreSQL refuses one in a text parameter
+    words = [w for w in query.lower().split() if w]
     stmt = select(Image.id, Image.uri, Caption.text, Caption.confidence, Caption.model_version) \
         .join(Caption, Caption.image_id == Image.id)
     for word in words:

@@ -36,8 +36,8 @@ MAX_ID = 2**31 - 1  # row ids are PostgreSQL INTEGER columns
 
 
 class RowId(IntegerConverter):
-    """`<id:...>`: 1..MAX_ID. A larger number names no row, and PostgreSQL would refuse to compare
-    it with an INTEGER column, so it is a routing 404 like any other id that does not exist."""
+    """`<id:...>`: 1..MAX_ID. A larger number names no row, and SQLAlchemy binds it as `%s::INTEGER`,
+    which PostgreSQL refuses (integer out of range, a 500): it is a routing 404 like any missing id."""
 
     def __init__(self, url_map: Any) -> None:
         super().__init__(url_map, min=1, max=MAX_ID)

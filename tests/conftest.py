@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 from urllib.parse import urlsplit, urlunsplit
@@ -41,9 +42,9 @@ def checkpoint() -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
-def pg_url() -> Iterator[str]:
-    """A fresh PostgreSQL database for this run, migrated with Alembic, dropped at the end."""
+@contextmanager
+def _fresh_postgres_database() -> Iterator[str]:
+    """A new PostgreSQL database migrated with Alembic, dropped afterwards."""
     from sqlalchemy import create_engine, text
 
     from migrations import upgrade
@@ -64,6 +65,20 @@ def pg_url() -> Iterator[str]:
     with admin.connect() as conn:
         conn.execute(text(f'DROP DATABASE "{name}" WITH (FORCE)'))
     admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> Iterator[str]:
+    """A fresh PostgreSQL database for this run."""
+    with _fresh_postgres_database() as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def own_pg_url() -> Iterator[str]:
+    """A PostgreSQL database for one module alone, for tests that leave jobs no worker will run."""
+    with _fresh_postgres_database() as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

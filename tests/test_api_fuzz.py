@@ -24,7 +24,7 @@ schema = schemathesis.openapi.from_dict(SPEC, config=CONFIG)
 
 
 @pytest.fixture(scope="module")
-def fuzz_app(pg_url, s3, tmp_path_factory):
+def fuzz_app(own_pg_url, s3, tmp_path_factory):
     from api import create_app
     from core import storage
     from core.settings import Settings
@@ -32,7 +32,8 @@ def fuzz_app(pg_url, s3, tmp_path_factory):
     checkpoint = tmp_path_factory.mktemp("fuzz") / "fake.pt"
     checkpoint.write_bytes(b"not really a checkpoint")  # only its hash (the model version) is read
     bucket = s3["S3_TEST_BUCKET"]
-    app = create_app(Settings(database_url=pg_url, storage=f"s3://{bucket}/uploads", model_path=str(checkpoint)))
+    # its own database: the jobs it queues are never run, and the pipeline tests count jobs
+    app = create_app(Settings(database_url=own_pg_url, storage=f"s3://{bucket}/uploads", model_path=str(checkpoint)))
     # batch 1 and its images exist, so the small ids the fuzzer tries first also reach the 200 schemas
     for name in ("a.png", "b.png"):
         out = io.BytesIO()

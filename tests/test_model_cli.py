@@ -111,7 +111,7 @@ def test_evaluate_names_missing_images(tiny_set, tmp_path):
 def test_describe_json_and_unreadable_file(tiny_set, tmp_path):
     bogus = tmp_path / "notes.jpg"
     bogus.write_text("not a photo")
-    result = CliRunner(mix_stderr=False).invoke(cli, ["describe", "--json", str(tiny_set / "images" / "photo00.jpg"), str(bogus)])
+    result = CliRunner().invoke(cli, ["describe", "--json", str(tiny_set / "images" / "photo00.jpg"), str(bogus)])
     assert result.exit_code == 0
     record = json.loads(result.stdout.strip().splitlines()[0])
     assert record["text"].endswith(".") and len(record["candidates"]) == 3 and record["alt_text"]

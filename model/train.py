@@ -40,7 +40,7 @@ class TrainConfig:
     decoder_dim: int = 512
     attention_dim: int = 256
     dropout: float = 0.5
-    tuned_stages: int = 0  # fine-tune the encoder's last N stages (trunk below them is cached); 0 = frozen
+    tuned_stages: int = 1  # fine-tune the encoder's last N stages (the trunk below them is cached); 0 = frozen
     encoder_lr_ratio: float = 0.1  # their learning rate relative to the decoder's
     batch_size: int = 64
     lr: float = 1e-3

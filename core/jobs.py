@@ -16,6 +16,10 @@ from .queries import Claimed, Failure, NewImage, Result, Submitted
 from .settings import Settings
 
 log = logging.getLogger(__name__)
+# Pauses before fetching again the images of a batch that storage failed transiently (15 s in
+# all, on top of boto3's own quick retries): without them a storage restart of a few seconds
+# burns one attempt per batch until max_attempts fails every job in flight.
+FETCH_RETRY_SECONDS = (1.0, 2.0, 4.0, 8.0)
 Publish = Callable[[list[tuple[int, str]]], None]  # (job id, queue) pairs; a no-op in embedded mode
 
 
@@ -114,6 +118,13 @@ def caption_claimed(sm: sessionmaker, settings: Settings, claimed: list[Claimed]
     try:
         with ThreadPoolExecutor(max_workers=min(settings.io_threads, len(claimed))) as pool:
             prepared = list(pool.map(lambda c: _prepare(settings, c), claimed))
+            for delay in FETCH_RETRY_SECONDS:  # the batch waits out a storage restart together
+                again = [i for i, p in enumerate(prepared) if isinstance(p.error, TransientError)]
+                if not again:
+                    break
+                time.sleep(delay)
+                for i, p in zip(again, pool.map(lambda i: _prepare(settings, prepared[i].claimed), again)):
+                    prepared[i] = p
         ready = [p for p in prepared if p.error is None]
         captions = captioner.caption_batch(settings, [p.tensor for p in ready]) if ready else []
         version = captioner.get(settings).version

@@ -1,7 +1,7 @@
 """Data functions of the job life-cycle. Each takes a Session; the caller owns the transaction."""
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Iterable, Iterator
+from typing import Any, Collection, Iterable, Iterator
 
 from sqlalchemy import Select, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
@@ -183,10 +183,16 @@ def release(session: Session, job_ids: list[int], count_attempt: bool) -> None:
                         .execution_options(synchronize_session=False))
 
 
-def sweep(session: Session, max_attempts: int, requeue_after_seconds: int) -> list[tuple[int, str]]:
+def sweep(session: Session, max_attempts: int, requeue_after_seconds: int,
+          drained: Collection[str] | None = None) -> list[tuple[int, str]]:
     """Expired leases go back to queued (or to failed after max_attempts claims); jobs queued
     longer than requeue_after are touched. Returns (job id, queue) pairs to publish again: this is
-    what makes a lost message, a flushed broker or a killed worker harmless."""
+    what makes a lost message, a flushed broker or a killed worker harmless.
+
+    `drained`: the queues whose broker backlog is empty (None: all). A job queued long in a queue
+    that still holds messages is most likely waiting its turn, not lost: publishing it again would
+    add the whole backlog to the broker at every sweep. Once the queue has drained, a job still
+    queued has no message left, and it is published again."""
     now = utcnow()
     expired = (Job.status == "processing", Job.lease_until < now)
     session.execute(update(Job).where(*expired, Job.attempts >= max_attempts)
@@ -196,9 +202,10 @@ def sweep(session: Session, max_attempts: int, requeue_after_seconds: int) -> li
                     .execution_options(synchronize_session=False))
     returned = session.execute(update(Job).where(*expired).values(status="queued", lease_until=None, updated_at=now)
                                .returning(Job.id, Job.queue).execution_options(synchronize_session=False)).all()
-    stale = session.execute(update(Job).where(Job.status == "queued",
-                                              Job.updated_at < now - timedelta(seconds=requeue_after_seconds))
-                            .values(updated_at=now).returning(Job.id, Job.queue)
+    stale_where = [Job.status == "queued", Job.updated_at < now - timedelta(seconds=requeue_after_seconds)]
+    if drained is not None:
+        stale_where.append(Job.queue.in_(list(drained)))
+    stale = session.execute(update(Job).where(*stale_where).values(updated_at=now).returning(Job.id, Job.queue)
                             .execution_options(synchronize_session=False)).all()
     return [(job_id, queue) for job_id, queue in [*returned, *stale]]
 

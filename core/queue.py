@@ -11,7 +11,7 @@ from .tables import QUEUES
 
 CAPTION_TASK = "captioner.caption"
 SWEEP_TASK = "captioner.sweep"
-SWEEP_EVERY_SECONDS = 60.0
+PROC_ALIVE_TIMEOUT = 300  # seconds a new pool child may take to load the model
 VISIBILITY_TIMEOUT = 3600  # seconds; far above flush interval + the worst batch, or Redis redelivers mid-run
 
 log = logging.getLogger(__name__)
@@ -28,14 +28,28 @@ def create_celery(settings: Settings) -> Celery:
         # one process per device; the buffer must hold more than one batch or batches never fill
         worker_prefetch_multiplier=2 * batch_size(settings),
         worker_concurrency=1,
+        # a pool child loads the model before it reports up (worker/tasks.py); on a busy host that
+        # takes longer than Celery's 4 s, and a child killed for it is replaced by one killed alike
+        worker_proc_alive_timeout=PROC_ALIVE_TIMEOUT,
         worker_send_task_events=True,  # Flower and `celery events` see every request
         task_send_sent_event=True,
         broker_transport_options={"visibility_timeout": VISIBILITY_TIMEOUT},
         broker_connection_retry_on_startup=True,
-        beat_schedule={"sweep": {"task": SWEEP_TASK, "schedule": SWEEP_EVERY_SECONDS,
-                                 "options": {"queue": "interactive", "expires": SWEEP_EVERY_SECONDS}}},
+        beat_schedule={"sweep": {"task": SWEEP_TASK, "schedule": float(settings.sweep_seconds),
+                                 "options": {"queue": "interactive", "expires": float(settings.sweep_seconds)}}},
     )
     return app
+
+
+def drained(app: Celery) -> list[str]:
+    """The job queues with no message waiting in the broker (messages workers have prefetched are
+    not counted); none when the broker cannot be reached, as nothing could be published anyway."""
+    try:
+        with app.connection_for_write() as conn:
+            return [q for q in QUEUES if app.amqp.queues[q](conn.default_channel).queue_declare().message_count == 0]
+    except OperationalError as e:
+        log.warning("broker unreachable, nothing re-published: %s", e)
+        return []
 
 
 def publish(app: Celery, jobs: list[tuple[int, str]]) -> None:

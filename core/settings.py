@@ -30,6 +30,7 @@ class Settings:
     lease_seconds: int = 600  # a claimed job returns to the queue if not finished within this
     max_attempts: int = 3  # claims before a job is failed for good (a poison image must not loop)
     requeue_after_seconds: int = 300  # the sweep re-publishes jobs queued longer than this
+    sweep_seconds: int = 60  # how often a worker's beat runs the sweep
     io_threads: int = 8  # concurrent fetch + decode threads per batch
     s3_prefix_limit: int = 100_000  # most keys one `s3://bucket/prefix` batch may expand to
 

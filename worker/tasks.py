@@ -16,7 +16,7 @@ from core import jobs, queries
 from core.captioner import batch_size
 from core.captioner import get as get_model
 from core.db import make_engine, make_sessionmaker
-from core.queue import CAPTION_TASK, SWEEP_TASK, create_celery, publish
+from core.queue import CAPTION_TASK, SWEEP_TASK, create_celery, drained, publish
 from core.settings import get_settings
 
 from .batching import Batches
@@ -59,8 +59,9 @@ def caption(requests: list[SimpleRequest]) -> dict[str, str]:
 @app.task(name=SWEEP_TASK)
 def sweep() -> int:
     """Return expired leases to the queue and re-publish jobs queued too long (lost messages)."""
+    idle = drained(app)  # asked before the transaction: no broker round trip while rows are locked
     with _sessionmaker().begin() as s:
-        republish = queries.sweep(s, settings.max_attempts, settings.requeue_after_seconds)
+        republish = queries.sweep(s, settings.max_attempts, settings.requeue_after_seconds, idle)
     publish(app, republish)
     if republish:
         log.info("sweep: re-published %d jobs", len(republish))

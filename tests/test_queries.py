@@ -117,6 +117,23 @@ def test_sweep_republishes_jobs_queued_too_long(sm):
         assert queries.sweep(s, max_attempts=3, requeue_after_seconds=300) == []
 
 
+def test_sweep_leaves_a_backlog_alone_until_its_queue_has_drained(sm):
+    """A job queued long while its broker queue still holds messages is waiting its turn: sending
+    it again would add the whole backlog to the broker at every sweep. An expired lease is always
+    sent again (its message was consumed)."""
+    with sm.begin() as s:
+        ids = [x.job_id for x in queries.submit(s, images(2, "d"), VERSION, "backfill")]
+        queries.claim(s, VERSION, 60, limit=1, job_ids=ids[:1])
+        s.execute(update(Job).where(Job.id == ids[0]).values(lease_until=utcnow() - timedelta(seconds=1)))
+        s.execute(update(Job).where(Job.id == ids[1]).values(updated_at=utcnow() - timedelta(hours=1)))
+    with sm.begin() as s:
+        assert queries.sweep(s, max_attempts=3, requeue_after_seconds=300, drained=["interactive"]) == \
+            [(ids[0], "backfill")]
+    with sm.begin() as s:
+        assert queries.sweep(s, max_attempts=3, requeue_after_seconds=300, drained=["interactive", "backfill"]) == \
+            [(ids[1], "backfill")]
+
+
 def test_release_gives_claims_back(sm):
     with sm.begin() as s:
         queries.submit(s, images(2), VERSION, "interactive")

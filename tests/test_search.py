@@ -160,7 +160,8 @@ def api(backend, tmp_path_factory):
     app = create_app(Settings(database_url=url, storage=str(tmp_path_factory.mktemp("store")),
                               model_path=str(checkpoint)))
     app.config["TESTING"] = True
-    return app.test_client(), ids
+    yield app.test_client(), ids
+    app.extensions["captioner"].sessionmaker.kw["bind"].dispose()  # before the database is dropped
 
 
 def assert_400(response):

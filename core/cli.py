@@ -172,6 +172,39 @@ def bench_model_command(images, batch_sizes, checkpoint, device, beam) -> None:
     click.echo(json.dumps(rows))
 
 
+@bench.command("search")
+@click.option("--imagenet", type=click.Path(exists=True, file_okay=False), default=str(DATA / "imagenet-samples"),
+              show_default=True, help="Folder with images/ and labels.tsv (one photo per class).")
+@click.option("--flickr", type=click.Path(exists=True, file_okay=False), default=str(DATA / "flickr8k"),
+              show_default=True, help="Flickr8k folder: images/, Flickr_8k.devImages.txt, Flickr8k.token.txt.")
+@click.option("--queries", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="One query per line [core/search_queries.txt: 50 written from COCO captions].")
+@click.option("--cache-dir", type=click.Path(file_okay=False), default=".cache/bench-search", show_default=True,
+              help="Where the captioned corpora are kept (SQLite files), reused by the next run.")
+@click.option("--k", type=click.IntRange(1, 100), default=5, show_default=True)
+def bench_search_command(imagenet, flickr, queries, cache_dir, k) -> None:
+    """Search relevance: recall@k of ImageNet class names, precision@k of COCO-written queries."""
+    from tqdm import tqdm
+
+    from core import bench_search
+
+    with tqdm(unit="img", desc="captioning") as bar:
+        result = bench_search.run(_settings(), Path(imagenet), Path(flickr),
+                                  Path(queries) if queries else bench_search.QUERIES, Path(cache_dir), k,
+                                  click.echo, lambda report: bar.update(report.captioned + report.failed))
+    recall, precision = result["imagenet_class_names"], result["coco_queries_on_flickr8k_dev"]
+    rows = [(f"ImageNet class names ({recall['queries']}): recall@1", f"{recall['recall@1']:.3f}"),
+            (f"ImageNet class names: recall@{k}", f"{recall[f'recall@{k}']:.3f}"),
+            (f"COCO queries ({precision['queries']}) on Flickr8k dev: precision@{k}",
+             f"{precision[f'precision@{k}']:.3f}"),
+            (f"COCO queries with a relevant photo in the top {k}", str(precision[f"found_relevant_in_top{k}"])),
+            ("COCO queries with any relevant photo (human captions)", str(precision["answerable"]))]
+    click.echo(f"\n{'measure':<58} {'value':>7}")
+    for label, value in rows:
+        click.echo(f"{label:<58} {value:>7}")
+    click.echo(json.dumps(result))
+
+
 def torch_device_name(device) -> str:
     import torch
 

@@ -22,6 +22,7 @@ CHUNK = re.compile(r'(-?)"([^"]*)"?|(-?)([^\s"]+)')  # "a phrase" (closed or not
 # per label D, C, B, A (the migration labels caption A, alt text B, tags C).
 PG_WEIGHTS = "{0.1, 0.3, 0.4, 1.0}"
 SQLITE_WEIGHTS = (1.0, 0.4, 0.3)  # bm25 per column: caption, alt_text, tags
+FTS5_TOKENIZER = "porter unicode61 remove_diacritics 2"  # what migration b1d2search01 indexes with
 
 
 @dataclass(frozen=True)
@@ -95,13 +96,17 @@ def _postgres(wanted: list[Term], excluded: list[Term]) -> Select:
 
 def _sqlite(wanted: list[Term], excluded: list[Term]) -> Select:
     fts = table("captions_fts", column("rowid"))
-    # FTS5 syntax from our terms only: quoted strings (no quote can be inside one), AND, NOT
-    match = " AND ".join(_quoted(t) for t in wanted) + "".join(f" NOT {_quoted(t)}" for t in excluded)
+    match = fts5_query(wanted, excluded)
     bm25 = func.bm25(literal_column("captions_fts"), *SQLITE_WEIGHTS)  # lower is better
     return (_columns(-bm25).select_from(fts).join(Caption, Caption.id == fts.c.rowid)
             .join(Image, Image.id == Caption.image_id)
             .where(literal_column("captions_fts").op("MATCH")(match))
             .order_by(bm25, Caption.confidence.desc(), Caption.id))
+
+
+def fts5_query(wanted: list[Term], excluded: list[Term]) -> str:
+    """FTS5 query syntax from terms only: quoted strings (no quote can be inside one), AND, NOT."""
+    return " AND ".join(_quoted(t) for t in wanted) + "".join(f" NOT {_quoted(t)}" for t in excluded)
 
 
 def _quoted(term: Term) -> str:

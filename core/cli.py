@@ -182,7 +182,9 @@ def bench_model_command(images, batch_sizes, checkpoint, device, beam) -> None:
 @click.option("--cache-dir", type=click.Path(file_okay=False), default=".cache/bench-search", show_default=True,
               help="Where the captioned corpora are kept (SQLite files), reused by the next run.")
 @click.option("--k", type=click.IntRange(1, 100), default=5, show_default=True)
-def bench_search_command(imagenet, flickr, queries, cache_dir, k) -> None:
+@click.option("--postgres-url", default=None,
+              help="Also measure PostgreSQL: the captions are copied into this (migrated) database.")
+def bench_search_command(imagenet, flickr, queries, cache_dir, k, postgres_url) -> None:
     """Search relevance: recall@k of ImageNet class names, precision@k of COCO-written queries."""
     from tqdm import tqdm
 
@@ -191,17 +193,21 @@ def bench_search_command(imagenet, flickr, queries, cache_dir, k) -> None:
     with tqdm(unit="img", desc="captioning") as bar:
         result = bench_search.run(_settings(), Path(imagenet), Path(flickr),
                                   Path(queries) if queries else bench_search.QUERIES, Path(cache_dir), k,
-                                  click.echo, lambda report: bar.update(report.captioned + report.failed))
-    recall, precision = result["imagenet_class_names"], result["coco_queries_on_flickr8k_dev"]
-    rows = [(f"ImageNet class names ({recall['queries']}): recall@1", f"{recall['recall@1']:.3f}"),
-            (f"ImageNet class names: recall@{k}", f"{recall[f'recall@{k}']:.3f}"),
-            (f"COCO queries ({precision['queries']}) on Flickr8k dev: precision@{k}",
-             f"{precision[f'precision@{k}']:.3f}"),
-            (f"COCO queries with a relevant photo in the top {k}", str(precision[f"found_relevant_in_top{k}"])),
-            ("COCO queries with any relevant photo (human captions)", str(precision["answerable"]))]
-    click.echo(f"\n{'measure':<58} {'value':>7}")
-    for label, value in rows:
-        click.echo(f"{label:<58} {value:>7}")
+                                  click.echo, lambda report: bar.update(report.captioned + report.failed),
+                                  postgres_url)
+    backends = [b for b in ("sqlite", "postgresql") if b in result]
+    click.echo(f"\n{'measure':<58}" + "".join(f" {b:>10}" for b in backends))
+
+    def row(label: str, part: str, key: str, fmt: str) -> None:
+        click.echo(f"{label:<58}" + "".join(f" {result[b][part][key]:>10{fmt}}" for b in backends))
+
+    names, coco = "imagenet_class_names", "coco_queries_on_flickr8k_dev"
+    row(f"ImageNet class names ({result['sqlite'][names]['queries']}): recall@1", names, "recall@1", ".3f")
+    row(f"ImageNet class names: recall@{k}", names, f"recall@{k}", ".3f")
+    row(f"COCO queries ({result['sqlite'][coco]['queries']}) on Flickr8k dev: precision@{k}", coco,
+        f"precision@{k}", ".3f")
+    row(f"COCO queries with a relevant photo in the top {k}", coco, f"found_relevant_in_top{k}", "")
+    row("COCO queries with any relevant photo (human captions)", coco, "answerable", "")
     click.echo(json.dumps(result))
 
 

@@ -4,9 +4,12 @@ from typing import Any
 
 from flask import Blueprint, Response, jsonify, render_template_string
 
+from core.export import FORMATS
+from core.search import MAX_OFFSET, MAX_QUERY_CHARS
+
 from . import MAX_ID
 from .bodies import BUCKET, KEY, PREFIX
-from .search import WORD
+from .search import MAX_LIMIT, QUERY
 
 bp = Blueprint("docs", __name__)
 
@@ -67,13 +70,27 @@ SPEC: dict[str, Any] = {
             "summary": "Counts of a batch's images per status", "parameters": ID,
             "responses": {"200": _json({"$ref": "#/components/schemas/Batch"}, "the batch"), **_errors(404)}}},
         "/v1/search": {"get": {
-            "summary": "Captioned images whose caption contains every word of q",
+            "summary": "Captioned images ranked by how well caption, alt text and tags match q",
+            "description": "q holds words (stemmed: dogs finds dog), \"quoted phrases\" and -exclusions; "
+                           "other characters only separate words. Every word and phrase must match; "
+                           "exclusions alone match nothing. Page with offset and next_offset.",
             "parameters": [{"name": "q", "in": "query", "required": True,
-                            "schema": {"type": "string", "pattern": WORD}},
+                            "schema": {"type": "string", "maxLength": MAX_QUERY_CHARS, "pattern": QUERY}},
                            {"name": "limit", "in": "query",
-                            "schema": {"type": "integer", "minimum": 1, "maximum": 100, "default": 20}}],
-            "responses": {"200": _json({"$ref": "#/components/schemas/Results"}, "matches, most confident first"),
+                            "schema": {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT, "default": 20}},
+                           {"name": "offset", "in": "query",
+                            "schema": {"type": "integer", "minimum": 0, "maximum": MAX_OFFSET, "default": 0}}],
+            "responses": {"200": _json({"$ref": "#/components/schemas/Results"}, "matches, best first"),
                           **_errors(400)}}},
+        "/v1/export": {"get": {
+            "summary": "Every caption with its image key, alt text and alt-text state, for CMS imports",
+            "description": "Streamed, unpaginated: JSON lines (one object per caption) or CSV with a header row.",
+            "parameters": [{"name": "format", "in": "query",
+                            "schema": {"type": "string", "enum": list(FORMATS), "default": "jsonl"}},
+                           {"name": "model_version", "in": "query", "schema": {"type": "string"}}],
+            "responses": {"200": {"description": "the captions", "content": {
+                "application/x-ndjson": {"schema": {"type": "string"}},
+                "text/csv": {"schema": {"type": "string"}}}}, **_errors(400)}}},
         "/healthz": {"get": {"summary": "The process is alive",
                              "responses": {"200": _json(_object(["status"], status={"const": "ok"}), "ok")}}},
         "/readyz": {"get": {"summary": "Database, broker, storage and model are usable",
@@ -111,9 +128,13 @@ SPEC: dict[str, Any] = {
                          created_at={"type": "string", "format": "date-time"},
                          counts=_object(["queued", "processing", "done", "failed"],
                                         **{s: INT for s in ("queued", "processing", "done", "failed")})),
-        "Results": _object(["query", "results"], query=TEXT, results={"type": "array", "items": _object(
-            ["id", "source", "caption", "confidence", "model_version"], id=INT, source=TEXT,
-            caption={"type": "string"}, confidence={"type": "number"}, model_version=TEXT)}),
+        "Results": _object(["query", "results", "next_offset"], query=TEXT,
+                           next_offset={"type": ["integer", "null"]}, results={"type": "array", "items": _object(
+            ["id", "source", "caption", "alt_text", "tags", "score", "confidence", "model_version"], id=INT,
+            source=TEXT, caption={"type": "string"}, alt_text={"type": "string"},
+            tags={"type": "array", "items": _object(["label", "score"], label={"type": "string"},
+                                                    score={"type": "number"})},
+            score={"type": "number"}, confidence={"type": "number"}, model_version=TEXT)}),
         "Ready": _object(["status", "checks"], status={"type": "string", "enum": ["ready", "not ready"]},
                          checks={"type": "object", "additionalProperties": {"type": "string"}}),
     }},

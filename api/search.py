@@ -1,7 +1,5 @@
-"/v1/search: captions matching words (a simple match until the search issue lands)."
-import re
-
-from flask import Blueprint, Response, jsonify, request
+"/v1/search: captioned images ranked by how well their caption, alt text and tags match q."
+from flask import Blueprint, Response, g, jsonify, request
 
 from core import search
 from core.errors import InvalidRequest
@@ -9,22 +7,31 @@ from core.errors import InvalidRequest
 from . import get_session
 
 MAX_LIMIT = 100
-# a character that is not white space, spelt out: Python's str.split() and the JSON Schema (ECMA)
-# `\S` disagree (\x1c-\x1f, \x85, \ufeff), and the OpenAPI document states this same pattern
-WORD = "[^\\t\\n\\v\\f\\r \\x1c-\\x1f\\x85\\xa0\\u1680\\u2000-\\u200a\\u2028\\u2029\\u202f\\u205f\\u3000\\ufeff]"
+# What the OpenAPI document states q must be: under MAX_QUERY_CHARS, no NUL, and at least one
+# letter or digit (Python's `[^\W_]`, the same test core/search.py splits words with).
+QUERY = "^[^\\x00]*[^\\W_][^\\x00]*$"
 
 bp = Blueprint("search", __name__, url_prefix="/v1/search")
 
 
+def _int_arg(name: str, default: int, low: int, high: int) -> int:
+    try:
+        value = int(request.args.get(name, default))
+    except ValueError:
+        raise InvalidRequest(f"{name} must be an integer") from None
+    if not low <= value <= high:
+        raise InvalidRequest(f"{name} must be between {low} and {high}")
+    return value
+
+
 @bp.get("")
 def search_captions() -> Response:
-    q = request.args.get("q", "").strip()
-    if not re.search(WORD, q):
+    q = request.args.get("q", "")
+    if not q.strip():
         raise InvalidRequest("give the words to search for as ?q=")
-    try:
-        limit = int(request.args.get("limit", 20))
-    except ValueError:
-        raise InvalidRequest("limit must be an integer") from None
-    if not 1 <= limit <= MAX_LIMIT:
-        raise InvalidRequest(f"limit must be between 1 and {MAX_LIMIT}")
-    return jsonify({"query": q, "results": search.query_index(get_session(), q, limit)})
+    limit = _int_arg("limit", 20, 1, MAX_LIMIT)
+    offset = _int_arg("offset", 0, 0, search.MAX_OFFSET)
+    # one row more than asked says whether there is a next page
+    rows = search.query_index(get_session(), q, limit + 1, offset, tenant=g.get("tenant", "default"))
+    next_offset = offset + limit if len(rows) > limit and offset + limit <= search.MAX_OFFSET else None
+    return jsonify({"query": q, "results": rows[:limit], "next_offset": next_offset})

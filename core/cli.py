@@ -172,6 +172,45 @@ def bench_model_command(images, batch_sizes, checkpoint, device, beam) -> None:
     click.echo(json.dumps(rows))
 
 
+@bench.command("search")
+@click.option("--imagenet", type=click.Path(exists=True, file_okay=False), default=str(DATA / "imagenet-samples"),
+              show_default=True, help="Folder with images/ and labels.tsv (one photo per class).")
+@click.option("--flickr", type=click.Path(exists=True, file_okay=False), default=str(DATA / "flickr8k"),
+              show_default=True, help="Flickr8k folder: images/, Flickr_8k.devImages.txt, Flickr8k.token.txt.")
+@click.option("--queries", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="One query per line [core/search_queries.txt: 50 written from COCO captions].")
+@click.option("--cache-dir", type=click.Path(file_okay=False), default=".cache/bench-search", show_default=True,
+              help="Where the captioned corpora are kept (SQLite files), reused by the next run.")
+@click.option("--k", type=click.IntRange(1, 100), default=5, show_default=True)
+@click.option("--postgres-url", default=None,
+              help="Also measure PostgreSQL: the captions are copied into this (migrated) database.")
+def bench_search_command(imagenet, flickr, queries, cache_dir, k, postgres_url) -> None:
+    """Search relevance: recall@k of ImageNet class names, precision@k of COCO-written queries."""
+    from tqdm import tqdm
+
+    from core import bench_search
+
+    with tqdm(unit="img", desc="captioning") as bar:
+        result = bench_search.run(_settings(), Path(imagenet), Path(flickr),
+                                  Path(queries) if queries else bench_search.QUERIES, Path(cache_dir), k,
+                                  click.echo, lambda report: bar.update(report.captioned + report.failed),
+                                  postgres_url)
+    backends = [b for b in ("sqlite", "postgresql") if b in result]
+    click.echo(f"\n{'measure':<58}" + "".join(f" {b:>10}" for b in backends))
+
+    def row(label: str, part: str, key: str, fmt: str) -> None:
+        click.echo(f"{label:<58}" + "".join(f" {result[b][part][key]:>10{fmt}}" for b in backends))
+
+    names, coco = "imagenet_class_names", "coco_queries_on_flickr8k_dev"
+    row(f"ImageNet class names ({result['sqlite'][names]['queries']}): recall@1", names, "recall@1", ".3f")
+    row(f"ImageNet class names: recall@{k}", names, f"recall@{k}", ".3f")
+    row(f"COCO queries ({result['sqlite'][coco]['queries']}) on Flickr8k dev: precision@{k}", coco,
+        f"precision@{k}", ".3f")
+    row(f"COCO queries with a relevant photo in the top {k}", coco, f"found_relevant_in_top{k}", "")
+    row("COCO queries with any relevant photo (human captions)", coco, "answerable", "")
+    click.echo(json.dumps(result))
+
+
 def torch_device_name(device) -> str:
     import torch
 
@@ -300,52 +339,45 @@ def _follow(sm, batch_id: int, todo: int, bar) -> None:
 
 @cli.command()
 @click.argument("words", nargs=-1, required=True)
-@click.option("--limit", type=int, default=20, show_default=True)
+@click.option("--limit", type=click.IntRange(1, 100), default=20, show_default=True)
+@click.option("--offset", type=click.IntRange(0), default=0, show_default=True, help="Skip this many matches (paging).")
+@click.option("--tenant", default="default", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per match.")
-def search(words, limit, as_json) -> None:
-    """Captioned images whose caption contains every one of WORDS."""
+def search(words, limit, offset, tenant, as_json) -> None:
+    """Captioned images ranked by how well caption, alt text and tags match WORDS.
+
+    Words are stemmed (dogs finds dog); "quoted phrases" must match as written; -word excludes.
+    Put -- before a query that starts with an exclusion: captioner search -- -cat dog
+    """
     from core import search as search_index
+    from core.errors import CaptioningError
 
     settings = _settings()
-    with _open_db(settings)() as s:
-        rows = search_index.query_index(s, " ".join(words), limit)
+    try:
+        with _open_db(settings)() as s:
+            rows = search_index.query_index(s, " ".join(words), limit, offset, tenant)
+    except CaptioningError as e:
+        raise click.ClickException(f"{e.code}: {e.message}")
     for row in rows:
-        click.echo(json.dumps(row) if as_json else f"{row['id']:>7}  {row['confidence']:.2f}  {row['caption']}  {row['source']}")
+        click.echo(json.dumps(row) if as_json else
+                   f"{row['id']:>7}  {row['score']:.3f}  {row['caption']}  {row['source']}")
     if not rows and not as_json:
         click.echo("no matches", err=True)
-
-
-EXPORT_FIELDS = ["id", "source", "sha256", "width", "height", "caption", "alt_text", "confidence", "needs_review",
-                 "candidates", "tags", "model_version", "captioned_at"]
 
 
 @cli.command()
 @click.option("--format", "fmt", type=click.Choice(["jsonl", "csv"]), default="jsonl", show_default=True)
 @click.option("--output", type=click.File("w", encoding="utf-8"), default="-", show_default=True)
 @click.option("--model-version", default=None, help="Only captions of this model version.")
-def export(fmt, output, model_version) -> None:
-    """Write every caption with its image, alt text, candidates and tags."""
-    import csv
-
-    from core import queries
+@click.option("--tenant", default="default", show_default=True)
+def export(fmt, output, model_version, tenant) -> None:
+    """Write every caption with its image key, alt text, state, candidates and tags (for CMS imports)."""
+    from core import export as exporter
 
     settings = _settings()
-    writer = csv.DictWriter(output, EXPORT_FIELDS) if fmt == "csv" else None
-    if writer:
-        writer.writeheader()
     with _open_db(settings)() as s:
-        for image, cap in s.execute(queries.results_query(model_version).execution_options(yield_per=1000)):
-            row = {"id": image.id, "source": image.uri, "sha256": image.sha256, "width": image.width,
-                   "height": image.height, "caption": cap.text, "alt_text": cap.alt_text,
-                   "confidence": cap.confidence, "needs_review": cap.needs_review,
-                   "candidates": [{"text": t, "score": p} for t, p in cap.candidates],
-                   "tags": [{"label": t, "score": p} for t, p in cap.tags],
-                   "model_version": cap.model_version, "captioned_at": cap.created_at.isoformat()}
-            if writer:
-                # a spreadsheet cell holds one value: lists become JSON text
-                writer.writerow({**row, "candidates": json.dumps(row["candidates"]), "tags": json.dumps(row["tags"])})
-            else:
-                output.write(json.dumps(row) + "\n")
+        for chunk in exporter.lines(fmt, exporter.records(s, tenant, model_version)):
+            output.write(chunk)
 
 
 @cli.command()

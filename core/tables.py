@@ -21,6 +21,13 @@ from .db import Base
 STATUSES = ("queued", "processing", "done", "failed")
 QUEUES = ("interactive", "backfill")  # a single upload must not wait behind a library import
 Json = JSON().with_variant(JSONB(), "postgresql")
+# The search index over captions is built by migration b1d2search01 and read by core/search.py
+# alone, not mapped here: a generated tsvector column + GIN index on PostgreSQL, an FTS5 table
+# kept by triggers on SQLite. Alembic's comparison skips these names (migrations/env.py).
+SEARCH_INDEX_NAMES = frozenset({
+    "search_vector", "ix_captions_search_vector",  # PostgreSQL
+    *(f"captions_fts{part}" for part in ("", "_data", "_idx", "_content", "_docsize", "_config")),  # SQLite
+})
 
 
 def utcnow() -> datetime:

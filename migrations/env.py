@@ -1,7 +1,7 @@
 """Alembic environment: the metadata from core.tables, the URL from our settings (never Flask's)."""
 from alembic import context
 
-from core import tables  # noqa: F401  (registers the tables on Base.metadata)
+from core import tables  # registers the tables on Base.metadata
 from core.db import Base, make_engine
 from core.settings import get_settings
 
@@ -9,8 +9,14 @@ config = context.config
 url = config.get_main_option("sqlalchemy.url") or get_settings().database_url
 
 
+def include_name(name: str | None, _type: str, _parents: dict) -> bool:
+    """The search index is the search module's, not core/tables.py's: comparing skips it."""
+    return name not in tables.SEARCH_INDEX_NAMES
+
+
 def run_offline() -> None:
-    context.configure(url=url, target_metadata=Base.metadata, literal_binds=True, render_as_batch=True)
+    context.configure(url=url, target_metadata=Base.metadata, literal_binds=True, render_as_batch=True,
+                      include_name=include_name)
     with context.begin_transaction():
         context.run_migrations()
 
@@ -20,7 +26,7 @@ def run_online() -> None:
     with engine.connect() as connection:
         # render_as_batch: SQLite cannot ALTER most things; batch mode rebuilds the table instead
         context.configure(connection=connection, target_metadata=Base.metadata, render_as_batch=True,
-                          compare_type=True)
+                          compare_type=True, include_name=include_name)
         with context.begin_transaction():
             context.run_migrations()
     engine.dispose()

@@ -89,4 +89,4 @@ def test_caption_an_s3_prefix_in_process(run, s3, photos):
     out = run("caption", f"s3://{bucket}/embedded/")
     assert "4 images: 4 done (4 captioned now, 0 already), 0 failed" in out
     rows = [json.loads(line) for line in run("export").splitlines()]
-    assert sorted(r["source"] for r in rows) == sorted(f"s3://{bucket}/embedded/{p.name}" for p in photos[170:174])
+    assert sorted(r["key"] for r in rows) == sorted(f"s3://{bucket}/embedded/{p.name}" for p in photos[170:174])

@@ -1,0 +1,22 @@
+"/v1/export: every caption of the tenant as JSON lines or CSV, streamed (nothing to paginate)."
+from flask import Blueprint, Response, g, request, stream_with_context
+
+from core import export
+from core.errors import InvalidRequest
+
+from . import get_session
+
+MEDIA_TYPES = {"jsonl": "application/x-ndjson", "csv": "text/csv"}
+
+bp = Blueprint("export", __name__, url_prefix="/v1/export")
+
+
+@bp.get("")
+def export_captions() -> Response:
+    fmt = request.args.get("format", "jsonl")
+    if fmt not in export.FORMATS:
+        raise InvalidRequest(f"format must be one of: {', '.join(export.FORMATS)}")
+    rows = export.records(get_session(), g.get("tenant", "default"), request.args.get("model_version") or None)
+    # stream_with_context: the request (and its session, closed at teardown) lives until the last row
+    return Response(stream_with_context(export.lines(fmt, rows)), mimetype=MEDIA_TYPES[fmt],
+                    headers={"Content-Disposition": f"attachment; filename=captions.{fmt}"})

@@ -1,0 +1,127 @@
+"""Export for CMS imports on both databases: JSON lines and CSV that read back to what was
+written (quotes, commas, newlines, any script), a state per alt text, one tenant's captions only,
+streamed rather than built in memory."""
+import csv
+import io
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from core import export, queries
+from core.cli import cli
+from core.db import make_engine, make_sessionmaker
+from core.queries import NewImage, Result
+from core.settings import Settings, get_settings
+from migrations import upgrade
+
+VERSION = "export-test"
+# key, caption, alt text, needs review, tenant
+ROWS = [
+    ("s3://bucket/a, b.jpg", 'A "quoted" dog, on grass', "A dog,\non grass; 'single' quotes", False, "default"),
+    ("file:///photos/ñandú 狗.jpg", "Un ñandú 🐦 = ok", "=SUM(A1) looks like a formula", True, "default"),
+    ("s3://bucket/other.jpg", "Another tenant's photo", "Not exported for default", False, "b"),
+]
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def database(request, tmp_path_factory):
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path_factory.mktemp('export') / 'captioner.db'}"
+        upgrade(url)
+    else:
+        url = request.getfixturevalue("own_pg_url")
+    engine = make_engine(url)
+    sm = make_sessionmaker(engine)
+    for key, caption, alt, review, tenant in ROWS:
+        with sm.begin() as s:
+            [sub] = queries.submit(s, [NewImage(key, f"fp:{key}", "ab" * 32, 123)], VERSION, "interactive",
+                                   tenant=tenant)
+            [claimed] = queries.claim(s, VERSION, 60, 1, job_ids=[sub.job_id])
+            queries.complete(s, [Result(claimed, caption, alt, [(caption, 0.5), ("a dog", 0.25)],
+                                        [("dog, \"good\"", 0.75)], 0.5, review, 640, 480)], [], VERSION, 1)
+    yield url
+    engine.dispose()
+
+
+def expected(tenant: str = "default") -> list[dict]:
+    return [{"key": key, "caption": caption, "alt_text": alt, "state": "needs_review" if review else "generated"}
+            for key, caption, alt, review, t in ROWS if t == tenant]
+
+
+def picked(rows: list[dict]) -> list[dict]:
+    return [{k: r[k] for k in ("key", "caption", "alt_text", "state")} for r in rows]
+
+
+@pytest.fixture(scope="module")
+def client(database, tmp_path_factory):
+    from api import create_app
+
+    checkpoint = tmp_path_factory.mktemp("ckpt") / "fake.pt"
+    checkpoint.write_bytes(b"not really a checkpoint")
+    app = create_app(Settings(database_url=database, storage=str(tmp_path_factory.mktemp("store")),
+                              model_path=str(checkpoint)))
+    app.config["TESTING"] = True
+    yield app.test_client()
+    app.extensions["captioner"].sessionmaker.kw["bind"].dispose()  # before the database is dropped
+
+
+def test_api_jsonl_round_trip(client):
+    response = client.get("/v1/export")
+    assert response.status_code == 200 and response.mimetype == "application/x-ndjson"
+    assert response.is_streamed  # written row by row, never one string in memory
+    rows = [json.loads(line) for line in response.get_data(as_text=True).splitlines()]
+    assert picked(rows) == expected()
+    assert list(rows[0]) == export.FIELDS
+    assert rows[0]["tags"] == [{"label": 'dog, "good"', "score": 0.75}] and rows[0]["width"] == 640
+
+
+def test_api_csv_round_trip(client):
+    response = client.get("/v1/export?format=csv")
+    assert response.status_code == 200 and response.mimetype == "text/csv" and response.is_streamed
+    assert "attachment" in response.headers["Content-Disposition"]
+    reader = csv.DictReader(io.StringIO(response.get_data(as_text=True), newline=""))
+    rows = list(reader)
+    assert reader.fieldnames == export.FIELDS
+    assert picked(rows) == expected()
+    assert json.loads(rows[0]["tags"]) == [{"label": 'dog, "good"', "score": 0.75}]
+    assert rows[1]["needs_review"] == "True"
+
+
+def test_api_export_filters_and_refuses_bad_arguments(client):
+    assert client.get("/v1/export?model_version=nope").get_data(as_text=True) == ""
+    assert client.get("/v1/export?format=csv&model_version=nope").get_data(as_text=True).count("\n") == 1  # header
+    response = client.get("/v1/export?format=xml")
+    assert response.status_code == 400 and response.get_json()["error"]["code"] == "invalid_request"
+
+
+def test_records_are_one_tenants_and_streamed(database):
+    engine = make_engine(database)
+    with make_sessionmaker(engine)() as s:
+        rows = export.records(s, "b")
+        assert iter(rows) is rows  # a generator: the caller pulls rows as it writes them
+        assert picked(list(rows)) == expected("b")
+        assert list(export.records(s, "nobody")) == []
+    engine.dispose()
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv"])
+def test_cli_export(database, fmt, monkeypatch, tmp_path):
+    monkeypatch.setenv("CAPTIONER_DATABASE_URL", database)
+    get_settings.cache_clear()
+    try:
+        out = tmp_path / f"captions.{fmt}"
+        result = CliRunner().invoke(cli, ["export", "--format", fmt, "--output", str(out), "--tenant", "b"])
+        assert result.exit_code == 0, result.output
+    finally:
+        get_settings.cache_clear()
+    with open(out, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f)) if fmt == "csv" else [json.loads(line) for line in f]
+    assert picked(rows) == expected("b")
+
+
+def test_state_follows_needs_review_until_captions_have_states():
+    from core.tables import Caption
+
+    assert export.alt_text_state(Caption(needs_review=True)) == "needs_review"
+    assert export.alt_text_state(Caption(needs_review=False)) == "generated"

@@ -1,12 +1,13 @@
 "/v1/search: captions matching words (a simple match until the search issue lands)."
 import re
 
-from flask import Blueprint, Response, jsonify, request
+from flask import Blueprint, Response, g, jsonify, request
 
 from core import search
 from core.errors import InvalidRequest
 
 from . import get_session
+from .auth import require_scope
 
 MAX_LIMIT = 100
 # a character that is not white space, spelt out: Python's str.split() and the JSON Schema (ECMA)
@@ -17,6 +18,7 @@ bp = Blueprint("search", __name__, url_prefix="/v1/search")
 
 
 @bp.get("")
+@require_scope("read")
 def search_captions() -> Response:
     q = request.args.get("q", "").strip()
     if not re.search(WORD, q):
@@ -27,4 +29,4 @@ def search_captions() -> Response:
         raise InvalidRequest("limit must be an integer") from None
     if not 1 <= limit <= MAX_LIMIT:
         raise InvalidRequest(f"limit must be between 1 and {MAX_LIMIT}")
-    return jsonify({"query": q, "results": search.query_index(get_session(), q, limit)})
+    return jsonify({"query": q, "results": search.query_index(get_session(), q, limit, tenant=g.tenant)})

@@ -8,13 +8,13 @@ from sqlalchemy.orm import Session
 from .tables import Caption, Image
 
 
-def query_index(session: Session, query: str, limit: int) -> list[dict[str, Any]]:
-    """Images whose caption or alt text contains every word of `query`, most confident first."""
+def query_index(session: Session, query: str, limit: int, tenant: str = "default") -> list[dict[str, Any]]:
+    """The tenant's images whose caption or alt text contains every word of `query`, most confident first."""
     if "\x00" in query:
         return []  # no caption holds a NUL, and PostgreSQL refuses one in a text parameter
     words = [w for w in query.lower().split() if w]
     stmt = select(Image.id, Image.uri, Caption.text, Caption.confidence, Caption.model_version) \
-        .join(Caption, Caption.image_id == Image.id)
+        .join(Caption, Caption.image_id == Image.id).where(Image.tenant == tenant)
     for word in words:
         literal = word.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")  # LIKE wildcards match themselves
         pattern = f"%{literal}%"

@@ -100,8 +100,9 @@ def init_app(app: Flask, settings: Settings) -> None:
                           f"got {settings.rate_limit!r}") from None
     app.before_request(_identify)
     limiter = Limiter(
-        _rate_key, app=app, default_limits=[settings.rate_limit], storage_uri=_storage_url(settings),
-        default_limits_exempt_when=lambda: request.endpoint in OPEN,
+        # an application limit: one count per key across every route, not one per route
+        _rate_key, app=app, application_limits=[settings.rate_limit], storage_uri=_storage_url(settings),
+        application_limits_exempt_when=lambda: request.endpoint in OPEN,
         key_prefix="captioner",
         # a Redis outage must not take the API down with it: count in memory until it is back
         in_memory_fallback_enabled=True, swallow_errors=True)

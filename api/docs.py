@@ -36,6 +36,10 @@ ID = [{"name": "id", "in": "path", "required": True, "schema": {"type": "integer
 # 403: an S3 bucket the service cannot read (missing or forbidden: one answer, so bucket names do not leak);
 # 404: an S3 key that does not exist; 413: a body over CAPTIONER_MAX_UPLOAD_BYTES; 415: another media type
 SUBMIT_ERRORS = _errors(400, 403, 404, 413, 415, 503)
+# every /v1 operation: 401 without a valid key (with WWW-Authenticate), 403 for a scope the key
+# lacks, 429 over the key's rate limit (with Retry-After)
+KEYED: dict[str, Any] = {"security": [{"bearer": []}]}
+KEY_ERRORS = _errors(401, 403, 429)
 
 SPEC: dict[str, Any] = {
     "openapi": "3.1.0",
@@ -50,11 +54,12 @@ SPEC: dict[str, Any] = {
                 "application/json": {"schema": _object(["s3"], s3=S3_OBJECT, queue=QUEUE)}}},
             "responses": {"202": _json({"$ref": "#/components/schemas/Accepted"}, "queued"),
                           "200": _json({"$ref": "#/components/schemas/Accepted"}, "already captioned by this model"),
-                          **SUBMIT_ERRORS, **_errors(422)}}},
+                          **SUBMIT_ERRORS, **_errors(422), **KEY_ERRORS}, **KEYED}},
         "/v1/images/{id}": {"get": {
             "summary": "An image's status and, once done, its caption, alt text, candidates and tags",
             "parameters": ID,
-            "responses": {"200": _json({"$ref": "#/components/schemas/Image"}, "the image"), **_errors(404)}}},
+            "responses": {"200": _json({"$ref": "#/components/schemas/Image"}, "the image"), **_errors(404),
+                          **KEY_ERRORS}, **KEYED}},
         "/v1/batches": {"post": {
             "summary": "Submit every image under an S3 prefix, or a list of S3 objects",
             "requestBody": {"required": True, "content": {"application/json": {"schema": {"oneOf": [
@@ -62,10 +67,11 @@ SPEC: dict[str, Any] = {
                 _object(["images"], queue=QUEUE, images={"type": "array", "minItems": 1, "maxItems": 10000,
                                                          "items": _object(["s3"], s3=S3_OBJECT)})]}}}},
             "responses": {"202": _json(_object(["id", "total", "url"], id=INT, total=INT, url=TEXT), "queued"),
-                          **SUBMIT_ERRORS}}},
+                          **SUBMIT_ERRORS, **KEY_ERRORS}, **KEYED}},
         "/v1/batches/{id}": {"get": {
             "summary": "Counts of a batch's images per status", "parameters": ID,
-            "responses": {"200": _json({"$ref": "#/components/schemas/Batch"}, "the batch"), **_errors(404)}}},
+            "responses": {"200": _json({"$ref": "#/components/schemas/Batch"}, "the batch"), **_errors(404),
+                          **KEY_ERRORS}, **KEYED}},
         "/v1/search": {"get": {
             "summary": "Captioned images whose caption contains every word of q",
             "parameters": [{"name": "q", "in": "query", "required": True,
@@ -73,7 +79,7 @@ SPEC: dict[str, Any] = {
                            {"name": "limit", "in": "query",
                             "schema": {"type": "integer", "minimum": 1, "maximum": 100, "default": 20}}],
             "responses": {"200": _json({"$ref": "#/components/schemas/Results"}, "matches, most confident first"),
-                          **_errors(400)}}},
+                          **_errors(400), **KEY_ERRORS}, **KEYED}},
         "/healthz": {"get": {"summary": "The process is alive",
                              "responses": {"200": _json(_object(["status"], status={"const": "ok"}), "ok")}}},
         "/readyz": {"get": {"summary": "Database, broker, storage and model are usable",
@@ -84,7 +90,10 @@ SPEC: dict[str, Any] = {
         "/docs": {"get": {"summary": "This document as a page",
                           "responses": {"200": {"description": "HTML", "content": {"text/html": {}}}}}},
     },
-    "components": {"schemas": {
+    "components": {"securitySchemes": {"bearer": {
+        "type": "http", "scheme": "bearer",
+        "description": "An API key from `captioner keys create --tenant NAME --scope read|write|admin`; GET "
+                       "routes need read, the others write. Not needed with CAPTIONER_AUTH=off."}}, "schemas": {
         "Error": _object(["error"], error=_object(["code", "message"], code=TEXT, message=TEXT)),
         "Accepted": _object(["id", "status", "queue", "model_version", "url"],
                             id=INT, status={"type": "string", "enum": ["queued", "processing", "done", "failed"]},
@@ -125,6 +134,8 @@ PAGE = """<!doctype html>
 code{background:#f3f3f3;padding:0 .3em}h2{margin-top:2rem;font-size:1.1rem}</style></head>
 <body><h1>{{ spec.info.title }} API</h1><p>{{ spec.info.description }}</p>
 <p>Every error is <code>{"error": {"code": "...", "message": "..."}}</code>.
+Every <code>/v1</code> route needs <code>Authorization: Bearer KEY</code> (a key from
+<code>captioner keys create</code>).
 Machine-readable: <a href="/openapi.json">/openapi.json</a>.</p>
 {% for path, ops in spec.paths.items() %}{% for method, op in ops.items() %}
 <h2><code>{{ method|upper }} {{ path }}</code></h2><p>{{ op.summary }}</p>

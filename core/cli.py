@@ -302,13 +302,14 @@ def _follow(sm, batch_id: int, todo: int, bar) -> None:
 @click.argument("words", nargs=-1, required=True)
 @click.option("--limit", type=int, default=20, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per match.")
-def search(words, limit, as_json) -> None:
+@click.option("--tenant", default="default", show_default=True, help="Whose images to search.")
+def search(words, limit, as_json, tenant) -> None:
     """Captioned images whose caption contains every one of WORDS."""
     from core import search as search_index
 
     settings = _settings()
     with _open_db(settings)() as s:
-        rows = search_index.query_index(s, " ".join(words), limit)
+        rows = search_index.query_index(s, " ".join(words), limit, tenant=tenant)
     for row in rows:
         click.echo(json.dumps(row) if as_json else f"{row['id']:>7}  {row['confidence']:.2f}  {row['caption']}  {row['source']}")
     if not rows and not as_json:

@@ -163,3 +163,20 @@ def test_tenants_cli_allows_and_denies_buckets(app_settings, monkeypatch):
         assert run(cli, ["tenants", "list"]).output == ""
     finally:
         get_settings.cache_clear()
+
+
+def test_cli_search_is_per_tenant(world, app_settings, monkeypatch):
+    from click.testing import CliRunner
+
+    from core.cli import cli
+    from core.settings import get_settings
+
+    monkeypatch.setenv("CAPTIONER_DATABASE_URL", app_settings.database_url)
+    get_settings.cache_clear()
+    try:
+        mine = CliRunner().invoke(cli, ["search", "zebracorn", "--tenant", "a", "--json"])
+        default = CliRunner().invoke(cli, ["search", "zebracorn", "--json"])
+    finally:
+        get_settings.cache_clear()
+    assert mine.exit_code == 0 and CAPTION in mine.output
+    assert default.exit_code == 0 and CAPTION not in default.output

@@ -15,7 +15,7 @@ from core.errors import AccessDenied, ConfigError, Unauthenticated
 from core.settings import Settings
 from core.tables import SCOPES
 
-from . import services
+from . import get_session, services
 from .errors import Headers, _response
 
 # health probes for the orchestrator, the API's own documentation: nothing of any tenant's
@@ -61,10 +61,10 @@ def _identify() -> None:
     if svc.settings.auth == "off":
         g.caller = auth.Caller("default", ALL_SCOPES, None, None)
     else:
+        key = _bearer()
         # its own short transaction: the key check and last-used stamp never mix with the handler's work
         with svc.sessionmaker.begin() as s:
-            g.caller = auth.authenticate(s, _bearer())
-            auth.touch(s, g.caller)
+            g.caller = auth.authenticate(s, key)
     g.tenant, g.scopes = g.caller.tenant, g.caller.scopes
     view = current_app.view_functions.get(request.endpoint or "")
     if view is not None and not hasattr(view, "required_scope") and "admin" not in g.scopes:
@@ -113,7 +113,5 @@ def init_app(app: Flask, settings: Settings) -> None:
 def check_s3(locations: list[tuple[str, str]]) -> None:
     """403 unless the caller's tenant may read every (bucket, key or prefix). With auth off the one
     user may read whatever the service can."""
-    from . import get_session
-
     if services().settings.auth != "off":
         auth.check_s3(get_session(), g.tenant, locations)

@@ -18,8 +18,8 @@ from core.errors import (
 
 log = logging.getLogger(__name__)
 
-STATUS = {InvalidRequest: 400, Unauthenticated: 401, AccessDenied: 403, NotFound: 404, TooLarge: 413, InvalidImage: 422,
-          TransientError: 503, ConfigError: 503}
+STATUS = {InvalidRequest: 400, Unauthenticated: 401, AccessDenied: 403, NotFound: 404, TooLarge: 413,
+          InvalidImage: 422, TransientError: 503, ConfigError: 503}
 
 
 def error_body(code: str, message: str) -> dict:

@@ -118,19 +118,31 @@ def test_a_route_without_a_scope_is_closed_to_all_but_admin(app_settings):
 
 
 def test_last_use_is_recorded_once_a_minute(app, app_settings, api_key):
+    from datetime import timedelta
+
+    from sqlalchemy import select, update
+
     from core.db import make_engine
     from core.tables import ApiKey
 
     client = keyed(app, api_key)
     engine = make_engine(app_settings.database_url)
-    stamp = lambda: engine.connect().__enter__().execute(  # noqa: E731
-        ApiKey.__table__.select().where(ApiKey.prefix == api_key[4:16])).one().last_used_at
+    row = ApiKey.prefix == api_key[4:16]
+
+    def stamp():
+        with engine.connect() as conn:
+            return conn.scalar(select(ApiKey.last_used_at).where(row))
+
     assert stamp() is None
     client.get("/v1/search?q=dog")
     first = stamp()
     assert first is not None
     client.get("/v1/search?q=dog")
     assert stamp() == first  # within a minute: no write
+    with engine.begin() as conn:
+        conn.execute(update(ApiKey).where(row).values(last_used_at=first - timedelta(minutes=2)))
+    client.get("/v1/search?q=dog")
+    assert stamp() > first
     engine.dispose()
 
 

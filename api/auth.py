@@ -62,9 +62,11 @@ def _identify() -> None:
         g.caller = auth.Caller("default", ALL_SCOPES, None, None)
     else:
         key = _bearer()
-        # its own short transaction: the key check and last-used stamp never mix with the handler's work
-        with svc.sessionmaker.begin() as s:
-            g.caller = auth.authenticate(s, key)
+        # the request's own session: one connection per request, not one for the key and one for the work
+        session = get_session()
+        g.caller = auth.authenticate(session, key)
+        if session.dirty:
+            session.commit()  # the once-a-minute last-used stamp
     g.tenant, g.scopes = g.caller.tenant, g.caller.scopes
     view = current_app.view_functions.get(request.endpoint or "")
     if view is not None and not hasattr(view, "required_scope") and "admin" not in g.scopes:

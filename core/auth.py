@@ -11,7 +11,7 @@ import secrets
 from dataclasses import dataclass
 from datetime import timedelta, timezone
 
-from sqlalchemy import select, update
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from .errors import AccessDenied, InvalidRequest, NotFound, Unauthenticated
@@ -70,20 +70,17 @@ def authenticate(session: Session, key: str) -> Caller:
                               "`captioner keys create`", code="invalid_api_key")
     if row.revoked_at is not None:
         raise Unauthenticated(f"API key {row.id} was revoked", code="revoked_api_key")
-    _touch(session, row)
+    _touch(row)
     return Caller(row.tenant, frozenset(row.scopes.split()), row.id, row.prefix)
 
 
-def _touch(session: Session, row: ApiKey) -> None:
+def _touch(row: ApiKey) -> None:
     """Record that a key was used, at most once per TOUCH_EVERY: most requests write nothing (on
-    SQLite even an UPDATE that matches no row would take the database's one write lock)."""
+    SQLite even an UPDATE that matches no row would take the database's one write lock). The
+    caller commits when the session is dirty."""
     now, last = utcnow(), row.last_used_at
-    if last is not None and last.replace(tzinfo=last.tzinfo or timezone.utc) > now - TOUCH_EVERY:
-        return  # SQLite hands back naive UTC datetimes
-    # the condition again in SQL: of several processes stamping at once, one writes
-    session.execute(update(ApiKey).where(
-        ApiKey.id == row.id, ApiKey.last_used_at.is_(None) | (ApiKey.last_used_at < now - TOUCH_EVERY))
-        .values(last_used_at=now).execution_options(synchronize_session=False))
+    if last is None or last.replace(tzinfo=last.tzinfo or timezone.utc) < now - TOUCH_EVERY:  # SQLite: naive UTC
+        row.last_used_at = now
 
 
 def revoke_key(session: Session, key_id: int) -> ApiKey:

@@ -71,8 +71,9 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.extensions["captioner"] = Services(settings, make_sessionmaker(make_engine(settings.database_url)), celery)
     app.teardown_appcontext(_close_session)
 
-    from . import batches, docs, errors, export, health, images, search
+    from . import auth, batches, docs, errors, export, health, images, search
     errors.init_app(app)
+    auth.init_app(app, settings)
     for module in (images, batches, search, export, health, docs):
         app.register_blueprint(module.bp)
     return app

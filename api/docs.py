@@ -39,6 +39,10 @@ ID = [{"name": "id", "in": "path", "required": True, "schema": {"type": "integer
 # 403: an S3 bucket the service cannot read (missing or forbidden: one answer, so bucket names do not leak);
 # 404: an S3 key that does not exist; 413: a body over CAPTIONER_MAX_UPLOAD_BYTES; 415: another media type
 SUBMIT_ERRORS = _errors(400, 403, 404, 413, 415, 503)
+# every /v1 operation: 401 without a valid key (with WWW-Authenticate), 403 for a scope the key
+# lacks, 429 over the key's rate limit (with Retry-After)
+KEYED: dict[str, Any] = {"security": [{"bearer": []}]}
+KEY_ERRORS = _errors(401, 403, 429)
 
 SPEC: dict[str, Any] = {
     "openapi": "3.1.0",
@@ -53,11 +57,12 @@ SPEC: dict[str, Any] = {
                 "application/json": {"schema": _object(["s3"], s3=S3_OBJECT, queue=QUEUE)}}},
             "responses": {"202": _json({"$ref": "#/components/schemas/Accepted"}, "queued"),
                           "200": _json({"$ref": "#/components/schemas/Accepted"}, "already captioned by this model"),
-                          **SUBMIT_ERRORS, **_errors(422)}}},
+                          **SUBMIT_ERRORS, **_errors(422), **KEY_ERRORS}, **KEYED}},
         "/v1/images/{id}": {"get": {
             "summary": "An image's status and, once done, its caption, alt text, candidates and tags",
             "parameters": ID,
-            "responses": {"200": _json({"$ref": "#/components/schemas/Image"}, "the image"), **_errors(404)}}},
+            "responses": {"200": _json({"$ref": "#/components/schemas/Image"}, "the image"), **_errors(404),
+                          **KEY_ERRORS}, **KEYED}},
         "/v1/batches": {"post": {
             "summary": "Submit every image under an S3 prefix, or a list of S3 objects",
             "requestBody": {"required": True, "content": {"application/json": {"schema": {"oneOf": [
@@ -65,10 +70,11 @@ SPEC: dict[str, Any] = {
                 _object(["images"], queue=QUEUE, images={"type": "array", "minItems": 1, "maxItems": 10000,
                                                          "items": _object(["s3"], s3=S3_OBJECT)})]}}}},
             "responses": {"202": _json(_object(["id", "total", "url"], id=INT, total=INT, url=TEXT), "queued"),
-                          **SUBMIT_ERRORS}}},
+                          **SUBMIT_ERRORS, **KEY_ERRORS}, **KEYED}},
         "/v1/batches/{id}": {"get": {
             "summary": "Counts of a batch's images per status", "parameters": ID,
-            "responses": {"200": _json({"$ref": "#/components/schemas/Batch"}, "the batch"), **_errors(404)}}},
+            "responses": {"200": _json({"$ref": "#/components/schemas/Batch"}, "the batch"), **_errors(404),
+                          **KEY_ERRORS}, **KEYED}},
         "/v1/search": {"get": {
             "summary": "Captioned images ranked by how well caption, alt text and tags match q",
             "description": "q holds words (stemmed: dogs finds dog), \"quoted phrases\" and -exclusions; "
@@ -81,7 +87,7 @@ SPEC: dict[str, Any] = {
                            {"name": "offset", "in": "query",
                             "schema": {"type": "integer", "minimum": 0, "maximum": MAX_OFFSET, "default": 0}}],
             "responses": {"200": _json({"$ref": "#/components/schemas/Results"}, "matches, best first"),
-                          **_errors(400)}}},
+                          **_errors(400), **KEY_ERRORS}, **KEYED}},
         "/v1/export": {"get": {
             "summary": "Every caption with its image key, alt text and alt-text state, for CMS imports",
             "description": "Streamed, unpaginated: JSON lines (one object per caption) or CSV with a header row.",
@@ -90,7 +96,7 @@ SPEC: dict[str, Any] = {
                            {"name": "model_version", "in": "query", "schema": {"type": "string"}}],
             "responses": {"200": {"description": "the captions", "content": {
                 "application/x-ndjson": {"schema": {"type": "string"}},
-                "text/csv": {"schema": {"type": "string"}}}}, **_errors(400)}}},
+                "text/csv": {"schema": {"type": "string"}}}}, **_errors(400), **KEY_ERRORS}, **KEYED}},
         "/healthz": {"get": {"summary": "The process is alive",
                              "responses": {"200": _json(_object(["status"], status={"const": "ok"}), "ok")}}},
         "/readyz": {"get": {"summary": "Database, broker, storage and model are usable",
@@ -101,7 +107,10 @@ SPEC: dict[str, Any] = {
         "/docs": {"get": {"summary": "This document as a page",
                           "responses": {"200": {"description": "HTML", "content": {"text/html": {}}}}}},
     },
-    "components": {"schemas": {
+    "components": {"securitySchemes": {"bearer": {
+        "type": "http", "scheme": "bearer",
+        "description": "An API key from `captioner keys create --tenant NAME --scope read|write|admin`; GET "
+                       "routes need read, the others write. Not needed with CAPTIONER_AUTH=off."}}, "schemas": {
         "Error": _object(["error"], error=_object(["code", "message"], code=TEXT, message=TEXT)),
         "Accepted": _object(["id", "status", "queue", "model_version", "url"],
                             id=INT, status={"type": "string", "enum": ["queued", "processing", "done", "failed"]},
@@ -146,6 +155,8 @@ PAGE = """<!doctype html>
 code{background:#f3f3f3;padding:0 .3em}h2{margin-top:2rem;font-size:1.1rem}</style></head>
 <body><h1>{{ spec.info.title }} API</h1><p>{{ spec.info.description }}</p>
 <p>Every error is <code>{"error": {"code": "...", "message": "..."}}</code>.
+Every <code>/v1</code> route needs <code>Authorization: Bearer KEY</code> (a key from
+<code>captioner keys create</code>).
 Machine-readable: <a href="/openapi.json">/openapi.json</a>.</p>
 {% for path, ops in spec.paths.items() %}{% for method, op in ops.items() %}
 <h2><code>{{ method|upper }} {{ path }}</code></h2><p>{{ op.summary }}</p>

@@ -13,12 +13,13 @@ from core.errors import (
     NotFound,
     TooLarge,
     TransientError,
+    Unauthenticated,
 )
 
 log = logging.getLogger(__name__)
 
-STATUS = {InvalidRequest: 400, AccessDenied: 403, NotFound: 404, TooLarge: 413, InvalidImage: 422,
-          TransientError: 503, ConfigError: 503}
+STATUS = {InvalidRequest: 400, Unauthenticated: 401, AccessDenied: 403, NotFound: 404, TooLarge: 413,
+          InvalidImage: 422, TransientError: 503, ConfigError: 503}
 
 
 def error_body(code: str, message: str) -> dict:
@@ -34,7 +35,10 @@ def _response(status: int, code: str, message: str, headers: Headers | None = No
 
 def _captioning_error(e: CaptioningError) -> tuple[Response, int, Headers]:
     status = next((s for cls, s in STATUS.items() if isinstance(e, cls)), 500)
-    return _response(status, e.code, e.message)
+    # RFC 6750: a 401 names the scheme it wants, and says when the token sent was not accepted
+    headers = [("WWW-Authenticate", 'Bearer realm="captioner"' if e.code == "missing_api_key" else
+                'Bearer realm="captioner", error="invalid_token"')] if status == 401 else None
+    return _response(status, e.code, e.message, headers)
 
 
 def _http_error(e: HTTPException) -> tuple[Response, int, Headers]:

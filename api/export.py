@@ -5,6 +5,7 @@ from core import export
 from core.errors import InvalidRequest
 
 from . import get_session
+from .auth import require_scope
 
 MEDIA_TYPES = {"jsonl": "application/x-ndjson", "csv": "text/csv"}
 
@@ -12,6 +13,7 @@ bp = Blueprint("export", __name__, url_prefix="/v1/export")
 
 
 @bp.get("")
+@require_scope("read")
 def export_captions() -> Response:
     fmt = request.args.get("format", "jsonl")
     if fmt not in export.FORMATS:

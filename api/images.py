@@ -1,11 +1,12 @@
 """/v1/images: submit one image (upload or S3 reference) and read its caption."""
-from flask import Blueprint, Response, jsonify, request, url_for
+from flask import Blueprint, Response, g, jsonify, request, url_for
 from werkzeug.exceptions import UnsupportedMediaType
 
 from core import jobs, queries, storage
 from core.errors import InvalidRequest
 
 from . import bodies, get_session, services
+from .auth import check_s3, require_scope
 
 bp = Blueprint("images", __name__, url_prefix="/v1/images")
 
@@ -19,13 +20,14 @@ def _accepted(sub: queries.Submitted, model_version: str) -> tuple[Response, int
 
 
 @bp.post("")
+@require_scope("write")
 def submit_image() -> tuple[Response, int, dict]:
     svc = services()
     if request.mimetype == "multipart/form-data":
         data = bodies.upload()  # an empty file is an invalid image (422), as it is for the worker
         queue = bodies.queue(request.form.get("queue", "interactive"))
         version = svc.current_model_version()
-        sub = jobs.submit_upload(svc.sessionmaker, svc.settings, data, version, queue, svc.publish)
+        sub = jobs.submit_upload(svc.sessionmaker, svc.settings, data, version, queue, svc.publish, tenant=g.tenant)
         return _accepted(sub, version)
     if not request.is_json:
         raise UnsupportedMediaType("send the image as multipart/form-data (field 'file') or an S3 object as "
@@ -35,13 +37,15 @@ def submit_image() -> tuple[Response, int, dict]:
         raise InvalidRequest('send a multipart field "file", or JSON {"s3": {"bucket": B, "key": K}}')
     bucket, key = bodies.s3_location(body["s3"], "s3", "key")
     queue = bodies.queue(body.get("queue", "interactive"))
+    check_s3([(bucket, key)])
     version = svc.current_model_version()
     image = jobs.s3_image(storage.head(bucket, key))
-    _, [sub] = jobs.submit_images(svc.sessionmaker, [image], version, queue, svc.publish)
+    _, [sub] = jobs.submit_images(svc.sessionmaker, [image], version, queue, svc.publish, tenant=g.tenant)
     return _accepted(sub, version)
 
 
 @bp.get("/<id:image_id>")
+@require_scope("read")
 def get_image(image_id: int) -> Response:
     # the job of the model this API submits for, if the image has one; its latest job otherwise
-    return jsonify(queries.image_view(get_session(), image_id, services().model_version))
+    return jsonify(queries.image_view(get_session(), image_id, services().model_version, tenant=g.tenant))

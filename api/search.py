@@ -5,6 +5,7 @@ from core import search
 from core.errors import InvalidRequest
 
 from . import get_session
+from .auth import require_scope
 
 MAX_LIMIT = 100
 # What the OpenAPI document states q must be: under MAX_QUERY_CHARS, no NUL, and at least one
@@ -25,6 +26,7 @@ def _int_arg(name: str, default: int, low: int, high: int) -> int:
 
 
 @bp.get("")
+@require_scope("read")
 def search_captions() -> Response:
     q = request.args.get("q", "")
     if not q.strip():

@@ -22,8 +22,14 @@ class InvalidRequest(CaptioningError):
     code = "invalid_request"
 
 
+class Unauthenticated(CaptioningError):
+    """No API key, or one that is unknown or revoked."""
+    code = "unauthenticated"
+
+
 class AccessDenied(CaptioningError):
-    """The service may not read what the caller named, e.g. an S3 bucket it has no access to."""
+    """The caller may not do this: an S3 bucket the service or the tenant may not read, a scope the
+    API key lacks."""
     code = "access_denied"
 
 

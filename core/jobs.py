@@ -37,11 +37,12 @@ def to_publish(submitted: Iterable[Submitted]) -> list[tuple[int, str]]:
 
 
 def submit_upload(sm: sessionmaker, settings: Settings, data: bytes, model_version: str, queue: str,
-                  publish: Publish) -> Submitted:
+                  publish: Publish, tenant: str = "default") -> Submitted:
     decode.sniff(data, settings.max_pixels)  # refuse junk now, with a clear error, not later in a worker
     uri, digest = storage.store(settings.storage, data)
     with sm.begin() as s:
-        [sub] = queries.submit(s, [NewImage(uri, f"sha256:{digest}", digest, len(data))], model_version, queue)
+        [sub] = queries.submit(s, [NewImage(uri, f"sha256:{digest}", digest, len(data))], model_version, queue,
+                               tenant=tenant)
     publish(to_publish([sub]))
     return sub
 
@@ -58,14 +59,16 @@ def file_image(path: Path) -> NewImage:
 
 
 def submit_images(sm: sessionmaker, images: list[NewImage], model_version: str, queue: str,
-                  publish: Publish, batch_source: str | None = None) -> tuple[int | None, list[Submitted]]:
+                  publish: Publish, batch_source: str | None = None,
+                  tenant: str = "default") -> tuple[int | None, list[Submitted]]:
     """Rows for images (and a batch grouping them, given its source) in one transaction, then the
     doorbell -> (batch id or None, submitted)."""
     with sm.begin() as s:
-        submitted = queries.submit(s, images, model_version, queue)
+        submitted = queries.submit(s, images, model_version, queue, tenant=tenant)
         batch_id = None
         if batch_source is not None:
-            batch_id = queries.create_batch(s, batch_source, model_version, (x.image_id for x in submitted)).id
+            batch_id = queries.create_batch(s, batch_source, model_version, (x.image_id for x in submitted),
+                                            tenant=tenant).id
     publish(to_publish(submitted))
     return batch_id, submitted
 

@@ -12,6 +12,7 @@ from typing import Mapping, get_args
 from .errors import ConfigError
 
 PREFIX = "CAPTIONER_"
+AUTH_MODES = ("required", "off")
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,15 @@ class Settings:
     sweep_seconds: int = 60  # how often a worker's beat runs the sweep
     io_threads: int = 8  # concurrent fetch + decode threads per batch
     s3_prefix_limit: int = 100_000  # most keys one `s3://bucket/prefix` batch may expand to
+    # "required": every /v1 request needs an API key (`captioner keys create`); "off": a single-user
+    # laptop, where every request is tenant "default" with every scope and may read any bucket
+    auth: str = "required"
+    rate_limit: str = "600/minute"  # per API key (per client address with auth off); flask-limiter syntax
+    ratelimit_storage_url: str | None = None  # None = the broker if it is Redis, else per-process memory
+
+    def __post_init__(self) -> None:
+        if self.auth not in AUTH_MODES:
+            raise ConfigError(f"{PREFIX}AUTH must be one of {', '.join(AUTH_MODES)}, got {self.auth!r}")
 
     @property
     def embedded(self) -> bool:

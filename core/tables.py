@@ -116,3 +116,35 @@ class Caption(Base):
 
     def __repr__(self) -> str:
         return f"<Caption image={self.image_id} {self.text!r}>"
+
+
+SCOPES = ("read", "write", "admin")  # each includes the ones before it
+
+
+class ApiKey(Base):
+    """A tenant's API key. Only its sha256 is stored: the key itself is shown once, at creation."""
+    __tablename__ = "api_keys"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(64))
+    name: Mapped[str] = mapped_column(String(200), default="")
+    prefix: Mapped[str] = mapped_column(String(16), unique=True)  # the public part: finds the row
+    hash: Mapped[str] = mapped_column(String(64))  # sha256 hex of the whole key
+    scopes: Mapped[str] = mapped_column(String(64))  # space-separated, as in OAuth: "read write"
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    last_used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    def __repr__(self) -> str:  # never the hash
+        return f"<ApiKey {self.id} {self.tenant} {self.prefix} {self.scopes}>"
+
+
+class TenantBucket(Base):
+    """An S3 bucket (and key prefix) a tenant may submit images from; nothing else is readable to it."""
+    __tablename__ = "tenant_buckets"
+    tenant: Mapped[str] = mapped_column(String(64), primary_key=True)
+    bucket: Mapped[str] = mapped_column(String(255), primary_key=True)
+    prefix: Mapped[str] = mapped_column(String(1024), primary_key=True, default="")  # "" = the whole bucket
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    def __repr__(self) -> str:
+        return f"<TenantBucket {self.tenant} s3://{self.bucket}/{self.prefix}>"

@@ -223,13 +223,41 @@ def app_settings(sqlite_url: str, tmp_path: Path, fake_checkpoint: Path):
     return Settings(database_url=sqlite_url, storage=str(tmp_path / "store"), model_path=str(fake_checkpoint))
 
 
+def make_key(database_url: str, tenant: str = "default", scope: str = "write",
+             buckets: tuple[str, ...] = ()) -> str:
+    """An API key made as `captioner keys create` makes one, and S3 locations (s3://bucket/prefix)
+    the tenant may read, as `captioner tenants allow-bucket` allows them."""
+    from core import auth, storage
+    from core.db import make_engine, make_sessionmaker
+
+    engine = make_engine(database_url)
+    with make_sessionmaker(engine).begin() as s:
+        _, key = auth.create_key(s, tenant, scope)
+        for location in buckets:
+            auth.allow_bucket(s, tenant, *storage.split_s3(location))
+    engine.dispose()
+    return key
+
+
+def keyed(app, key: str):
+    """A test client that sends `key` with every request."""
+    client = app.test_client()
+    client.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {key}"
+    return client
+
+
 @pytest.fixture
-def client(app_settings):
+def api_key(app_settings) -> str:
+    return make_key(app_settings.database_url)
+
+
+@pytest.fixture
+def client(app_settings, api_key):
     from api import create_app
 
     app = create_app(app_settings)
     app.config["TESTING"] = True
-    return app.test_client()
+    return keyed(app, api_key)
 
 
 @pytest.fixture(scope="session")

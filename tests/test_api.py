@@ -9,6 +9,8 @@ from pathlib import Path
 
 from PIL import Image
 
+from conftest import keyed, make_key
+
 
 def jpeg(color=(200, 30, 30), size=(320, 240)) -> bytes:
     out = io.BytesIO()
@@ -61,12 +63,12 @@ def test_a_file_that_is_not_an_image_is_a_422(client):
     assert_error(client.post("/v1/images", data={"file": (io.BytesIO(b"hello"), "a.jpg")}), 422, "invalid_image")
 
 
-def test_an_upload_over_the_limit_is_a_413(app_settings):
+def test_an_upload_over_the_limit_is_a_413(app_settings, api_key):
     from dataclasses import replace
 
     from api import create_app
 
-    small = create_app(replace(app_settings, max_upload_bytes=1000)).test_client()
+    small = keyed(create_app(replace(app_settings, max_upload_bytes=1000)), api_key)
     assert_error(small.post("/v1/images", data={"file": (io.BytesIO(jpeg(size=(800, 600))), "a.jpg")}), 413,
                  "request_entity_too_large")
 
@@ -133,7 +135,7 @@ def test_the_api_never_imports_torch(app_settings):
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def test_a_broker_outage_still_accepts_uploads_for_the_sweep(app_settings):
+def test_a_broker_outage_still_accepts_uploads_for_the_sweep(app_settings, api_key):
     from dataclasses import replace
 
     from api import create_app
@@ -143,7 +145,7 @@ def test_a_broker_outage_still_accepts_uploads_for_the_sweep(app_settings):
     port = closed.getsockname()[1]
     try:
         app = create_app(replace(app_settings, broker_url=f"redis://127.0.0.1:{port}/0"))
-        r = app.test_client().post("/v1/images", data={"file": (io.BytesIO(jpeg()), "a.jpg")})
+        r = keyed(app, api_key).post("/v1/images", data={"file": (io.BytesIO(jpeg()), "a.jpg")})
     finally:
         closed.close()
     assert r.status_code == 202 and r.get_json()["status"] == "queued"  # the row is the truth
@@ -185,7 +187,9 @@ def test_s3_names_that_cannot_exist_are_400s(client):
         assert body["error"]["message"].startswith(field)
 
 
-def test_a_bucket_the_service_cannot_read_is_a_403(client, s3):
+def test_a_bucket_the_service_cannot_read_is_a_403(client, s3, app_settings):
+    # the tenant may read both buckets: what is tested here is the service's own access
+    make_key(app_settings.database_url, buckets=("s3://no-such-bucket-here", f"s3://{s3['S3_TEST_BUCKET']}"))
     # missing or forbidden: one answer, so the API does not tell callers which buckets exist
     body = assert_error(client.post("/v1/images", json={"s3": {"bucket": "no-such-bucket-here", "key": "a.jpg"}}),
                         403, "bucket_not_readable")

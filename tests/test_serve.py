@@ -29,15 +29,23 @@ def test_serve_answers_health_and_json_errors(sqlite_url, tmp_path, fake_checkpo
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as r:
                     assert json.load(r) == {"status": "ok"}
                 break
-            except (urllib.error.URLError, ConnectionError):
+            except (urllib.error.URLError, ConnectionError, TimeoutError):  # TimeoutError: the worker still booting
                 assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read().decode()
                 time.sleep(0.3)
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/images/77", timeout=5)
-        except urllib.error.HTTPError as e:
-            assert e.code == 404 and json.load(e)["error"]["code"] == "not_found"
-        else:
-            raise AssertionError("expected a 404")
+        created = subprocess.run([sys.executable, "-m", "core.cli", "keys", "create", "--tenant", "default"], env=env,
+                                 capture_output=True, text=True, check=True)
+        key = created.stdout.strip().splitlines()[-1].split()[-1]
+        for headers, status, code in (({}, 401, "missing_api_key"), ({"Authorization": f"Bearer {key}"}, 404, "not_found")):
+            try:
+                urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}/v1/images/77", headers=headers),
+                                       timeout=5)
+            except urllib.error.HTTPError as e:
+                assert e.code == status and json.load(e)["error"]["code"] == code
+            else:
+                raise AssertionError(f"expected a {status}")
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+    log = proc.stdout.read().decode()
+    assert "/v1/images/77" in log  # gunicorn's access log: it lists the request, never its key
+    assert key not in log and key[17:] not in log

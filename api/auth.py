@@ -1,0 +1,119 @@
+"""Who is calling: `Authorization: Bearer <key>` on every route but the open ones, `g.tenant` and
+`g.scopes` for the handlers, `require_scope` on each view, and rate limits per key."""
+import math
+import time
+from functools import wraps
+from typing import Any, Callable
+
+from flask import Flask, Response, current_app, g, request
+from flask_limiter import Limiter, RateLimitExceeded
+from flask_limiter.util import get_remote_address
+from limits import parse_many
+
+from core import auth
+from core.errors import AccessDenied, ConfigError, Unauthenticated
+from core.settings import Settings
+from core.tables import SCOPES
+
+from . import get_session, services
+from .errors import Headers, _response
+
+# health probes for the orchestrator, the API's own documentation: nothing of any tenant's
+OPEN = frozenset({"health.healthz", "health.readyz", "docs.openapi", "docs.docs_page"})
+ALL_SCOPES = auth.implied("admin")
+
+
+def require_scope(scope: str) -> Callable:
+    """Mark a view as needing `scope` (GET: read; POST, PATCH, DELETE: write). A view without the
+    mark needs admin: a route added without thought is closed, not open."""
+    if scope not in SCOPES:
+        raise ValueError(f"no scope {scope!r}; scopes: {', '.join(SCOPES)}")
+
+    def mark(view: Callable) -> Callable:
+        @wraps(view)
+        def checked(*args: Any, **kwargs: Any) -> Any:
+            if scope not in g.scopes:
+                raise AccessDenied(f"this API key lacks the {scope} scope (it has: {' '.join(sorted(g.scopes))})",
+                                   code="insufficient_scope")
+            return view(*args, **kwargs)
+
+        checked.required_scope = scope  # type: ignore[attr-defined]
+        return checked
+
+    return mark
+
+
+def _bearer() -> str:
+    header = request.headers.get("Authorization", "")
+    scheme, _, key = header.partition(" ")
+    if not header:
+        raise Unauthenticated("this API needs a key: send Authorization: Bearer <key>", code="missing_api_key")
+    if scheme.lower() != "bearer" or not key.strip():
+        raise Unauthenticated("send the key as Authorization: Bearer <key>", code="invalid_api_key")
+    return key.strip()
+
+
+def _identify() -> None:
+    """Set g.tenant and g.scopes for this request, or answer 401."""
+    if request.endpoint in OPEN:
+        return
+    svc = services()
+    if svc.settings.auth == "off":
+        g.caller = auth.Caller("default", ALL_SCOPES, None, None)
+    else:
+        key = _bearer()
+        # the request's own session: one connection per request, not one for the key and one for the work
+        session = get_session()
+        g.caller = auth.authenticate(session, key)
+        if session.dirty:
+            session.commit()  # the once-a-minute last-used stamp
+    g.tenant, g.scopes = g.caller.tenant, g.caller.scopes
+    view = current_app.view_functions.get(request.endpoint or "")
+    if view is not None and not hasattr(view, "required_scope") and "admin" not in g.scopes:
+        raise AccessDenied("this route needs the admin scope", code="insufficient_scope")
+
+
+def _rate_key() -> str:
+    caller = g.get("caller")
+    return f"key:{caller.prefix}" if caller is not None and caller.prefix else f"addr:{get_remote_address()}"
+
+
+def _storage_url(settings: Settings) -> str:
+    if settings.ratelimit_storage_url:
+        return settings.ratelimit_storage_url
+    if settings.broker_url and settings.broker_url.startswith(("redis://", "rediss://")):
+        return settings.broker_url
+    return "memory://"  # per process: with several gunicorn workers the effective limit is multiplied
+
+
+def _too_many(e: RateLimitExceeded) -> tuple[Response, int, Headers]:
+    limit = current_app.extensions["captioner_limiter"].current_limit
+    retry = max(1, math.ceil(limit.reset_at - time.time())) if limit else 1
+    return _response(429, "rate_limited", f"more than {e.description} for this API key; retry in {retry} s",
+                      [("Retry-After", str(retry))])
+
+
+def init_app(app: Flask, settings: Settings) -> None:
+    """Before the limiter's own hook (Flask runs them in order): limits count by the caller's key."""
+    try:
+        parse_many(settings.rate_limit)
+    except ValueError:
+        raise ConfigError(f"CAPTIONER_RATE_LIMIT must look like 600/minute or 10/second;100/hour, "
+                          f"got {settings.rate_limit!r}") from None
+    app.before_request(_identify)
+    limiter = Limiter(
+        # an application limit: one count per key across every route, not one per route
+        _rate_key, app=app, application_limits=[settings.rate_limit], storage_uri=_storage_url(settings),
+        application_limits_exempt_when=lambda: request.endpoint in OPEN,
+        key_prefix="captioner",
+        # a Redis outage must not take the API down with it: count in memory until it is back
+        in_memory_fallback_enabled=True, swallow_errors=True)
+    app.extensions["captioner_limiter"] = limiter
+    app.register_error_handler(RateLimitExceeded, _too_many)
+
+
+def check_s3(locations: list[tuple[str, str]]) -> None:
+    """403 unless the caller's tenant may read every (bucket, key or prefix). With auth off the one
+    user may read whatever the service can."""
+    if services().settings.auth != "off":
+        auth.check_s3(get_session(), g.tenant, locations)

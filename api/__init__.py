@@ -71,8 +71,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.extensions["captioner"] = Services(settings, make_sessionmaker(make_engine(settings.database_url)), celery)
     app.teardown_appcontext(_close_session)
 
-    from . import batches, docs, errors, health, images, search
+    from . import alttext, batches, docs, errors, health, images, search
     errors.init_app(app)
-    for module in (images, batches, search, health, docs):
+    for module in (images, alttext, batches, search, health, docs):
         app.register_blueprint(module.bp)
     return app

@@ -36,6 +36,14 @@ ID = [{"name": "id", "in": "path", "required": True, "schema": {"type": "integer
 # 403: an S3 bucket the service cannot read (missing or forbidden: one answer, so bucket names do not leak);
 # 404: an S3 key that does not exist; 413: a body over CAPTIONER_MAX_UPLOAD_BYTES; 415: another media type
 SUBMIT_ERRORS = _errors(400, 403, 404, 413, 415, 503)
+NULLABLE_TEXT = {"type": ["string", "null"]}
+ALT_STATE = {"enum": ["generated", "needs_review", "approved", "edited", "decorative", None]}
+ALT_ENTRY = _object(["text", "state", "model_version", "by", "at"], text={"type": "string"}, state=ALT_STATE,
+                    model_version=NULLABLE_TEXT, by=NULLABLE_TEXT, at={"type": "string", "format": "date-time"})
+HISTORY = {"type": "array", "items": ALT_ENTRY}
+SUGGESTION = {"oneOf": [{"type": "null"}, ALT_ENTRY]}
+ALT_FIELDS = {"text": NULLABLE_TEXT, "state": ALT_STATE, "model_version": NULLABLE_TEXT, "by": NULLABLE_TEXT,
+              "at": {"type": ["string", "null"]}, "suggestion": SUGGESTION, "history": HISTORY}
 
 SPEC: dict[str, Any] = {
     "openapi": "3.1.0",
@@ -55,6 +63,23 @@ SPEC: dict[str, Any] = {
             "summary": "An image's status and, once done, its caption, alt text, candidates and tags",
             "parameters": ID,
             "responses": {"200": _json({"$ref": "#/components/schemas/Image"}, "the image"), **_errors(404)}}},
+        "/v1/images/{id}/alt-text": {
+            "get": {"summary": "The alt text to serve, its state, the newest suggestion and the history",
+                    "parameters": ID,
+                    "responses": {"200": _json({"$ref": "#/components/schemas/AltText"}, "the alt text"),
+                                  **_errors(404)}},
+            "patch": {
+                "summary": "Record a person's decision: approved (the current suggestion), edited (new text) or "
+                           "decorative (alt=\"\"); later re-captions never overwrite it",
+                "parameters": ID,
+                "requestBody": {"required": True, "content": {"application/json": {"schema": _object(
+                    ["state"], state={"type": "string", "enum": ["approved", "edited", "decorative"]},
+                    text={"type": "string", "maxLength": 1000})}}},
+                "responses": {"200": _json({"$ref": "#/components/schemas/AltTextDecided"}, "recorded"),
+                              **_errors(400, 404, 409, 415)}}},
+        "/v1/images/{id}/alt-text/history": {"get": {
+            "summary": "Every suggestion and decision, oldest first", "parameters": ID,
+            "responses": {"200": _json(_object(["history"], history=HISTORY), "the history"), **_errors(404)}}},
         "/v1/batches": {"post": {
             "summary": "Submit every image under an S3 prefix, or a list of S3 objects",
             "requestBody": {"required": True, "content": {"application/json": {"schema": {"oneOf": [
@@ -90,10 +115,12 @@ SPEC: dict[str, Any] = {
                             id=INT, status={"type": "string", "enum": ["queued", "processing", "done", "failed"]},
                             queue=QUEUE, model_version=TEXT, url=TEXT),
         "Image": _object(
-            ["id", "status", "caption", "alt_text", "candidates", "tags", "confidence", "needs_review",
-             "model_version", "error", "source", "sha256", "size", "width", "height", "created_at", "finished_at"],
+            ["id", "status", "caption", "alt_text", "alt_text_state", "alt_text_suggestion", "alt_text_history",
+             "candidates", "tags", "confidence", "needs_review", "model_version", "error", "source", "sha256", "size",
+             "width", "height", "created_at", "finished_at"],
             id=INT, status={"type": "string", "enum": ["queued", "processing", "done", "failed"]},
-            caption={"type": ["string", "null"]}, alt_text={"type": ["string", "null"]},
+            caption={"type": ["string", "null"]}, alt_text={"type": ["string", "null"]}, alt_text_state=ALT_STATE,
+            alt_text_suggestion=SUGGESTION, alt_text_history=HISTORY,
             candidates={"type": "array", "items": _object(["text", "score"], text={"type": "string"},
                                                           score={"type": "number"})},
             tags={"type": "array", "items": _object(["label", "score"], label={"type": "string"},
@@ -111,6 +138,9 @@ SPEC: dict[str, Any] = {
                          created_at={"type": "string", "format": "date-time"},
                          counts=_object(["queued", "processing", "done", "failed"],
                                         **{s: INT for s in ("queued", "processing", "done", "failed")})),
+        "AltText": _object(list(ALT_FIELDS), **ALT_FIELDS),
+        "AltTextDecided": _object([*ALT_FIELDS, "warnings"], **ALT_FIELDS,
+                                  warnings={"type": "array", "items": {"type": "string"}}),
         "Results": _object(["query", "results"], query=TEXT, results={"type": "array", "items": _object(
             ["id", "source", "caption", "confidence", "model_version"], id=INT, source=TEXT,
             caption={"type": "string"}, confidence={"type": "number"}, model_version=TEXT)}),

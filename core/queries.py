@@ -7,6 +7,7 @@ from sqlalchemy import Select, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
+from . import alttext
 from .errors import NotFound
 from .tables import Batch, BatchImage, Caption, Image, Job, utcnow
 
@@ -203,13 +204,16 @@ def sweep(session: Session, max_attempts: int, requeue_after_seconds: int) -> li
     return [(job_id, queue) for job_id, queue in [*returned, *stale]]
 
 
-def _image_row(image: Image, job: Job | None, caption: Caption | None) -> dict[str, Any]:
+def _image_row(image: Image, job: Job | None, caption: Caption | None, alt: dict[str, Any]) -> dict[str, Any]:
     error = {"code": job.error_code, "message": job.error_message} if job and job.status == "failed" else None
     return {
         "id": image.id,
         "status": job.status if job else "queued",
         "caption": caption.text if caption else None,
-        "alt_text": caption.alt_text if caption else None,
+        "alt_text": alt["text"],  # a person's decision if any, else the newest model's suggestion
+        "alt_text_state": alt["state"],
+        "alt_text_suggestion": alt["suggestion"],
+        "alt_text_history": alt["history"],
         "candidates": [{"text": t, "score": s} for t, s in caption.candidates] if caption else [],
         "tags": [{"label": t, "score": s} for t, s in caption.tags] if caption else [],
         "confidence": caption.confidence if caption else None,
@@ -236,7 +240,7 @@ def image_view(session: Session, image_id: int, model_version: str | None,
     job = next((j for j in jobs if j.model_version == model_version), jobs[0] if jobs else None)
     caption = session.scalars(select(Caption).where(
         Caption.image_id == image_id, Caption.model_version == job.model_version)).first() if job else None
-    return _image_row(image, job, caption)
+    return _image_row(image, job, caption, alttext.view(session, image_id, tenant))
 
 
 def batch_view(session: Session, batch_id: int, tenant: str = "default") -> dict[str, Any]:

@@ -32,6 +32,11 @@ class Settings:
     requeue_after_seconds: int = 300  # the sweep re-publishes jobs queued longer than this
     io_threads: int = 8  # concurrent fetch + decode threads per batch
     s3_prefix_limit: int = 100_000  # most keys one `s3://bucket/prefix` batch may expand to
+    webhook_secret: str | None = None  # HMAC-SHA256 key for callback events; unset = callback_url refused
+    # hosts or addresses a callback may reach although they are private/loopback, e.g. "127.0.0.1,localhost"
+    webhook_allow: str = ""
+    webhook_timeout_seconds: int = 10  # one delivery attempt's connect + read limit
+    webhook_max_attempts: int = 6  # deliveries of one event before it is given up (backoff 2, 4, 8 ... s)
 
     @property
     def embedded(self) -> bool:

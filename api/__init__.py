@@ -29,7 +29,7 @@ class Services:
 
     def publish(self, jobs: list[tuple[int, str]]) -> None:
         if self.celery is not None:
-            publish(self.celery, jobs)
+            publish(self.celery, jobs, group=captioner.batch_size(self.settings))
 
 
 MAX_ID = 2**31 - 1  # row ids are PostgreSQL INTEGER columns

@@ -32,6 +32,8 @@ S3_BUCKET = {"type": "string", "pattern": BUCKET}
 S3_OBJECT = _object(["bucket", "key"], bucket=S3_BUCKET, key={"type": "string", "pattern": KEY})
 S3_PREFIX = _object(["bucket"], bucket=S3_BUCKET, prefix={"type": "string", "pattern": PREFIX})
 QUEUE = {"type": "string", "enum": ["interactive", "backfill"]}
+# signed events go there when the image is done or failed (README: Webhooks); private addresses are refused
+CALLBACK = {"type": "string", "format": "uri", "maxLength": 2000}
 ID = [{"name": "id", "in": "path", "required": True, "schema": {"type": "integer", "minimum": 1, "maximum": MAX_ID}}]
 # 403: an S3 bucket the service cannot read (missing or forbidden: one answer, so bucket names do not leak);
 # 404: an S3 key that does not exist; 413: a body over CAPTIONER_MAX_UPLOAD_BYTES; 415: another media type
@@ -54,8 +56,8 @@ SPEC: dict[str, Any] = {
             "summary": "Submit one image: an upload (multipart field `file`) or an S3 object",
             "requestBody": {"required": True, "content": {
                 "multipart/form-data": {"schema": _object(["file"], file={"type": "string", "format": "binary"},
-                                                          queue=QUEUE)},
-                "application/json": {"schema": _object(["s3"], s3=S3_OBJECT, queue=QUEUE)}}},
+                                                          queue=QUEUE, callback_url=CALLBACK)},
+                "application/json": {"schema": _object(["s3"], s3=S3_OBJECT, queue=QUEUE, callback_url=CALLBACK)}}},
             "responses": {"202": _json({"$ref": "#/components/schemas/Accepted"}, "queued"),
                           "200": _json({"$ref": "#/components/schemas/Accepted"}, "already captioned by this model"),
                           **SUBMIT_ERRORS, **_errors(422)}}},
@@ -83,10 +85,14 @@ SPEC: dict[str, Any] = {
         "/v1/batches": {"post": {
             "summary": "Submit every image under an S3 prefix, or a list of S3 objects",
             "requestBody": {"required": True, "content": {"application/json": {"schema": {"oneOf": [
-                _object(["s3"], queue=QUEUE, s3=S3_PREFIX),
-                _object(["images"], queue=QUEUE, images={"type": "array", "minItems": 1, "maxItems": 10000,
-                                                         "items": _object(["s3"], s3=S3_OBJECT)})]}}}},
-            "responses": {"202": _json(_object(["id", "total", "url"], id=INT, total=INT, url=TEXT), "queued"),
+                _object(["s3"], queue=QUEUE, s3=S3_PREFIX, callback_url=CALLBACK),
+                _object(["images"], queue=QUEUE, callback_url=CALLBACK,
+                        images={"type": "array", "minItems": 1, "maxItems": 10000,
+                                "items": _object(["s3"], s3=S3_OBJECT)})]}}}},
+            # new_jobs and truncated come with a prefix: jobs made now (the rest existed), and whether the
+            # prefix held more than CAPTIONER_S3_PREFIX_LIMIT images (the first ones, in key order, were taken)
+            "responses": {"202": _json(_object(["id", "total", "url"], id=INT, total=INT, url=TEXT, new_jobs=INT,
+                                               truncated={"type": "boolean"}), "queued"),
                           **SUBMIT_ERRORS}}},
         "/v1/batches/{id}": {"get": {
             "summary": "Counts of a batch's images per status", "parameters": ID,
@@ -133,8 +139,10 @@ SPEC: dict[str, Any] = {
             width={"type": ["integer", "null"]}, height={"type": ["integer", "null"]},
             created_at={"type": "string", "format": "date-time"},
             finished_at={"type": ["string", "null"], "format": "date-time"}),
-        "Batch": _object(["id", "source", "total", "model_version", "counts", "created_at"],
+        "Batch": _object(["id", "source", "total", "model_version", "counts", "images_per_second", "eta_seconds",
+                          "created_at"],
                          id=INT, source=TEXT, total=INT, model_version=TEXT,
+                         images_per_second={"type": ["number", "null"]}, eta_seconds={"type": ["number", "null"]},
                          created_at={"type": "string", "format": "date-time"},
                          counts=_object(["queued", "processing", "done", "failed"],
                                         **{s: INT for s in ("queued", "processing", "done", "failed")})),

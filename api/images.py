@@ -1,5 +1,5 @@
 """/v1/images: submit one image (upload or S3 reference) and read its caption."""
-from flask import Blueprint, Response, jsonify, request, url_for
+from flask import Blueprint, Response, g, jsonify, request, url_for
 from werkzeug.exceptions import UnsupportedMediaType
 
 from core import jobs, queries, storage
@@ -24,20 +24,24 @@ def submit_image() -> tuple[Response, int, dict]:
     if request.mimetype == "multipart/form-data":
         data = bodies.upload()  # an empty file is an invalid image (422), as it is for the worker
         queue = bodies.queue(request.form.get("queue", "interactive"))
+        callback_url = bodies.callback_url(request.form.get("callback_url"), svc.settings)
         version = svc.current_model_version()
-        sub = jobs.submit_upload(svc.sessionmaker, svc.settings, data, version, queue, svc.publish)
+        sub = jobs.submit_upload(svc.sessionmaker, svc.settings, data, version, queue, svc.publish,
+                                 g.get("tenant", "default"), callback_url)
         return _accepted(sub, version)
     if not request.is_json:
         raise UnsupportedMediaType("send the image as multipart/form-data (field 'file') or an S3 object as "
                                    f"application/json, not {request.mimetype or 'nothing'}")
-    body = bodies.json_object(("s3", "queue"))
+    body = bodies.json_object(("s3", "queue", "callback_url"))
     if "s3" not in body:
         raise InvalidRequest('send a multipart field "file", or JSON {"s3": {"bucket": B, "key": K}}')
     bucket, key = bodies.s3_location(body["s3"], "s3", "key")
     queue = bodies.queue(body.get("queue", "interactive"))
+    callback_url = bodies.callback_url(body.get("callback_url"), svc.settings)
     version = svc.current_model_version()
     image = jobs.s3_image(storage.head(bucket, key))
-    _, [sub] = jobs.submit_images(svc.sessionmaker, [image], version, queue, svc.publish)
+    _, [sub] = jobs.submit_images(svc.sessionmaker, [image], version, queue, svc.publish,
+                                  tenant=g.get("tenant", "default"), callback_url=callback_url)
     return _accepted(sub, version)
 
 

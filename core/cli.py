@@ -172,6 +172,44 @@ def bench_model_command(images, batch_sizes, checkpoint, device, beam) -> None:
     click.echo(json.dumps(rows))
 
 
+@bench.command("backfill")
+@click.option("--bucket", required=True, help="A scratch bucket: the keys are created there if missing.")
+@click.option("--prefix", default="bench-backfill/", show_default=True)
+@click.option("--keys", type=int, default=100_000, show_default=True)
+@click.option("--threads", type=int, default=32, show_default=True, help="Upload threads for missing keys.")
+def bench_backfill_command(bucket, prefix, keys, threads) -> None:
+    """Keys/s that POST /v1/batches enqueues from an S3 prefix (database rows and broker doorbells).
+    Uploads KEYS tiny objects first when the prefix holds fewer; the jobs it makes are real (use a
+    scratch database and broker: a worker there would try to caption the tiny objects)."""
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from core import backfill, captioner, storage
+    from core.errors import CaptioningError
+    from core.queue import create_celery, publish
+
+    settings = _settings()
+    client = storage.s3_client()
+    have = sum(len(page) for page in storage.list_pages(bucket, prefix))
+    if have < keys:
+        started = time.perf_counter()
+        names = [f"{prefix}{n:07d}.jpg" for n in range(keys)]
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(lambda k: client.put_object(Bucket=bucket, Key=k, Body=k.encode()), names))
+        click.echo(f"uploaded {keys} objects in {time.perf_counter() - started:.1f}s")
+    app = create_celery(settings) if settings.broker_url else None
+    group = captioner.batch_size(settings)
+    sm = _open_db(settings)
+    try:
+        done = backfill.enqueue_prefix(sm, bucket, prefix, captioner.version(settings), "backfill",
+                                       (lambda j: publish(app, j, group)) if app else (lambda _: None), keys)
+    except CaptioningError as e:
+        raise click.ClickException(f"{e.code}: {e.message}")
+    click.echo(f"{done.total} keys enqueued in {done.seconds:.1f}s: {done.total / done.seconds:.0f} keys/s "
+               f"({done.new_jobs} new jobs, batch {done.batch_id}, "
+               f"{'broker ' + 'doorbells in groups of ' + str(group) if app else 'no broker'})")
+
+
 def torch_device_name(device) -> str:
     import torch
 
@@ -247,7 +285,8 @@ def caption(paths, limit, queue, wait, samples) -> None:
                                     i.fingerprint, i.sha256, i.size) if i.uri.startswith("file://") else i
                       for i in images]
             app = create_celery(settings)
-            batch_id, submitted = jobs.submit_images(sm, images, version, queue, lambda j: publish(app, j),
+            group = captioner.batch_size(settings)
+            batch_id, submitted = jobs.submit_images(sm, images, version, queue, lambda j: publish(app, j, group),
                                                      batch_source=" ".join(paths))
             click.echo(f"batch {batch_id}: {len({x.image_id for x in submitted})} images submitted to the workers")
             if not wait:

@@ -1,6 +1,6 @@
 """Data functions of the job life-cycle. Each takes a Session; the caller owns the transaction."""
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any, Iterable, Iterator
 
 from sqlalchemy import Select, func, select, update
@@ -103,6 +103,12 @@ def submit(session: Session, images: list[NewImage], model_version: str, queue: 
         job_id, status, q = jobs[image_id]
         out.append(Submitted(image_id, job_id, status, q))
     return out
+
+
+def set_callback(session: Session, job_ids: list[int], url: str) -> None:
+    """The latest submission's callback wins: one job, one callback (batches carry their own)."""
+    session.execute(update(Job).where(Job.id.in_(job_ids)).values(callback_url=url)
+                    .execution_options(synchronize_session=False))
 
 
 def create_batch(session: Session, source: str, model_version: str, image_ids: Iterable[int],
@@ -251,8 +257,18 @@ def batch_view(session: Session, batch_id: int, tenant: str = "default") -> dict
         select(Job.status, func.count()).join(BatchImage, BatchImage.image_id == Job.image_id)
         .where(BatchImage.batch_id == batch_id, Job.model_version == batch.model_version)
         .group_by(Job.status)).all())
+    # the rate counts images finished since the batch began (earlier ones were already done)
+    finished, last = session.execute(
+        select(func.count(), func.max(Job.finished_at)).join(BatchImage, BatchImage.image_id == Job.image_id)
+        .where(BatchImage.batch_id == batch_id, Job.model_version == batch.model_version,
+               Job.finished_at >= batch.created_at)).one()
+    left = counts.get("queued", 0) + counts.get("processing", 0)
+    seconds = (last - batch.created_at).total_seconds() if last else 0.0
+    rate = finished / seconds if finished and seconds > 0 else None
     return {"id": batch.id, "source": batch.source, "total": batch.total, "model_version": batch.model_version,
             "counts": {s: counts.get(s, 0) for s in ("queued", "processing", "done", "failed")},
+            "images_per_second": round(rate, 3) if rate else None,
+            "eta_seconds": round(left / rate, 1) if rate and left else (0.0 if not left else None),
             "created_at": batch.created_at.isoformat()}
 
 
@@ -270,3 +286,44 @@ def results_query(model_version: str | None = None) -> Select:
     if model_version:
         query = query.where(Caption.model_version == model_version)
     return query
+
+
+def enqueue_page(session: Session, batch_id: int, images: list[NewImage], model_version: str, queue: str,
+                 tenant: str = "default") -> tuple[int, list[tuple[int, str]]]:
+    """One listed page of a backfill: bulk INSERT ... ON CONFLICT DO NOTHING of its images, jobs and
+    batch memberships (a statement per CHUNK rows, never one per row) -> (images new to the batch,
+    (job id, queue) of the jobs created now: only those need a message; existing ones have had theirs).
+    Core executemany, not a compiled multi-row VALUES: SQLAlchemy caches the statement and renders
+    the rows itself ("insertmanyvalues"), which is what makes 100,000 keys take seconds."""
+    now = utcnow()
+    new_jobs: list[tuple[int, str]] = []
+    added = 0
+    for chunk in _chunks(images):
+        session.execute(
+            _insert(session, Image.__table__).on_conflict_do_nothing(index_elements=["tenant", "fingerprint"]),
+            [{"tenant": tenant, "uri": i.uri, "fingerprint": i.fingerprint, "sha256": i.sha256, "size": i.size,
+              "created_at": now} for i in chunk])
+        ids = list(session.scalars(select(Image.id).where(
+            Image.tenant == tenant, Image.fingerprint.in_([i.fingerprint for i in chunk]))))
+        chunk_added, chunk_jobs = queue_images(session, batch_id, ids, model_version, queue, now)
+        added += chunk_added
+        new_jobs += chunk_jobs
+    return added, new_jobs
+
+
+def queue_images(session: Session, batch_id: int, image_ids: list[int], model_version: str, queue: str,
+                 now: datetime) -> tuple[int, list[tuple[int, str]]]:
+    """Jobs for existing images (ON CONFLICT DO NOTHING: an image's job for this model is made
+    once) and their batch memberships, a bulk statement each -> (images new to the batch, new jobs)."""
+    jobs, members = Job.__table__, BatchImage.__table__
+    new_jobs = [(job_id, q) for job_id, q in session.execute(
+        _insert(session, jobs).on_conflict_do_nothing(index_elements=["image_id", "model_version"])
+        .returning(jobs.c.id, jobs.c.queue),
+        [{"image_id": i, "model_version": model_version, "queue": queue, "status": "queued", "attempts": 0,
+          "created_at": now, "updated_at": now} for i in image_ids])]
+    added = len(session.execute(
+        _insert(session, members).on_conflict_do_nothing().returning(members.c.image_id),
+        [{"batch_id": batch_id, "image_id": i} for i in image_ids]).all())
+    session.execute(update(Batch).where(Batch.id == batch_id).values(total=Batch.total + added)
+                    .execution_options(synchronize_session=False))
+    return added, new_jobs

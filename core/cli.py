@@ -321,6 +321,49 @@ def caption(paths, limit, queue, wait, samples) -> None:
     click.echo(f"database: {settings.database_url}  (try: captioner search WORDS, captioner export)")
 
 
+@cli.command()
+@click.option("--from-version", default=None,
+              help="Only images captioned by this model version (default: by any version but the current one).")
+@click.option("--all", "every_image", is_flag=True,
+              help="Every image without a job for the current model, captioned before or not.")
+def recaption(from_version, every_image) -> None:
+    """Re-queue images captioned by an older model as backfill jobs for the current model.
+
+    The new caption is stored beside the old one and served from then on; alt text a person
+    approved, edited or marked decorative stays. With a broker the workers do the work (the batch
+    id is printed: follow it with GET /v1/batches/<id>); without one it runs here.
+    """
+    from tqdm import tqdm
+
+    from core import backfill, captioner, jobs, queries
+    from core.errors import CaptioningError
+
+    settings = _settings()
+    try:
+        sm = _open_db(settings)
+        version = captioner.version(settings)
+        if settings.embedded:
+            done = backfill.recaption(sm, version, lambda _: None, from_version, every_image)
+        else:
+            from core.queue import create_celery, publish
+
+            app, group = create_celery(settings), captioner.batch_size(settings)
+            done = backfill.recaption(sm, version, lambda j: publish(app, j, group), from_version, every_image)
+        if done.batch_id is None:
+            click.echo(f"nothing to re-caption: every image has a job for model {version}")
+            return
+        click.echo(f"batch {done.batch_id}: {done.total} images queued for model {version}")
+        if settings.embedded:
+            with tqdm(total=done.new_jobs, unit="img", desc="re-captioning") as bar:
+                jobs.run_embedded(sm, settings, version, done.batch_id,
+                                  lambda report: bar.update(report.captioned + report.failed))
+            with sm() as s:
+                counts = queries.batch_view(s, done.batch_id)["counts"]
+            click.echo(f"{counts['done']} done, {counts['failed']} failed")
+    except CaptioningError as e:
+        raise click.ClickException(f"{e.code}: {e.message}")
+
+
 def _follow(sm, batch_id: int, todo: int, bar) -> None:
     """Poll a batch's counts until none is queued or processing (Ctrl-C stops watching, not the work)."""
     import time

@@ -32,13 +32,21 @@ S3_BUCKET = {"type": "string", "pattern": BUCKET}
 S3_OBJECT = _object(["bucket", "key"], bucket=S3_BUCKET, key={"type": "string", "pattern": KEY})
 S3_PREFIX = _object(["bucket"], bucket=S3_BUCKET, prefix={"type": "string", "pattern": PREFIX})
 QUEUE = {"type": "string", "enum": ["interactive", "backfill"]}
-# signed events go there when the image is done or failed (README: Webhooks); private addresses are refused
-CALLBACK = {"type": "string", "format": "uri", "maxLength": 2000}
+# callback_url (README: Webhooks) is read by both submit operations but left out of their closed
+# schemas: whether a URL is accepted depends on the server (CAPTIONER_WEBHOOK_SECRET) and on DNS,
+# which no schema can state, so a schema-valid request could not promise acceptance
+CALLBACK_NOTE = (" An optional `callback_url` (multipart or JSON field) receives a signed event when each image is "
+                 "done or failed; 400 callback_url_refused for private addresses, 400 webhooks_not_configured "
+                 "without CAPTIONER_WEBHOOK_SECRET.")
 ID = [{"name": "id", "in": "path", "required": True, "schema": {"type": "integer", "minimum": 1, "maximum": MAX_ID}}]
 # 403: an S3 bucket the service cannot read (missing or forbidden: one answer, so bucket names do not leak);
 # 404: an S3 key that does not exist; 413: a body over CAPTIONER_MAX_UPLOAD_BYTES; 415: another media type
 SUBMIT_ERRORS = _errors(400, 403, 404, 413, 415, 503)
 NULLABLE_TEXT = {"type": ["string", "null"]}
+# a person's alt text: no control characters, at least one character that is not white space
+CONTROL = "\\x00-\\x1f\\x7f"
+ALT_TEXT = {"type": "string", "maxLength": 1000,
+            "pattern": f"^[^{CONTROL}]*{WORD[:-1]}{CONTROL}][^{CONTROL}]*$"}
 ALT_STATE = {"enum": ["generated", "needs_review", "approved", "edited", "decorative", None]}
 ALT_ENTRY = _object(["text", "state", "model_version", "by", "at"], text={"type": "string"}, state=ALT_STATE,
                     model_version=NULLABLE_TEXT, by=NULLABLE_TEXT, at={"type": "string", "format": "date-time"})
@@ -54,10 +62,11 @@ SPEC: dict[str, Any] = {
     "paths": {
         "/v1/images": {"post": {
             "summary": "Submit one image: an upload (multipart field `file`) or an S3 object",
+            "description": CALLBACK_NOTE.strip(),
             "requestBody": {"required": True, "content": {
                 "multipart/form-data": {"schema": _object(["file"], file={"type": "string", "format": "binary"},
-                                                          queue=QUEUE, callback_url=CALLBACK)},
-                "application/json": {"schema": _object(["s3"], s3=S3_OBJECT, queue=QUEUE, callback_url=CALLBACK)}}},
+                                                          queue=QUEUE)},
+                "application/json": {"schema": _object(["s3"], s3=S3_OBJECT, queue=QUEUE)}}},
             "responses": {"202": _json({"$ref": "#/components/schemas/Accepted"}, "queued"),
                           "200": _json({"$ref": "#/components/schemas/Accepted"}, "already captioned by this model"),
                           **SUBMIT_ERRORS, **_errors(422)}}},
@@ -74,9 +83,10 @@ SPEC: dict[str, Any] = {
                 "summary": "Record a person's decision: approved (the current suggestion), edited (new text) or "
                            "decorative (alt=\"\"); later re-captions never overwrite it",
                 "parameters": ID,
-                "requestBody": {"required": True, "content": {"application/json": {"schema": _object(
-                    ["state"], state={"type": "string", "enum": ["approved", "edited", "decorative"]},
-                    text={"type": "string", "maxLength": 1000})}}},
+                "requestBody": {"required": True, "content": {"application/json": {"schema": {"oneOf": [
+                    _object(["state"], state={"const": "approved"}),
+                    _object(["state", "text"], state={"const": "edited"}, text=ALT_TEXT),
+                    _object(["state"], state={"const": "decorative"}, text={"const": ""})]}}}},
                 "responses": {"200": _json({"$ref": "#/components/schemas/AltTextDecided"}, "recorded"),
                               **_errors(400, 404, 409, 415)}}},
         "/v1/images/{id}/alt-text/history": {"get": {
@@ -84,9 +94,11 @@ SPEC: dict[str, Any] = {
             "responses": {"200": _json(_object(["history"], history=HISTORY), "the history"), **_errors(404)}}},
         "/v1/batches": {"post": {
             "summary": "Submit every image under an S3 prefix, or a list of S3 objects",
+            "description": "A prefix is listed and enqueued page by page; the same prefix again makes no new jobs."
+                           + CALLBACK_NOTE,
             "requestBody": {"required": True, "content": {"application/json": {"schema": {"oneOf": [
-                _object(["s3"], queue=QUEUE, s3=S3_PREFIX, callback_url=CALLBACK),
-                _object(["images"], queue=QUEUE, callback_url=CALLBACK,
+                _object(["s3"], queue=QUEUE, s3=S3_PREFIX),
+                _object(["images"], queue=QUEUE,
                         images={"type": "array", "minItems": 1, "maxItems": 10000,
                                 "items": _object(["s3"], s3=S3_OBJECT)})]}}}},
             # new_jobs and truncated come with a prefix: jobs made now (the rest existed), and whether the

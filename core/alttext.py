@@ -17,6 +17,7 @@ MAX_CHARS = 1000  # a person's text; the model's own stays under 250 (model/alt_
 SOFT_LIMIT = 125  # longer alt text is read in one breath and cannot be paused (field notes)
 _PREAMBLE = re.compile(r"^\s*(?:an?\s+|the\s+)?(?:image|picture|photo|photograph|graphic)\s+(?:of|showing)\b",
                        re.IGNORECASE)
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _FILE_NAME = re.compile(r"\b[\w-]+\.(?:jpe?g|png|gif|webp|bmp|tiff?|heic)\b", re.IGNORECASE)
 
 
@@ -97,11 +98,13 @@ def decide(session: Session, image_id: int, state: str, text: str | None, who: s
                                  'send state "edited" to change the text')
         text = suggestion.alt_text
     else:
+        if text is not None and len(text) > MAX_CHARS:
+            raise InvalidRequest(f"text must be at most {MAX_CHARS} characters")
+        if text is not None and _CONTROL.search(text):
+            raise InvalidRequest("text must not contain control characters (alt text is one line)")
         text = (text or "").strip()
         if not text:
             raise InvalidRequest("edited needs a non-empty text")
-        if len(text) > MAX_CHARS:
-            raise InvalidRequest(f"text must be at most {MAX_CHARS} characters")
     session.add(AltTextDecision(image_id=image_id, state=state, text=text, model_version=version,
                                 decided_by=who[:200], decided_at=utcnow()))
     session.flush()

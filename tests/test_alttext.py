@@ -96,6 +96,9 @@ def test_bad_decisions_are_clear_errors(app):
     assert_error(client.patch(url, json={"state": "edited", "text": "   "}), 400, "invalid_request")
     assert_error(client.patch(url, json={"state": "edited", "text": 5}), 400, "invalid_request")
     assert_error(client.patch(url, json={"state": "edited", "text": "x" * 1001}), 400, "invalid_request")
+    assert_error(client.patch(url, json={"state": "edited", "text": " " + "x" * 1000}), 400, "invalid_request")
+    assert_error(client.patch(url, json={"state": "edited", "text": "a\x00b"}), 400, "invalid_request")
+    assert_error(client.patch(url, json={"state": "edited", "text": "two\nlines"}), 400, "invalid_request")
     assert_error(client.patch(url, json={"state": "approved", "text": "Something else."}), 400, "invalid_request")
     assert_error(client.patch(url, data="state=approved"), 415, "unsupported_media_type")
     assert client.patch(url, json={"state": "edited", "text": "x" * 1000}).status_code == 200

@@ -10,7 +10,7 @@ import redis
 from sqlalchemy import event, func, select
 
 from api import create_app
-from core import backfill, queries, storage
+from core import queries, storage
 from core.db import make_engine
 from core.queries import Result
 from core.settings import Settings

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Iterator, TypeVar
 
 from sqlalchemy import exists, select
-from sqlalchemy.orm import sessionmaker
+from sqlalchemy.orm import Session, sessionmaker
 
 from . import queries, storage
 from .errors import InvalidRequest
@@ -37,7 +37,7 @@ def _prefetched(pages: Iterator[T]) -> Iterator[T]:
             yield page
 
 
-def _new_batch(session, source: str, model_version: str, tenant: str, callback_url: str | None) -> int:
+def _new_batch(session: Session, source: str, model_version: str, tenant: str, callback_url: str | None) -> int:
     batch = Batch(tenant=tenant, source=source, model_version=model_version, total=0, callback_url=callback_url,
                   created_at=utcnow())
     session.add(batch)

@@ -2,7 +2,7 @@
 import logging
 
 from celery import Celery
-from kombu import Queue
+from kombu import Exchange, Queue
 from kombu.exceptions import OperationalError
 
 from .captioner import batch_size
@@ -13,6 +13,7 @@ CAPTION_TASK = "captioner.caption"
 SWEEP_TASK = "captioner.sweep"
 WEBHOOK_TASK = "captioner.webhook"
 SWEEP_EVERY_SECONDS = 60.0
+EXCHANGE = Exchange("captioner", type="direct")
 VISIBILITY_TIMEOUT = 3600  # seconds; far above flush interval + the worst batch, or Redis redelivers mid-run
 
 log = logging.getLogger(__name__)
@@ -21,7 +22,12 @@ log = logging.getLogger(__name__)
 def create_celery(settings: Settings) -> Celery:
     app = Celery("captioner", broker=settings.broker_url, set_as_current=False)
     app.conf.update(
-        task_queues=[Queue(q) for q in QUEUES],
+        # each queue bound by its own name: a bare Queue(name) is bound with the default routing key
+        # ("interactive"), so every message reached both queues and backfills were not kept apart.
+        # A new exchange name: Redis keeps the old bindings of the "interactive" exchange.
+        task_queues=[Queue(q, EXCHANGE, routing_key=q) for q in QUEUES],
+        task_default_exchange=EXCHANGE.name,
+        task_default_routing_key="interactive",
         task_default_queue="interactive",
         task_ignore_result=True,  # results live in the database; the broker is only a doorbell
         task_acks_late=True,  # a crash mid-batch redelivers instead of losing the ids

@@ -21,6 +21,7 @@ BACKFILL_KEYS = 300
 BATCH_SIZE, BATCH_WAIT_MS = 8, 500
 SECRET = "priority-test-secret"
 DEADLINE_S = 300
+WARMUP_S = 900  # the worker's model load on a shared, overloaded 2-core machine has taken 5 minutes
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +72,7 @@ def test_an_upload_during_a_backfill_is_captioned_first(settings, s3, photos, wo
     def progress() -> dict:
         return client.get(batch["url"]).get_json()
 
-    deadline = time.monotonic() + DEADLINE_S
+    deadline = time.monotonic() + WARMUP_S
     while progress()["counts"]["done"] < BATCH_SIZE:  # the worker is up, the model loaded, the backfill going
         assert proc.poll() is None, log_path.read_text()[-3000:]
         assert time.monotonic() < deadline, f"{progress()} {log_path.read_text()[-3000:]}"

@@ -29,7 +29,7 @@ class Services:
 
     def publish(self, jobs: list[tuple[int, str]]) -> None:
         if self.celery is not None:
-            publish(self.celery, jobs)
+            publish(self.celery, jobs, group=captioner.batch_size(self.settings))
 
 
 MAX_ID = 2**31 - 1  # row ids are PostgreSQL INTEGER columns
@@ -71,9 +71,9 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.extensions["captioner"] = Services(settings, make_sessionmaker(make_engine(settings.database_url)), celery)
     app.teardown_appcontext(_close_session)
 
-    from . import auth, batches, docs, errors, export, health, images, search
+    from . import alttext, auth, batches, docs, errors, export, health, images, search
     errors.init_app(app)
     auth.init_app(app, settings)
-    for module in (images, batches, search, export, health, docs):
+    for module in (images, alttext, batches, search, export, health, docs):
         app.register_blueprint(module.bp)
     return app

@@ -68,6 +68,8 @@ def _identify() -> None:
         if session.dirty:
             session.commit()  # the once-a-minute last-used stamp
     g.tenant, g.scopes = g.caller.tenant, g.caller.scopes
+    # who a recorded decision (alt text) names: the key's public prefix, never the key
+    g.principal = f"key cap_{g.caller.prefix}" if g.caller.prefix else "local user (auth off)"
     view = current_app.view_functions.get(request.endpoint or "")
     if view is not None and not hasattr(view, "required_scope") and "admin" not in g.scopes:
         raise AccessDenied("this route needs the admin scope", code="insufficient_scope")

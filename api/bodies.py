@@ -8,7 +8,9 @@ from typing import Any
 from flask import request
 from werkzeug.exceptions import BadRequest, UnsupportedMediaType
 
+from core import webhooks
 from core.errors import InvalidRequest
+from core.settings import Settings
 from core.tables import QUEUES
 
 MAX_LIST = 10_000  # images in one JSON batch; larger sets go by S3 prefix
@@ -42,14 +44,23 @@ def json_object(allowed: Collection[str]) -> dict[str, Any]:
 
 
 def upload() -> bytes:
-    """The bytes of the multipart field `file`; `queue` is the only other field read."""
+    """The bytes of the multipart field `file`; `queue` and `callback_url` are the only other fields read."""
     fields = {**request.form, **request.files}
     if None in fields:  # werkzeug's key for a part whose Content-Disposition has no name
         raise InvalidRequest("every multipart part needs a name")
-    known_fields(fields, "", ("file", "queue"))
+    known_fields(fields, "", ("file", "queue", "callback_url"))
     if "file" not in request.files:
         raise InvalidRequest("multipart uploads need the image in a file field named 'file'")
     return request.files["file"].read()
+
+
+def callback_url(value: Any, settings: Settings) -> str | None:
+    """An optional callback URL: refused unless events can be signed and it reaches a public address."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise InvalidRequest("callback_url must be an http(s) URL string")
+    return webhooks.check_callback(value, settings)
 
 
 def queue(value: Any) -> str:

@@ -35,6 +35,12 @@ S3_BUCKET = {"type": "string", "pattern": BUCKET}
 S3_OBJECT = _object(["bucket", "key"], bucket=S3_BUCKET, key={"type": "string", "pattern": KEY})
 S3_PREFIX = _object(["bucket"], bucket=S3_BUCKET, prefix={"type": "string", "pattern": PREFIX})
 QUEUE = {"type": "string", "enum": ["interactive", "backfill"]}
+# callback_url (README: Webhooks) is read by both submit operations but left out of their closed
+# schemas: whether a URL is accepted depends on the server (CAPTIONER_WEBHOOK_SECRET) and on DNS,
+# which no schema can state, so a schema-valid request could not promise acceptance
+CALLBACK_NOTE = (" An optional `callback_url` (multipart or JSON field) receives a signed event when each image is "
+                 "done or failed; 400 callback_url_refused for private addresses, 400 webhooks_not_configured "
+                 "without CAPTIONER_WEBHOOK_SECRET.")
 ID = [{"name": "id", "in": "path", "required": True, "schema": {"type": "integer", "minimum": 1, "maximum": MAX_ID}}]
 # 403: an S3 bucket the service cannot read (missing or forbidden: one answer, so bucket names do not leak);
 # 404: an S3 key that does not exist; 413: a body over CAPTIONER_MAX_UPLOAD_BYTES; 415: another media type
@@ -43,6 +49,18 @@ SUBMIT_ERRORS = _errors(400, 403, 404, 413, 415, 503)
 # lacks, 429 over the key's rate limit (with Retry-After)
 KEYED: dict[str, Any] = {"security": [{"bearer": []}]}
 KEY_ERRORS = _errors(401, 403, 429)
+NULLABLE_TEXT = {"type": ["string", "null"]}
+# a person's alt text: no control characters, at least one character that is not white space
+CONTROL = "\\x00-\\x1f\\x7f"
+ALT_TEXT = {"type": "string", "maxLength": 1000,
+            "pattern": f"^[^{CONTROL}]*{WORD[:-1]}{CONTROL}][^{CONTROL}]*$"}
+ALT_STATE = {"enum": ["generated", "needs_review", "approved", "edited", "decorative", None]}
+ALT_ENTRY = _object(["text", "state", "model_version", "by", "at"], text={"type": "string"}, state=ALT_STATE,
+                    model_version=NULLABLE_TEXT, by=NULLABLE_TEXT, at={"type": "string", "format": "date-time"})
+HISTORY = {"type": "array", "items": ALT_ENTRY}
+SUGGESTION = {"oneOf": [{"type": "null"}, ALT_ENTRY]}
+ALT_FIELDS = {"text": NULLABLE_TEXT, "state": ALT_STATE, "model_version": NULLABLE_TEXT, "by": NULLABLE_TEXT,
+              "at": {"type": ["string", "null"]}, "suggestion": SUGGESTION, "history": HISTORY}
 
 SPEC: dict[str, Any] = {
     "openapi": "3.1.0",
@@ -51,6 +69,7 @@ SPEC: dict[str, Any] = {
     "paths": {
         "/v1/images": {"post": {
             "summary": "Submit one image: an upload (multipart field `file`) or an S3 object",
+            "description": CALLBACK_NOTE.strip(),
             "requestBody": {"required": True, "content": {
                 "multipart/form-data": {"schema": _object(["file"], file={"type": "string", "format": "binary"},
                                                           queue=QUEUE)},
@@ -63,13 +82,38 @@ SPEC: dict[str, Any] = {
             "parameters": ID,
             "responses": {"200": _json({"$ref": "#/components/schemas/Image"}, "the image"), **_errors(404),
                           **KEY_ERRORS}, **KEYED}},
+        "/v1/images/{id}/alt-text": {
+            "get": {"summary": "The alt text to serve, its state, the newest suggestion and the history",
+                    "parameters": ID,
+                    "responses": {"200": _json({"$ref": "#/components/schemas/AltText"}, "the alt text"),
+                                  **_errors(404), **KEY_ERRORS}, **KEYED},
+            "patch": {
+                "summary": "Record a person's decision: approved (the current suggestion), edited (new text) or "
+                           "decorative (alt=\"\"); later re-captions never overwrite it",
+                "parameters": ID,
+                "requestBody": {"required": True, "content": {"application/json": {"schema": {"oneOf": [
+                    _object(["state"], state={"const": "approved"}),
+                    _object(["state", "text"], state={"const": "edited"}, text=ALT_TEXT),
+                    _object(["state"], state={"const": "decorative"}, text={"const": ""})]}}}},
+                "responses": {"200": _json({"$ref": "#/components/schemas/AltTextDecided"}, "recorded"),
+                              **_errors(400, 404, 409, 415), **KEY_ERRORS}, **KEYED}},
+        "/v1/images/{id}/alt-text/history": {"get": {
+            "summary": "Every suggestion and decision, oldest first", "parameters": ID,
+            "responses": {"200": _json(_object(["history"], history=HISTORY), "the history"), **_errors(404),
+                          **KEY_ERRORS}, **KEYED}},
         "/v1/batches": {"post": {
             "summary": "Submit every image under an S3 prefix, or a list of S3 objects",
+            "description": "A prefix is listed and enqueued page by page; the same prefix again makes no new jobs."
+                           + CALLBACK_NOTE,
             "requestBody": {"required": True, "content": {"application/json": {"schema": {"oneOf": [
                 _object(["s3"], queue=QUEUE, s3=S3_PREFIX),
-                _object(["images"], queue=QUEUE, images={"type": "array", "minItems": 1, "maxItems": 10000,
-                                                         "items": _object(["s3"], s3=S3_OBJECT)})]}}}},
-            "responses": {"202": _json(_object(["id", "total", "url"], id=INT, total=INT, url=TEXT), "queued"),
+                _object(["images"], queue=QUEUE,
+                        images={"type": "array", "minItems": 1, "maxItems": 10000,
+                                "items": _object(["s3"], s3=S3_OBJECT)})]}}}},
+            # new_jobs and truncated come with a prefix: jobs made now (the rest existed), and whether the
+            # prefix held more than CAPTIONER_S3_PREFIX_LIMIT images (the first ones, in key order, were taken)
+            "responses": {"202": _json(_object(["id", "total", "url"], id=INT, total=INT, url=TEXT, new_jobs=INT,
+                                               truncated={"type": "boolean"}), "queued"),
                           **SUBMIT_ERRORS, **KEY_ERRORS}, **KEYED}},
         "/v1/batches/{id}": {"get": {
             "summary": "Counts of a batch's images per status", "parameters": ID,
@@ -116,10 +160,12 @@ SPEC: dict[str, Any] = {
                             id=INT, status={"type": "string", "enum": ["queued", "processing", "done", "failed"]},
                             queue=QUEUE, model_version=TEXT, url=TEXT),
         "Image": _object(
-            ["id", "status", "caption", "alt_text", "candidates", "tags", "confidence", "needs_review",
-             "model_version", "error", "source", "sha256", "size", "width", "height", "created_at", "finished_at"],
+            ["id", "status", "caption", "alt_text", "alt_text_state", "alt_text_suggestion", "alt_text_history",
+             "candidates", "tags", "confidence", "needs_review", "model_version", "error", "source", "sha256", "size",
+             "width", "height", "created_at", "finished_at"],
             id=INT, status={"type": "string", "enum": ["queued", "processing", "done", "failed"]},
-            caption={"type": ["string", "null"]}, alt_text={"type": ["string", "null"]},
+            caption={"type": ["string", "null"]}, alt_text={"type": ["string", "null"]}, alt_text_state=ALT_STATE,
+            alt_text_suggestion=SUGGESTION, alt_text_history=HISTORY,
             candidates={"type": "array", "items": _object(["text", "score"], text={"type": "string"},
                                                           score={"type": "number"})},
             tags={"type": "array", "items": _object(["label", "score"], label={"type": "string"},
@@ -132,11 +178,16 @@ SPEC: dict[str, Any] = {
             width={"type": ["integer", "null"]}, height={"type": ["integer", "null"]},
             created_at={"type": "string", "format": "date-time"},
             finished_at={"type": ["string", "null"], "format": "date-time"}),
-        "Batch": _object(["id", "source", "total", "model_version", "counts", "created_at"],
+        "Batch": _object(["id", "source", "total", "model_version", "counts", "images_per_second", "eta_seconds",
+                          "created_at"],
                          id=INT, source=TEXT, total=INT, model_version=TEXT,
+                         images_per_second={"type": ["number", "null"]}, eta_seconds={"type": ["number", "null"]},
                          created_at={"type": "string", "format": "date-time"},
                          counts=_object(["queued", "processing", "done", "failed"],
                                         **{s: INT for s in ("queued", "processing", "done", "failed")})),
+        "AltText": _object(list(ALT_FIELDS), **ALT_FIELDS),
+        "AltTextDecided": _object([*ALT_FIELDS, "warnings"], **ALT_FIELDS,
+                                  warnings={"type": "array", "items": {"type": "string"}}),
         "Results": _object(["query", "results", "next_offset"], query=TEXT,
                            next_offset={"type": ["integer", "null"]}, results={"type": "array", "items": _object(
             ["id", "source", "caption", "alt_text", "tags", "score", "confidence", "model_version"], id=INT,

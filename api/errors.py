@@ -8,6 +8,7 @@ from core.errors import (
     AccessDenied,
     CaptioningError,
     ConfigError,
+    Conflict,
     InvalidImage,
     InvalidRequest,
     NotFound,
@@ -18,7 +19,7 @@ from core.errors import (
 
 log = logging.getLogger(__name__)
 
-STATUS = {InvalidRequest: 400, Unauthenticated: 401, AccessDenied: 403, NotFound: 404, TooLarge: 413,
+STATUS = {InvalidRequest: 400, Unauthenticated: 401, AccessDenied: 403, NotFound: 404, Conflict: 409, TooLarge: 413,
           InvalidImage: 422, TransientError: 503, ConfigError: 503}
 
 

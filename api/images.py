@@ -26,21 +26,25 @@ def submit_image() -> tuple[Response, int, dict]:
     if request.mimetype == "multipart/form-data":
         data = bodies.upload()  # an empty file is an invalid image (422), as it is for the worker
         queue = bodies.queue(request.form.get("queue", "interactive"))
+        callback_url = bodies.callback_url(request.form.get("callback_url"), svc.settings)
         version = svc.current_model_version()
-        sub = jobs.submit_upload(svc.sessionmaker, svc.settings, data, version, queue, svc.publish, tenant=g.tenant)
+        sub = jobs.submit_upload(svc.sessionmaker, svc.settings, data, version, queue, svc.publish,
+                                 g.tenant, callback_url)
         return _accepted(sub, version)
     if not request.is_json:
         raise UnsupportedMediaType("send the image as multipart/form-data (field 'file') or an S3 object as "
                                    f"application/json, not {request.mimetype or 'nothing'}")
-    body = bodies.json_object(("s3", "queue"))
+    body = bodies.json_object(("s3", "queue", "callback_url"))
     if "s3" not in body:
         raise InvalidRequest('send a multipart field "file", or JSON {"s3": {"bucket": B, "key": K}}')
     bucket, key = bodies.s3_location(body["s3"], "s3", "key")
     queue = bodies.queue(body.get("queue", "interactive"))
     check_s3([(bucket, key)])
+    callback_url = bodies.callback_url(body.get("callback_url"), svc.settings)
     version = svc.current_model_version()
     image = jobs.s3_image(storage.head(bucket, key))
-    _, [sub] = jobs.submit_images(svc.sessionmaker, [image], version, queue, svc.publish, tenant=g.tenant)
+    _, [sub] = jobs.submit_images(svc.sessionmaker, [image], version, queue, svc.publish,
+                                  tenant=g.tenant, callback_url=callback_url)
     return _accepted(sub, version)
 
 

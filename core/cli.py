@@ -211,6 +211,44 @@ def bench_search_command(imagenet, flickr, queries, cache_dir, k, postgres_url) 
     click.echo(json.dumps(result))
 
 
+@bench.command("backfill")
+@click.option("--bucket", required=True, help="A scratch bucket: the keys are created there if missing.")
+@click.option("--prefix", default="bench-backfill/", show_default=True)
+@click.option("--keys", type=int, default=100_000, show_default=True)
+@click.option("--threads", type=int, default=32, show_default=True, help="Upload threads for missing keys.")
+def bench_backfill_command(bucket, prefix, keys, threads) -> None:
+    """Keys/s that POST /v1/batches enqueues from an S3 prefix (database rows and broker doorbells).
+    Uploads KEYS tiny objects first when the prefix holds fewer; the jobs it makes are real (use a
+    scratch database and broker: a worker there would try to caption the tiny objects)."""
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from core import backfill, captioner, storage
+    from core.errors import CaptioningError
+    from core.queue import create_celery, publish
+
+    settings = _settings()
+    client = storage.s3_client()
+    have = sum(len(page) for page in storage.list_pages(bucket, prefix))
+    if have < keys:
+        started = time.perf_counter()
+        names = [f"{prefix}{n:07d}.jpg" for n in range(keys)]
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(lambda k: client.put_object(Bucket=bucket, Key=k, Body=k.encode()), names))
+        click.echo(f"uploaded {keys} objects in {time.perf_counter() - started:.1f}s")
+    app = create_celery(settings) if settings.broker_url else None
+    group = captioner.batch_size(settings)
+    sm = _open_db(settings)
+    try:
+        done = backfill.enqueue_prefix(sm, bucket, prefix, captioner.version(settings), "backfill",
+                                       (lambda j: publish(app, j, group)) if app else (lambda _: None), keys)
+    except CaptioningError as e:
+        raise click.ClickException(f"{e.code}: {e.message}")
+    click.echo(f"{done.total} keys enqueued in {done.seconds:.1f}s: {done.total / done.seconds:.0f} keys/s "
+               f"({done.new_jobs} new jobs, batch {done.batch_id}, "
+               f"{'broker ' + 'doorbells in groups of ' + str(group) if app else 'no broker'})")
+
+
 def torch_device_name(device) -> str:
     import torch
 
@@ -286,7 +324,8 @@ def caption(paths, limit, queue, wait, samples) -> None:
                                     i.fingerprint, i.sha256, i.size) if i.uri.startswith("file://") else i
                       for i in images]
             app = create_celery(settings)
-            batch_id, submitted = jobs.submit_images(sm, images, version, queue, lambda j: publish(app, j),
+            group = captioner.batch_size(settings)
+            batch_id, submitted = jobs.submit_images(sm, images, version, queue, lambda j: publish(app, j, group),
                                                      batch_source=" ".join(paths))
             click.echo(f"batch {batch_id}: {len({x.image_id for x in submitted})} images submitted to the workers")
             if not wait:
@@ -319,6 +358,49 @@ def caption(paths, limit, queue, wait, samples) -> None:
     for image, cap in shown:
         click.echo(f"  {Path(image.uri).name}: {cap.text}")
     click.echo(f"database: {settings.database_url}  (try: captioner search WORDS, captioner export)")
+
+
+@cli.command()
+@click.option("--from-version", default=None,
+              help="Only images captioned by this model version (default: by any version but the current one).")
+@click.option("--all", "every_image", is_flag=True,
+              help="Every image without a job for the current model, captioned before or not.")
+def recaption(from_version, every_image) -> None:
+    """Re-queue images captioned by an older model as backfill jobs for the current model.
+
+    The new caption is stored beside the old one and served from then on; alt text a person
+    approved, edited or marked decorative stays. With a broker the workers do the work (the batch
+    id is printed: follow it with GET /v1/batches/<id>); without one it runs here.
+    """
+    from tqdm import tqdm
+
+    from core import backfill, captioner, jobs, queries
+    from core.errors import CaptioningError
+
+    settings = _settings()
+    try:
+        sm = _open_db(settings)
+        version = captioner.version(settings)
+        if settings.embedded:
+            done = backfill.recaption(sm, version, lambda _: None, from_version, every_image)
+        else:
+            from core.queue import create_celery, publish
+
+            app, group = create_celery(settings), captioner.batch_size(settings)
+            done = backfill.recaption(sm, version, lambda j: publish(app, j, group), from_version, every_image)
+        if done.batch_id is None:
+            click.echo(f"nothing to re-caption: every image has a job for model {version}")
+            return
+        click.echo(f"batch {done.batch_id}: {done.total} images queued for model {version}")
+        if settings.embedded:
+            with tqdm(total=done.new_jobs, unit="img", desc="re-captioning") as bar:
+                jobs.run_embedded(sm, settings, version, done.batch_id,
+                                  lambda report: bar.update(report.captioned + report.failed))
+            with sm() as s:
+                counts = queries.batch_view(s, done.batch_id)["counts"]
+            click.echo(f"{counts['done']} done, {counts['failed']} failed")
+    except CaptioningError as e:
+        raise click.ClickException(f"{e.code}: {e.message}")
 
 
 def _follow(sm, batch_id: int, todo: int, bar) -> None:

@@ -37,6 +37,11 @@ class NotFound(CaptioningError):
     code = "not_found"
 
 
+class Conflict(CaptioningError):
+    """The request is well formed but the resource is not in a state that allows it yet."""
+    code = "conflict"
+
+
 class InvalidImage(CaptioningError):
     """The bytes are not an image we can caption; never retried, fails that image only."""
     code = "invalid_image"

@@ -10,7 +10,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 from sqlalchemy.orm import sessionmaker
 
-from . import captioner, decode, queries, storage
+from . import captioner, decode, queries, storage, webhooks
 from .errors import CaptioningError, InvalidRequest, TransientError
 from .queries import Claimed, Failure, NewImage, Result, Submitted
 from .settings import Settings
@@ -30,6 +30,7 @@ class BatchReport:
     released: int  # returned to the queue after a transient error
     forward_size: int
     seconds: float
+    finished: tuple[int, ...] = ()  # job ids now done or failed: their callbacks are due
 
 
 def to_publish(submitted: Iterable[Submitted]) -> list[tuple[int, str]]:
@@ -37,12 +38,14 @@ def to_publish(submitted: Iterable[Submitted]) -> list[tuple[int, str]]:
 
 
 def submit_upload(sm: sessionmaker, settings: Settings, data: bytes, model_version: str, queue: str,
-                  publish: Publish, tenant: str = "default") -> Submitted:
+                  publish: Publish, tenant: str = "default", callback_url: str | None = None) -> Submitted:
     decode.sniff(data, settings.max_pixels)  # refuse junk now, with a clear error, not later in a worker
     uri, digest = storage.store(settings.storage, data)
     with sm.begin() as s:
         [sub] = queries.submit(s, [NewImage(uri, f"sha256:{digest}", digest, len(data))], model_version, queue,
-                               tenant=tenant)
+                               tenant)
+        if callback_url:
+            queries.set_callback(s, [sub.job_id], callback_url)
     publish(to_publish([sub]))
     return sub
 
@@ -59,16 +62,20 @@ def file_image(path: Path) -> NewImage:
 
 
 def submit_images(sm: sessionmaker, images: list[NewImage], model_version: str, queue: str,
-                  publish: Publish, batch_source: str | None = None,
-                  tenant: str = "default") -> tuple[int | None, list[Submitted]]:
+                  publish: Publish, batch_source: str | None = None, tenant: str = "default",
+                  callback_url: str | None = None) -> tuple[int | None, list[Submitted]]:
     """Rows for images (and a batch grouping them, given its source) in one transaction, then the
-    doorbell -> (batch id or None, submitted)."""
+    doorbell -> (batch id or None, submitted). The callback goes on the batch, or on the job of a
+    single image."""
     with sm.begin() as s:
-        submitted = queries.submit(s, images, model_version, queue, tenant=tenant)
+        submitted = queries.submit(s, images, model_version, queue, tenant)
         batch_id = None
         if batch_source is not None:
-            batch_id = queries.create_batch(s, batch_source, model_version, (x.image_id for x in submitted),
-                                            tenant=tenant).id
+            batch = queries.create_batch(s, batch_source, model_version, (x.image_id for x in submitted), tenant)
+            batch.callback_url = callback_url
+            batch_id = batch.id
+        elif callback_url:
+            queries.set_callback(s, [x.job_id for x in submitted], callback_url)
     publish(to_publish(submitted))
     return batch_id, submitted
 
@@ -148,7 +155,9 @@ def caption_claimed(sm: sessionmaker, settings: Settings, claimed: list[Claimed]
         queries.release(s, transient, count_attempt=True)
     for c, err in errors:
         log.warning("image %d (%s): %s %s", c.image_id, c.uri, err.code, err.message)
-    return BatchReport(len(results), len(failures), len(transient), len(ready), time.perf_counter() - started)
+    finished = tuple([r.claimed.job_id for r in results] + [f.claimed.job_id for f in failures])
+    return BatchReport(len(results), len(failures), len(transient), len(ready), time.perf_counter() - started,
+                       finished)
 
 
 def run_embedded(sm: sessionmaker, settings: Settings, model_version: str, batch_id: int | None,
@@ -163,4 +172,6 @@ def run_embedded(sm: sessionmaker, settings: Settings, model_version: str, batch
                                     batch_id=batch_id)
         if not claimed:
             return
-        on_batch(caption_claimed(sm, settings, claimed))
+        report = caption_claimed(sm, settings, claimed)
+        webhooks.deliver_inline(sm, settings, list(report.finished))  # no broker: no retry queue either
+        on_batch(report)

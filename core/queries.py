@@ -1,12 +1,13 @@
 """Data functions of the job life-cycle. Each takes a Session; the caller owns the transaction."""
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any, Collection, Iterable, Iterator
 
-from sqlalchemy import Select, func, select, update
+from sqlalchemy import Select, func, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
+from . import alttext
 from .errors import NotFound
 from .tables import Batch, BatchImage, Caption, Image, Job, utcnow
 
@@ -102,6 +103,12 @@ def submit(session: Session, images: list[NewImage], model_version: str, queue: 
         job_id, status, q = jobs[image_id]
         out.append(Submitted(image_id, job_id, status, q))
     return out
+
+
+def set_callback(session: Session, job_ids: list[int], url: str) -> None:
+    """The latest submission's callback wins: one job, one callback (batches carry their own)."""
+    session.execute(update(Job).where(Job.id.in_(job_ids)).values(callback_url=url)
+                    .execution_options(synchronize_session=False))
 
 
 def create_batch(session: Session, source: str, model_version: str, image_ids: Iterable[int],
@@ -210,13 +217,16 @@ def sweep(session: Session, max_attempts: int, requeue_after_seconds: int,
     return [(job_id, queue) for job_id, queue in [*returned, *stale]]
 
 
-def _image_row(image: Image, job: Job | None, caption: Caption | None) -> dict[str, Any]:
+def _image_row(image: Image, job: Job | None, caption: Caption | None, alt: dict[str, Any]) -> dict[str, Any]:
     error = {"code": job.error_code, "message": job.error_message} if job and job.status == "failed" else None
     return {
         "id": image.id,
         "status": job.status if job else "queued",
         "caption": caption.text if caption else None,
-        "alt_text": caption.alt_text if caption else None,
+        "alt_text": alt["text"],  # a person's decision if any, else the newest model's suggestion
+        "alt_text_state": alt["state"],
+        "alt_text_suggestion": alt["suggestion"],
+        "alt_text_history": alt["history"],
         "candidates": [{"text": t, "score": s} for t, s in caption.candidates] if caption else [],
         "tags": [{"label": t, "score": s} for t, s in caption.tags] if caption else [],
         "confidence": caption.confidence if caption else None,
@@ -243,7 +253,7 @@ def image_view(session: Session, image_id: int, model_version: str | None,
     job = next((j for j in jobs if j.model_version == model_version), jobs[0] if jobs else None)
     caption = session.scalars(select(Caption).where(
         Caption.image_id == image_id, Caption.model_version == job.model_version)).first() if job else None
-    return _image_row(image, job, caption)
+    return _image_row(image, job, caption, alttext.view(session, image_id, tenant))
 
 
 def batch_view(session: Session, batch_id: int, tenant: str = "default") -> dict[str, Any]:
@@ -254,8 +264,18 @@ def batch_view(session: Session, batch_id: int, tenant: str = "default") -> dict
         select(Job.status, func.count()).join(BatchImage, BatchImage.image_id == Job.image_id)
         .where(BatchImage.batch_id == batch_id, Job.model_version == batch.model_version)
         .group_by(Job.status)).all())
+    # the rate counts images finished since the batch began (earlier ones were already done)
+    finished, last = session.execute(
+        select(func.count(), func.max(Job.finished_at)).join(BatchImage, BatchImage.image_id == Job.image_id)
+        .where(BatchImage.batch_id == batch_id, Job.model_version == batch.model_version,
+               Job.finished_at >= batch.created_at)).one()
+    left = counts.get("queued", 0) + counts.get("processing", 0)
+    seconds = (last - batch.created_at).total_seconds() if last else 0.0
+    rate = finished / seconds if finished and seconds > 0 else None
     return {"id": batch.id, "source": batch.source, "total": batch.total, "model_version": batch.model_version,
             "counts": {s: counts.get(s, 0) for s in ("queued", "processing", "done", "failed")},
+            "images_per_second": round(rate, 3) if rate else None,
+            "eta_seconds": round(left / rate, 1) if rate and left else (0.0 if not left else None),
             "created_at": batch.created_at.isoformat()}
 
 
@@ -273,3 +293,78 @@ def results_query(model_version: str | None = None) -> Select:
     if model_version:
         query = query.where(Caption.model_version == model_version)
     return query
+
+
+# One statement per table for a whole listed page on PostgreSQL: the rows travel as arrays, so the
+# client does no per-row SQL rendering (measured: rendering, not the server, was most of the time)
+_PG_PAGE_IMAGES = text("""
+    WITH page AS (
+        SELECT * FROM unnest(CAST(:uris AS text[]), CAST(:fingerprints AS text[]), CAST(:sha256s AS text[]),
+                             CAST(:sizes AS bigint[])) AS p(uri, fingerprint, sha256, size)
+    ), added AS (
+        INSERT INTO images (tenant, uri, fingerprint, sha256, size, created_at)
+        SELECT :tenant, uri, fingerprint, sha256, size, :now FROM page
+        ON CONFLICT (tenant, fingerprint) DO NOTHING RETURNING id
+    )
+    SELECT id FROM added
+    UNION ALL SELECT i.id FROM images i JOIN page ON i.fingerprint = page.fingerprint WHERE i.tenant = :tenant
+""")
+_PG_PAGE_JOBS = text("""
+    INSERT INTO jobs (image_id, model_version, queue, status, attempts, created_at, updated_at)
+    SELECT image_id, :version, :queue, 'queued', 0, :now, :now FROM unnest(CAST(:ids AS integer[])) AS p(image_id)
+    ON CONFLICT (image_id, model_version) DO NOTHING RETURNING id, queue
+""")
+_PG_PAGE_MEMBERS = text("""
+    INSERT INTO batch_images (batch_id, image_id) SELECT :batch, image_id FROM unnest(CAST(:ids AS integer[])) AS p(image_id)
+    ON CONFLICT DO NOTHING RETURNING image_id
+""")
+
+
+def enqueue_page(session: Session, batch_id: int, images: list[NewImage], model_version: str, queue: str,
+                 tenant: str = "default") -> tuple[int, list[tuple[int, str]]]:
+    """One listed page of a backfill: bulk INSERT ... ON CONFLICT DO NOTHING of its images, jobs and
+    batch memberships (never a statement per row) -> (images new to the batch, (job id, queue) of
+    the jobs created now: only those need a message; existing ones have had theirs)."""
+    now = utcnow()
+    if session.get_bind().dialect.name == "postgresql":
+        ids = list(session.scalars(_PG_PAGE_IMAGES, {
+            "uris": [i.uri for i in images], "fingerprints": [i.fingerprint for i in images],
+            "sha256s": [i.sha256 for i in images], "sizes": [i.size for i in images], "tenant": tenant, "now": now}))
+        new_jobs = [(job_id, q) for job_id, q in session.execute(
+            _PG_PAGE_JOBS, {"ids": ids, "version": model_version, "queue": queue, "now": now})]
+        added = len(session.execute(_PG_PAGE_MEMBERS, {"batch": batch_id, "ids": ids}).all())
+        session.execute(update(Batch).where(Batch.id == batch_id).values(total=Batch.total + added)
+                        .execution_options(synchronize_session=False))
+        return added, new_jobs
+    # SQLite (embedded): a multi-row statement per CHUNK rows, within its bound-parameter limit
+    new_jobs = []
+    added = 0
+    for chunk in _chunks(images):
+        session.execute(
+            _insert(session, Image.__table__).on_conflict_do_nothing(index_elements=["tenant", "fingerprint"]),
+            [{"tenant": tenant, "uri": i.uri, "fingerprint": i.fingerprint, "sha256": i.sha256, "size": i.size,
+              "created_at": now} for i in chunk])
+        ids = list(session.scalars(select(Image.id).where(
+            Image.tenant == tenant, Image.fingerprint.in_([i.fingerprint for i in chunk]))))
+        chunk_added, chunk_jobs = queue_images(session, batch_id, ids, model_version, queue, now)
+        added += chunk_added
+        new_jobs += chunk_jobs
+    return added, new_jobs
+
+
+def queue_images(session: Session, batch_id: int, image_ids: list[int], model_version: str, queue: str,
+                 now: datetime) -> tuple[int, list[tuple[int, str]]]:
+    """Jobs for existing images (ON CONFLICT DO NOTHING: an image's job for this model is made
+    once) and their batch memberships, a bulk statement each -> (images new to the batch, new jobs)."""
+    jobs, members = Job.__table__, BatchImage.__table__
+    new_jobs = [(job_id, q) for job_id, q in session.execute(
+        _insert(session, jobs).on_conflict_do_nothing(index_elements=["image_id", "model_version"])
+        .returning(jobs.c.id, jobs.c.queue),
+        [{"image_id": i, "model_version": model_version, "queue": queue, "status": "queued", "attempts": 0,
+          "created_at": now, "updated_at": now} for i in image_ids])]
+    added = len(session.execute(
+        _insert(session, members).on_conflict_do_nothing().returning(members.c.image_id),
+        [{"batch_id": batch_id, "image_id": i} for i in image_ids]).all())
+    session.execute(update(Batch).where(Batch.id == batch_id).values(total=Batch.total + added)
+                    .execution_options(synchronize_session=False))
+    return added, new_jobs

@@ -2,7 +2,7 @@
 import logging
 
 from celery import Celery
-from kombu import Queue
+from kombu import Exchange, Queue
 from kombu.exceptions import OperationalError
 
 from .captioner import batch_size
@@ -12,6 +12,8 @@ from .tables import QUEUES
 CAPTION_TASK = "captioner.caption"
 SWEEP_TASK = "captioner.sweep"
 PROC_ALIVE_TIMEOUT = 300  # seconds a new pool child may take to load the model
+WEBHOOK_TASK = "captioner.webhook"
+EXCHANGE = Exchange("captioner", type="direct")
 VISIBILITY_TIMEOUT = 3600  # seconds; far above flush interval + the worst batch, or Redis redelivers mid-run
 
 log = logging.getLogger(__name__)
@@ -20,7 +22,12 @@ log = logging.getLogger(__name__)
 def create_celery(settings: Settings) -> Celery:
     app = Celery("captioner", broker=settings.broker_url, set_as_current=False)
     app.conf.update(
-        task_queues=[Queue(q) for q in QUEUES],
+        # each queue bound by its own name: a bare Queue(name) is bound with the default routing key
+        # ("interactive"), so every message reached both queues and backfills were not kept apart.
+        # A new exchange name: Redis keeps the old bindings of the "interactive" exchange.
+        task_queues=[Queue(q, EXCHANGE, routing_key=q) for q in QUEUES],
+        task_default_exchange=EXCHANGE.name,
+        task_default_routing_key="interactive",
         task_default_queue="interactive",
         task_ignore_result=True,  # results live in the database; the broker is only a doorbell
         task_acks_late=True,  # a crash mid-batch redelivers instead of losing the ids
@@ -52,15 +59,43 @@ def drained(app: Celery) -> list[str]:
         return []
 
 
-def publish(app: Celery, jobs: list[tuple[int, str]]) -> None:
+def doorbells(jobs: list[tuple[int, str]], group: int) -> list[tuple[dict, str]]:
+    """(task kwargs, queue) per message. Backfill jobs share a message, up to `group` (a model
+    batch) per message: a library of 100,000 images is not 100,000 broker round trips. An
+    interactive job has a message of its own, so it never waits for company."""
+    messages: list[tuple[dict, str]] = []
+    pending: dict[str, list[int]] = {}
+    for job_id, queue in jobs:
+        if queue != "backfill" or group <= 1:
+            messages.append(({"job_id": job_id}, queue))
+            continue
+        ids = pending.setdefault(queue, [])
+        ids.append(job_id)
+        if len(ids) == group:
+            messages.append(({"job_ids": pending.pop(queue)}, queue))
+    messages += [({"job_ids": ids}, queue) for queue, ids in pending.items()]
+    return messages
+
+
+def publish(app: Celery, jobs: list[tuple[int, str]], group: int = 1) -> None:
     """Ring the doorbell for (job id, queue) pairs, after their rows are committed. If the broker
     is down the jobs stay queued in the database and the sweep publishes them again later."""
     if not jobs:
         return
     try:
-        with app.producer_or_acquire() as producer:
-            for job_id, queue in jobs:
-                app.send_task(CAPTION_TASK, kwargs={"job_id": job_id}, queue=queue, producer=producer,
+        # producer.batch pipelines the Redis commands: one round trip per 1,000 messages, not per message
+        with app.producer_or_acquire() as producer, producer.batch():
+            for kwargs, queue in doorbells(jobs, group):
+                app.send_task(CAPTION_TASK, kwargs=kwargs, queue=queue, producer=producer,
                               retry=True, retry_policy={"max_retries": 2, "interval_start": 0.2})
     except OperationalError as e:  # kombu's wrapper for every transport's connection errors
         log.warning("broker unreachable, %d jobs left for the sweep to publish: %s", len(jobs), e)
+
+
+def publish_webhooks(app: Celery, targets: list[tuple[int, str]]) -> None:
+    """One delivery task per (job id, callback URL), on the interactive queue: an event must not
+    wait behind a library's backfill messages."""
+    with app.producer_or_acquire() as producer:
+        for job_id, url in targets:
+            app.send_task(WEBHOOK_TASK, kwargs={"job_id": job_id, "url": url}, queue="interactive",
+                          producer=producer)

@@ -39,6 +39,11 @@ class Settings:
     auth: str = "required"
     rate_limit: str = "600/minute"  # per API key (per client address with auth off); flask-limiter syntax
     ratelimit_storage_url: str | None = None  # None = the broker if it is Redis, else per-process memory
+    webhook_secret: str | None = None  # HMAC-SHA256 key for callback events; unset = callback_url refused
+    # hosts or addresses a callback may reach although they are private/loopback, e.g. "127.0.0.1,localhost"
+    webhook_allow: str = ""
+    webhook_timeout_seconds: int = 10  # one delivery attempt's connect + read limit
+    webhook_max_attempts: int = 6  # deliveries of one event before it is given up (backoff 2, 4, 8 ... s)
 
     def __post_init__(self) -> None:
         if self.auth not in AUTH_MODES:

@@ -146,17 +146,23 @@ def head(bucket: str, key: str) -> S3Object:
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 
 
-def list_prefix(bucket: str, prefix: str, limit: int) -> list[S3Object]:
-    """Image-looking objects under a prefix (by suffix: listing cannot see content)."""
-    out: list[S3Object] = []
+def list_pages(bucket: str, prefix: str) -> Iterator[list[S3Object]]:
+    """Image-looking objects under a prefix (by suffix: listing cannot see content), one listed
+    page (up to 1,000 keys) at a time: a library of millions never sits in memory at once."""
     with _s3_errors(bucket, f"s3://{bucket}/{prefix}"):
         for page in s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-            for obj in page.get("Contents", []):
-                if obj["Key"].lower().endswith(IMAGE_SUFFIXES):
-                    out.append(S3Object(bucket, obj["Key"], obj["ETag"].strip('"'), obj["Size"]))
-                    if len(out) > limit:
-                        raise InvalidRequest(f"s3://{bucket}/{prefix} holds more than {limit} images; "
-                                             "split it into smaller prefixes", code="too_many_images")
+            yield [S3Object(bucket, obj["Key"], obj["ETag"].strip('"'), obj["Size"])
+                   for obj in page.get("Contents", []) if obj["Key"].lower().endswith(IMAGE_SUFFIXES)]
+
+
+def list_prefix(bucket: str, prefix: str, limit: int) -> list[S3Object]:
+    """Every image-looking object under a prefix, refusing more than `limit`."""
+    out: list[S3Object] = []
+    for page in list_pages(bucket, prefix):
+        out.extend(page)
+        if len(out) > limit:
+            raise InvalidRequest(f"s3://{bucket}/{prefix} holds more than {limit} images; "
+                                 "split it into smaller prefixes", code="too_many_images")
     return out
 
 

@@ -20,6 +20,7 @@ from .db import Base
 
 STATUSES = ("queued", "processing", "done", "failed")
 QUEUES = ("interactive", "backfill")  # a single upload must not wait behind a library import
+DECISIONS = ("approved", "edited", "decorative")  # alt-text states only a person sets
 Json = JSON().with_variant(JSONB(), "postgresql")
 # The search index over captions is built by migration b1d2search01 and read by core/search.py
 # alone, not mapped here: a generated tsvector column + GIN index on PostgreSQL, an FTS5 table
@@ -65,6 +66,7 @@ class Job(Base):
     lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     error_code: Mapped[str | None] = mapped_column(String(64))
     error_message: Mapped[str | None] = mapped_column(Text)
+    callback_url: Mapped[str | None] = mapped_column(Text)  # POSTed an event when the job is done or failed
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
@@ -86,6 +88,7 @@ class Batch(Base):
     model_version: Mapped[str] = mapped_column(String(64))
     source: Mapped[str] = mapped_column(Text)  # e.g. s3://bucket/prefix, or "3 images"
     total: Mapped[int]
+    callback_url: Mapped[str | None] = mapped_column(Text)  # POSTed an event per image done or failed
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
     def __repr__(self) -> str:
@@ -97,6 +100,8 @@ class BatchImage(Base):
     __tablename__ = "batch_images"
     batch_id: Mapped[int] = mapped_column(ForeignKey("batches.id", ondelete="CASCADE"), primary_key=True)
     image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), primary_key=True)
+    # finding an image's batches (for their callbacks) must not scan every batch's members
+    __table_args__ = (Index("ix_batch_images_image_id", "image_id"),)
 
 
 class Caption(Base):
@@ -148,3 +153,37 @@ class TenantBucket(Base):
 
     def __repr__(self) -> str:
         return f"<TenantBucket {self.tenant} s3://{self.bucket}/{self.prefix}>"
+
+
+class AltTextDecision(Base):
+    """A person's alt-text decision, never overwritten: the latest one is the image's alt text,
+    whatever model captions it later; the rows are its history."""
+    __tablename__ = "alt_text_decisions"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), index=True)
+    state: Mapped[str] = mapped_column(String(16))
+    text: Mapped[str] = mapped_column(Text)  # "" for decorative: alt=""
+    model_version: Mapped[str | None] = mapped_column(String(64))  # the suggestion it approved or replaced
+    decided_by: Mapped[str] = mapped_column(String(200))
+    decided_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    __table_args__ = (CheckConstraint(f"state IN {DECISIONS}", name="state"),)
+
+    def __repr__(self) -> str:
+        return f"<AltTextDecision image={self.image_id} {self.state}>"
+
+
+class WebhookDelivery(Base):
+    """One attempt to POST one event: every try is kept, failed or not."""
+    __tablename__ = "webhook_deliveries"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    event_id: Mapped[str] = mapped_column(String(64), index=True)  # the same on every retry of one event
+    event: Mapped[str] = mapped_column(String(32))  # image.done, image.failed
+    job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"), index=True)
+    url: Mapped[str] = mapped_column(Text)
+    attempt: Mapped[int]
+    status_code: Mapped[int | None]
+    error: Mapped[str | None] = mapped_column(Text)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    def __repr__(self) -> str:
+        return f"<WebhookDelivery {self.event_id} attempt={self.attempt} {self.status_code or self.error}>"

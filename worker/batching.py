@@ -9,6 +9,11 @@
 3. reject_on_worker_lost: when the child dies mid-batch (OOM, signal), upstream never acks or
    rejects the messages, which then wait for Redis' visibility timeout. Here they are requeued
    once (not when already redelivered: the database's attempt counter bounds the rest).
+4. A batch is counted in job ids, not requests: a backfill message carries a model batch of ids
+   (core/queue.py), a single upload's message one.
+5. Interactive requests leave first. A worker that consumes both queues holds up to a batch of
+   backfill requests in its buffer; a single upload that arrives behind them goes into the next
+   batch instead of waiting for the buffer to drain.
 
 Meant for tasks with acks_late=True: requests are acknowledged when their batch returns.
 """
@@ -24,18 +29,30 @@ from celery_batches import SimpleRequest
 from celery_batches.trace import apply_batches_task
 
 
+def request_ids(request: Any) -> list[int]:
+    """The job ids one caption message rings for: {"job_id": n} or {"job_ids": [...]}."""
+    return request.kwargs.get("job_ids") or [request.kwargs["job_id"]]
+
+
 class Batches(UpstreamBatches):
     def __init__(self) -> None:
         super().__init__()
         self._in_flight = 0  # batches handed to the pool and not yet returned
 
     def flush(self, requests: Collection[Request]) -> Any:
-        requests = list(requests)
+        # stable sort: interactive first, each queue in arrival order
+        requests = sorted(requests, key=lambda r: r.delivery_info.get("routing_key") != "interactive")
         if self._in_flight >= self._pool.limit:
             for req in requests:  # busy: keep them for a fuller batch when a process frees
                 self._buffer.put(req)
             return None
-        batch, rest = requests[:self.flush_every], requests[self.flush_every:]
+        batch, ids = [], 0
+        for req in requests:  # up to flush_every job ids, and at least one request
+            if batch and ids + len(request_ids(req)) > self.flush_every:
+                break
+            batch.append(req)
+            ids += len(request_ids(req))
+        rest = requests[len(batch):]
         for req in rest:
             self._buffer.put(req)
         simple = ([SimpleRequest.from_request(r) for r in batch],)  # picklable for the prefork pool

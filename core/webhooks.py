@@ -1,0 +1,207 @@
+"""Callback events: when an image is done or failed, POST a signed JSON event to the callback URL
+its job or batch carries, and record every attempt.
+
+Signature: HMAC-SHA256 with CAPTIONER_WEBHOOK_SECRET over `<timestamp>.<body>`, sent as
+`X-Captioner-Signature: sha256=<hex>` beside `X-Captioner-Timestamp` (Stripe's scheme: the
+timestamp inside the MAC lets a receiver refuse replays).
+
+Server-side request forgery: a callback may not reach private, loopback, link-local or other
+non-global addresses (every address the name resolves to is checked) unless CAPTIONER_WEBHOOK_ALLOW
+names the host or address. The check runs at submission and again at each delivery, and the POST
+goes to the address that passed the check, so a name re-pointed in between (DNS rebinding) cannot
+steer it elsewhere."""
+import hashlib
+import hmac
+import ipaddress
+import json
+import logging
+import socket
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+from urllib.parse import urlsplit
+
+import urllib3
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from . import alttext
+from .errors import InvalidRequest, TransientError
+from .settings import Settings
+from .tables import Batch, BatchImage, Caption, Image, Job, WebhookDelivery, utcnow
+
+log = logging.getLogger(__name__)
+
+MAX_URL = 2000
+INLINE_ATTEMPTS = 3  # embedded mode retries in-process, so a dead receiver must not hold the run long
+INLINE_BACKOFF_SECONDS = 0.5  # then 1 s
+
+
+class DeliveryFailed(TransientError):
+    """The receiver did not answer 2xx (or could not be reached): worth another attempt later."""
+    code = "webhook_failed"
+
+
+@dataclass(frozen=True)
+class Event:
+    id: str  # the same on every attempt, so a receiver can drop duplicates
+    type: str  # image.done or image.failed
+    job_id: int | None
+    url: str
+    body: bytes
+
+
+def _refused(url: str, why: str) -> InvalidRequest:
+    return InvalidRequest(f"callback_url {url[:200]!r} refused: {why}", code="callback_url_refused")
+
+
+def _allow_list(settings: Settings) -> set[str]:
+    return {a.strip().lower() for a in settings.webhook_allow.split(",") if a.strip()}
+
+
+def resolve(url: str, settings: Settings) -> list[str]:
+    """The addresses a callback URL may be POSTed to, or InvalidRequest saying why it may not."""
+    if not isinstance(url, str) or len(url) > MAX_URL:
+        raise _refused(str(url), f"it must be a URL of at most {MAX_URL} characters")
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https"):
+        raise _refused(url, "only http and https callbacks are sent")
+    if parts.username is not None or parts.password is not None:
+        raise _refused(url, "credentials in the URL are not sent; the signature authenticates us")
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        raise _refused(url, "the port is not a number from 0 to 65535") from None
+    host = parts.hostname
+    if not host:
+        raise _refused(url, "it names no host")
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as e:
+        raise _refused(url, f"{host} does not resolve ({e})") from None
+    allow = _allow_list(settings)
+    addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
+    for address in addresses:
+        ip = ipaddress.ip_address(address.split("%")[0])  # drop an IPv6 zone index
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+            ip = ip.ipv4_mapped  # ::ffff:127.0.0.1 is loopback
+        if (not ip.is_global or ip.is_multicast) and host.lower() not in allow and str(ip) not in allow:
+            raise _refused(url, f"{host} resolves to {ip}, a private, loopback, link-local or reserved "
+                                "address (CAPTIONER_WEBHOOK_ALLOW can name hosts to allow)")
+    return addresses
+
+
+def check_callback(url: Any, settings: Settings) -> str:
+    """A callback URL given at submission -> the URL, or a clear InvalidRequest."""
+    if settings.webhook_secret is None:
+        raise InvalidRequest("callback_url needs CAPTIONER_WEBHOOK_SECRET set on the server (events are signed)",
+                             code="webhooks_not_configured")
+    resolve(url, settings)
+    return url
+
+
+def sign(secret: str, timestamp: str, body: bytes) -> str:
+    return hmac.new(secret.encode(), timestamp.encode() + b"." + body, hashlib.sha256).hexdigest()
+
+
+def targets(session: Session, job_ids: list[int]) -> list[tuple[int, str]]:
+    """(job id, callback URL) pairs for finished jobs: the job's own callback and those of the
+    batches (for the same model) its image belongs to."""
+    if not job_ids:
+        return []
+    own = session.execute(select(Job.id, Job.callback_url).where(Job.id.in_(job_ids),
+                                                                 Job.callback_url.is_not(None))).all()
+    batch = session.execute(
+        select(Job.id, Batch.callback_url).join(BatchImage, BatchImage.image_id == Job.image_id)
+        .join(Batch, (Batch.id == BatchImage.batch_id) & (Batch.model_version == Job.model_version))
+        .where(Job.id.in_(job_ids), Batch.callback_url.is_not(None))).all()
+    return list(dict.fromkeys((job_id, url) for job_id, url in [*own, *batch]))
+
+
+def event(session: Session, job_id: int, url: str) -> Event:
+    """The event for a finished job, as JSON bytes; the same job and URL give the same id."""
+    job = session.get(Job, job_id)
+    assert job is not None and job.status in ("done", "failed"), f"job {job_id} is not finished"
+    caption = session.scalars(select(Caption).where(Caption.image_id == job.image_id,
+                                                    Caption.model_version == job.model_version)).first()
+    image = session.get(Image, job.image_id)
+    alt = alttext.view(session, job.image_id, image.tenant) if image else None
+    kind = f"image.{job.status}"
+    event_id = f"evt_{job_id}_{job.status}_{hashlib.sha256(url.encode()).hexdigest()[:12]}"
+    body = {
+        "id": event_id, "type": kind, "created_at": utcnow().isoformat(),
+        "data": {"image_id": job.image_id, "job_id": job.id, "status": job.status, "model_version": job.model_version,
+                 "caption": caption.text if caption else None,
+                 "alt_text": alt["text"] if alt else None, "alt_text_state": alt["state"] if alt else None,
+                 "error": {"code": job.error_code, "message": job.error_message} if job.status == "failed" else None,
+                 "url": f"/v1/images/{job.image_id}"},
+    }
+    return Event(event_id, kind, job_id, url, json.dumps(body).encode())
+
+
+def _post(url: str, address: str, headers: dict[str, str], body: bytes, timeout: int) -> int:
+    """POST to `address` (already checked) while naming the host as the URL does (Host, TLS SNI and
+    certificate check), without following redirects (a redirect could point anywhere)."""
+    parts = urlsplit(url)
+    host, https = parts.hostname or "", parts.scheme == "https"
+    port = parts.port or (443 if https else 80)
+    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    limits = urllib3.Timeout(connect=timeout, read=timeout)
+    if https:
+        pool: urllib3.HTTPConnectionPool = urllib3.HTTPSConnectionPool(
+            address, port, timeout=limits, retries=False, server_hostname=host, assert_hostname=host)
+    else:
+        pool = urllib3.HTTPConnectionPool(address, port, timeout=limits, retries=False)
+    with pool:
+        response = pool.urlopen("POST", path, body=body, headers={**headers, "Host": parts.netloc},
+                                redirect=False, retries=False, preload_content=True)
+    return response.status
+
+
+def deliver_once(sm: sessionmaker, settings: Settings, ev: Event, attempt: int) -> bool:
+    """One attempt, recorded whatever happens -> True when the receiver answered 2xx. Raises
+    DeliveryFailed when another attempt may succeed; a refused URL or a missing secret is final."""
+    status, error, retry = None, None, False
+    try:
+        if settings.webhook_secret is None:
+            raise InvalidRequest("CAPTIONER_WEBHOOK_SECRET is not set: events cannot be signed")
+        address = resolve(ev.url, settings)[0]  # again now: the name may point elsewhere since submission
+        timestamp = str(int(time.time()))
+        headers = {"Content-Type": "application/json", "User-Agent": "captioner-webhooks/1",
+                   "X-Captioner-Event": ev.type, "X-Captioner-Event-Id": ev.id,
+                   "X-Captioner-Timestamp": timestamp,
+                   "X-Captioner-Signature": f"sha256={sign(settings.webhook_secret, timestamp, ev.body)}"}
+        status = _post(ev.url, address, headers, ev.body, settings.webhook_timeout_seconds)
+        if not 200 <= status < 300:
+            error, retry = f"HTTP {status}", True
+    except InvalidRequest as e:
+        error = e.message
+    except urllib3.exceptions.HTTPError as e:  # refused, reset, timed out, TLS
+        error, retry = f"{e.__class__.__name__}: {e}"[:2000], True
+    with sm.begin() as s:
+        s.add(WebhookDelivery(event_id=ev.id, event=ev.type, job_id=ev.job_id, url=ev.url, attempt=attempt,
+                              status_code=status, error=error, at=utcnow()))
+    if error is None:
+        return True
+    log.warning("webhook %s attempt %d to %s: %s", ev.id, attempt, ev.url, error)
+    if retry:
+        raise DeliveryFailed(f"{ev.url}: {error}")
+    return False
+
+
+def events_for(sm: sessionmaker, job_ids: list[int]) -> list[Event]:
+    with sm() as s:
+        return [event(s, job_id, url) for job_id, url in targets(s, job_ids)]
+
+
+def deliver_inline(sm: sessionmaker, settings: Settings, job_ids: list[int],
+                   sleep: Callable[[float], None] = time.sleep) -> None:
+    """Embedded mode (no broker, no retry queue): deliver after each batch with a short bounded retry."""
+    for ev in events_for(sm, job_ids):
+        for attempt in range(1, INLINE_ATTEMPTS + 1):
+            try:
+                deliver_once(sm, settings, ev, attempt)
+                break
+            except DeliveryFailed:
+                if attempt < INLINE_ATTEMPTS:
+                    sleep(INLINE_BACKOFF_SECONDS * 2 ** (attempt - 1))

@@ -1,0 +1,152 @@
+"""Whole-library backfills on real services: an S3 prefix (SeaweedFS) enqueued page by page into
+PostgreSQL with bulk inserts and doorbells on Redis, re-submission without duplicate work,
+progress, and re-captioning a library for a new model."""
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+
+import pytest
+import redis
+from sqlalchemy import event, func, select
+
+from api import create_app
+from core import queries, storage
+from core.db import make_engine
+from core.queries import Result
+from core.settings import Settings
+from core.tables import Job
+
+KEYS = 3000
+PAGE = 1000  # S3 lists 1,000 keys a page
+
+
+@pytest.fixture(scope="module")
+def settings(own_pg_url, redis_url, s3, tmp_path_factory) -> Settings:
+    fake = tmp_path_factory.mktemp("model") / "fake.pt"
+    fake.write_bytes(b"a checkpoint only hashed here")
+    return Settings(database_url=own_pg_url, broker_url=redis_url, storage=str(tmp_path_factory.mktemp("store")),
+                    model_path=str(fake), batch_size=16)
+
+
+@pytest.fixture(scope="module")
+def library(s3) -> str:
+    """KEYS small objects under one prefix (and a few that are not images), uploaded once."""
+    bucket, client = s3["S3_TEST_BUCKET"], storage.s3_client()
+    keys = [f"library/{n:05d}.jpg" for n in range(KEYS)] + [f"library/notes-{n}.txt" for n in range(5)]
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda k: client.put_object(Bucket=bucket, Key=k, Body=k.encode()), keys))
+    return bucket
+
+
+@pytest.fixture
+def broker(redis_url):
+    client = redis.Redis.from_url(redis_url)
+    client.delete("backfill")
+    yield client
+    client.delete("backfill")  # no worker runs here: leave no doorbells for another test's worker
+
+
+def test_a_prefix_is_enqueued_page_by_page_with_bulk_inserts(settings, library, broker):
+    app = create_app(settings)
+    engine = app.extensions["captioner"].sessionmaker.kw["bind"]
+    inserts: list[tuple[str, object]] = []
+
+    def count(conn, cursor, statement, parameters, context, executemany) -> None:
+        words = statement.split()
+        if "INSERT" in words:
+            inserts.append((words[words.index("INSERT") + 2], parameters))
+
+    event.listen(engine, "before_cursor_execute", count)
+    client = app.test_client()
+    started = time.perf_counter()
+    r = client.post("/v1/batches", json={"s3": {"bucket": library, "prefix": "library/"}})
+    elapsed = time.perf_counter() - started
+    assert r.status_code == 202, r.get_json()
+    body = r.get_json()
+    assert (body["total"], body["new_jobs"], body["truncated"]) == (KEYS, KEYS, False)
+    print(f"\nbackfill: {KEYS} keys enqueued in {elapsed:.2f}s ({KEYS / elapsed:.0f} keys/s)")
+
+    # one statement per table and listed page, the page's rows as arrays: never a row at a time
+    tables = [table for table, _ in inserts]
+    assert {t: tables.count(t) for t in set(tables)} == {"batches": 1, "images": KEYS // PAGE,
+                                                         "jobs": KEYS // PAGE, "batch_images": KEYS // PAGE}
+    assert all(len(params["uris"]) == PAGE for table, params in inserts if table == "images")
+    # doorbells carry job ids in groups of a batch: a library is not 100,000 broker round trips
+    messages = (KEYS // PAGE) * -(-PAGE // settings.batch_size)  # one page's ids never share a message with another's
+    assert broker.llen("backfill") == messages
+
+    batch = client.get(body["url"]).get_json()
+    assert batch["counts"] == {"queued": KEYS, "processing": 0, "done": 0, "failed": 0}
+    assert batch["images_per_second"] is None and batch["eta_seconds"] is None
+
+    # the same prefix again: a new batch over the same jobs, no new job and no new doorbell
+    again = client.post("/v1/batches", json={"s3": {"bucket": library, "prefix": "library/"}}).get_json()
+    assert again["id"] != body["id"] and (again["total"], again["new_jobs"]) == (KEYS, 0)
+    assert broker.llen("backfill") == messages
+    with make_engine(settings.database_url).connect() as conn:
+        assert conn.scalar(select(func.count()).select_from(Job)) == KEYS
+
+    # progress: a worker finished some; the batch says how fast and how long the rest will take
+    sm = app.extensions["captioner"].sessionmaker
+    time.sleep(0.2)
+    with sm.begin() as s:
+        claimed = queries.claim(s, batch["model_version"], 60, 100, batch_id=body["id"])
+        queries.complete(s, [Result(c, "a dog", "A dog.", [("a dog", 0.5)], [], 0.5, False, 1, 1) for c in claimed],
+                         [], batch["model_version"], forward_size=100)
+    progress = client.get(body["url"]).get_json()
+    assert progress["counts"]["done"] == 100 and progress["counts"]["queued"] == KEYS - 100
+    assert progress["images_per_second"] > 0
+    assert progress["eta_seconds"] == pytest.approx((KEYS - 100) / progress["images_per_second"], rel=0.01)
+
+
+def test_a_prefix_over_the_limit_takes_the_first_images(settings, library, broker):
+    client = create_app(replace(settings, s3_prefix_limit=1500)).test_client()
+    body = client.post("/v1/batches", json={"s3": {"bucket": library, "prefix": "library/0"}}).get_json()
+    assert (body["total"], body["truncated"]) == (1500, True)
+    empty = client.post("/v1/batches", json={"s3": {"bucket": library, "prefix": "nothing-here/"}})
+    assert empty.status_code == 400 and empty.get_json()["error"]["code"] == "empty_batch"
+
+
+@pytest.mark.parametrize("database", ["sqlite_url", "own_pg_url"])
+def test_enqueue_page_makes_each_job_once(database, request):
+    """Both implementations (arrays on PostgreSQL, chunked multi-row statements on SQLite) agree."""
+    from core.db import make_sessionmaker
+    from core.tables import Batch
+
+    sm = make_sessionmaker(make_engine(request.getfixturevalue(database)))
+    images = [queries.NewImage(f"s3://b/page/{n}.jpg", f"s3:b/page/{n}.jpg@e{n}", None, n) for n in range(1200)]
+    outcomes = []
+    for source in ("first", "second"):
+        with sm.begin() as s:
+            batch = Batch(source=source, model_version="pagetest", total=0)
+            s.add(batch)
+            s.flush()
+            added, new = queries.enqueue_page(s, batch.id, images + images[:10], "pagetest", "backfill")
+            outcomes.append((added, len(new), {q for _, q in new}))
+        with sm() as s:
+            assert s.get(Batch, batch.id).total == 1200
+    assert outcomes == [(1200, 1200, {"backfill"}), (1200, 0, set())]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3600)  # uploading 100,000 objects to SeaweedFS takes most of it
+def test_bench_backfill_100k(settings, s3, broker, monkeypatch):
+    """`captioner bench backfill` on 100,000 keys (uploaded once, on a thread pool): keys/s enqueued."""
+    from click.testing import CliRunner
+
+    from core.cli import cli
+    from core.settings import get_settings
+
+    for key, value in {"CAPTIONER_DATABASE_URL": settings.database_url, "CAPTIONER_BROKER_URL": settings.broker_url,
+                       "CAPTIONER_MODEL_PATH": settings.model_path, "CAPTIONER_BATCH_SIZE": "32"}.items():
+        monkeypatch.setenv(key, value)
+    get_settings.cache_clear()
+    try:
+        result = CliRunner().invoke(cli, ["bench", "backfill", "--bucket", s3["S3_TEST_BUCKET"], "--prefix", "bench/",
+                                          "--keys", "100000"], catch_exceptions=False)
+    finally:
+        get_settings.cache_clear()
+    assert result.exit_code == 0, result.output
+    print("\n" + result.output)
+    assert "100000 keys enqueued" in result.output
+    assert broker.llen("backfill") == 100 * -(-1000 // 32)  # doorbells in groups of a batch, per listed page

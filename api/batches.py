@@ -16,7 +16,7 @@ bp = Blueprint("batches", __name__, url_prefix="/v1/batches")
 @require_scope("write")
 def submit_batch() -> tuple[Response, int, dict]:
     svc = services()
-    tenant = g.get("tenant", "default")
+    tenant = g.tenant
     body = bodies.json_object(("s3", "images", "queue", "callback_url"))
     if "s3" in body and "images" in body:
         raise InvalidRequest("send either s3 (a prefix) or images (a list), not both")

@@ -18,7 +18,7 @@ def export_captions() -> Response:
     fmt = request.args.get("format", "jsonl")
     if fmt not in export.FORMATS:
         raise InvalidRequest(f"format must be one of: {', '.join(export.FORMATS)}")
-    rows = export.records(get_session(), g.get("tenant", "default"), request.args.get("model_version") or None)
+    rows = export.records(get_session(), g.tenant, request.args.get("model_version") or None)
     # stream_with_context: the request (and its session, closed at teardown) lives until the last row
     return Response(stream_with_context(export.lines(fmt, rows)), mimetype=MEDIA_TYPES[fmt],
                     headers={"Content-Disposition": f"attachment; filename=captions.{fmt}"})

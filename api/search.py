@@ -34,6 +34,6 @@ def search_captions() -> Response:
     limit = _int_arg("limit", 20, 1, MAX_LIMIT)
     offset = _int_arg("offset", 0, 0, search.MAX_OFFSET)
     # one row more than asked says whether there is a next page
-    rows = search.query_index(get_session(), q, limit + 1, offset, tenant=g.get("tenant", "default"))
+    rows = search.query_index(get_session(), q, limit + 1, offset, tenant=g.tenant)
     next_offset = offset + limit if len(rows) > limit and offset + limit <= search.MAX_OFFSET else None
     return jsonify({"query": q, "results": rows[:limit], "next_offset": next_offset})

@@ -50,10 +50,13 @@ SUBMIT_ERRORS = _errors(400, 403, 404, 413, 415, 503)
 KEYED: dict[str, Any] = {"security": [{"bearer": []}]}
 KEY_ERRORS = _errors(401, 403, 429)
 NULLABLE_TEXT = {"type": ["string", "null"]}
-# a person's alt text: no control characters, at least one character that is not white space
+# a person's alt text: no control characters, at least one character that is not white space.
+# Not-white-space spelt out: Python's str.strip() and the JSON Schema (ECMA) `\S` disagree
+# (\x1c-\x1f, \x85, \ufeff)
+NOT_BLANK = "[^\\t\\n\\v\\f\\r \\x1c-\\x1f\\x85\\xa0\\u1680\\u2000-\\u200a\\u2028\\u2029\\u202f\\u205f\\u3000\\ufeff]"
 CONTROL = "\\x00-\\x1f\\x7f"
 ALT_TEXT = {"type": "string", "maxLength": 1000,
-            "pattern": f"^[^{CONTROL}]*{WORD[:-1]}{CONTROL}][^{CONTROL}]*$"}
+            "pattern": f"^[^{CONTROL}]*{NOT_BLANK[:-1]}{CONTROL}][^{CONTROL}]*$"}
 ALT_STATE = {"enum": ["generated", "needs_review", "approved", "edited", "decorative", None]}
 ALT_ENTRY = _object(["text", "state", "model_version", "by", "at"], text={"type": "string"}, state=ALT_STATE,
                     model_version=NULLABLE_TEXT, by=NULLABLE_TEXT, at={"type": "string", "format": "date-time"})

@@ -368,6 +368,13 @@ def worker(queues, concurrency, beat, loglevel) -> None:
         captioner.version(settings)  # a missing checkpoint stops here, not in every pool child
     except CaptioningError as e:
         raise click.ClickException(e.message)
+    if settings.worker_metrics_port:
+        import os
+        import tempfile
+
+        # prometheus_client's multiprocess mode, chosen when it is imported: the prefork children
+        # write their samples to files here and the main process serves their sum
+        os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="captioner-metrics-"))
     from worker.tasks import app
 
     argv = ["worker", "--queues", queues, "--concurrency", str(concurrency), "--pool", "prefork",
@@ -380,14 +387,42 @@ def worker(queues, concurrency, beat, loglevel) -> None:
 
 @cli.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=int, default=5555, show_default=True)
+def flower(host, port) -> None:
+    """Start Flower, the Celery monitor, on the broker (needs CAPTIONER_BROKER_URL).
+
+    Basic auth comes from CAPTIONER_FLOWER_BASIC_AUTH=user:password, required unless Flower listens
+    on 127.0.0.1 only: Flower's pages and API can revoke tasks and shut workers down."""
+    import os
+
+    from core.queue import create_celery
+
+    settings = _settings()
+    if settings.embedded:
+        raise click.ClickException("CAPTIONER_BROKER_URL is not set: Flower watches a broker's workers")
+    if settings.flower_basic_auth is None and host != "127.0.0.1":
+        raise click.ClickException(f"set CAPTIONER_FLOWER_BASIC_AUTH=user:password to listen on {host}; "
+                                   "without it Flower listens on 127.0.0.1 only")
+    if settings.flower_basic_auth:
+        # Flower's own variable rather than --basic-auth: a password in argv shows in `ps`
+        os.environ["FLOWER_BASIC_AUTH"] = settings.flower_basic_auth
+    create_celery(settings).start(["flower", f"--address={host}", f"--port={port}"])
+
+
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", type=int, default=8000, show_default=True)
 @click.option("--workers", type=int, default=2, show_default=True, help="gunicorn worker processes.")
 @click.option("--threads", type=int, default=8, show_default=True, help="Threads per process (uploads wait on I/O).")
 def serve(host, port, workers, threads) -> None:
     """Start the HTTP API under gunicorn."""
     import os
+    import tempfile
 
     _settings()  # fail here, with the message, rather than inside each gunicorn worker
+    # prometheus_client's multiprocess mode: each gunicorn worker counts in files here and
+    # /metrics sums them (a fresh folder: counters restart with the server, as Prometheus expects)
+    os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="captioner-api-metrics-"))
     gunicorn = Path(sys.executable).with_name("gunicorn")
     os.execv(str(gunicorn), [str(gunicorn), "--bind", f"{host}:{port}", "--workers", str(workers),
                              "--threads", str(threads), "--access-logfile", "-", "api:create_app()"])

@@ -12,6 +12,7 @@ from typing import Mapping, get_args
 from .errors import ConfigError
 
 PREFIX = "CAPTIONER_"
+LOG_FORMATS = ("text", "json")
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,16 @@ class Settings:
     requeue_after_seconds: int = 300  # the sweep re-publishes jobs queued longer than this
     io_threads: int = 8  # concurrent fetch + decode threads per batch
     s3_prefix_limit: int = 100_000  # most keys one `s3://bucket/prefix` batch may expand to
+    log_format: str = "text"  # "json": one JSON object per line, with image, job and batch ids
+    flower_basic_auth: str | None = None  # "user:pass" for `captioner flower`; required unless on 127.0.0.1
+    metrics_token: str | None = None  # bearer token for the API's /metrics; unset = /metrics not served
+    worker_metrics_port: int | None = None  # the worker's Prometheus port; unset = no metrics server
+
+    def __post_init__(self) -> None:
+        if self.log_format not in LOG_FORMATS:
+            raise ConfigError(f"{PREFIX}LOG_FORMAT must be one of {', '.join(LOG_FORMATS)}, got {self.log_format!r}")
+        if self.flower_basic_auth is not None and ":" not in self.flower_basic_auth:
+            raise ConfigError(f"{PREFIX}FLOWER_BASIC_AUTH must be user:password")
 
     @property
     def embedded(self) -> bool:

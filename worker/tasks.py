@@ -12,13 +12,14 @@ from celery import signals
 from celery_batches import SimpleRequest
 from sqlalchemy.orm import sessionmaker
 
-from core import jobs, queries
+from core import jobs, logs, queries
 from core.captioner import batch_size
 from core.captioner import get as get_model
 from core.db import make_engine, make_sessionmaker
 from core.queue import CAPTION_TASK, SWEEP_TASK, create_celery, publish
 from core.settings import get_settings
 
+from . import metrics
 from .batching import Batches
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,21 @@ def _sessionmaker() -> sessionmaker:
     return make_sessionmaker(make_engine(settings.database_url))
 
 
+@signals.after_setup_logger.connect
+@signals.after_setup_task_logger.connect
+def _log_format(logger: logging.Logger, **_: Any) -> None:
+    if settings.log_format == "json":  # else Celery's own text format, which already names the task
+        logs.use_format(logger, "json")
+
+
+@signals.worker_ready.connect
+def _serve_metrics(**_: Any) -> None:
+    # in the main process once the pool has forked: the children must not inherit the socket
+    if settings.worker_metrics_port:
+        metrics.serve(app, settings.worker_metrics_port)
+        log.info("metrics on :%d/metrics", settings.worker_metrics_port)
+
+
 @signals.worker_process_init.connect
 def _load_model(**_: Any) -> None:
     # in each pool child right after the fork (so CUDA starts there, not in the parent): the
@@ -42,18 +58,20 @@ def _load_model(**_: Any) -> None:
 @app.task(name=CAPTION_TASK, base=Batches, flush_every=batch_size(settings),
           flush_interval=settings.batch_wait_ms / 1000, acks_late=True, reject_on_worker_lost=True)
 def caption(requests: list[SimpleRequest]) -> dict[str, str]:
-    """Claim the batch's jobs, caption them with one forward pass, write them in one transaction."""
+    """Claim the batch's jobs, caption them with one forward pass, write them in one transaction
+    -> {request id: "done", "skipped", "requeued" or the error code the image failed with}."""
     job_ids = sorted({r.kwargs["job_id"] for r in requests})
     sm = _sessionmaker()
     version = get_model(settings).version
     with sm.begin() as s:
         claimed = queries.claim(s, version, settings.lease_seconds, len(job_ids), job_ids=job_ids)
     report = jobs.caption_claimed(sm, settings, claimed)
-    log.info("batch: %d requests, %d claimed, forward of %d, %d failed, %d requeued in %.2fs",
-             len(requests), len(claimed), report.forward_size, report.failed, report.released, report.seconds)
-    claimed_ids = {c.job_id for c in claimed}
+    metrics.observe(report)
+    log.info("batch %s: %d requests, %d claimed, forward of %d, %d failed, %d requeued in %.2fs", report.batch,
+             len(requests), len(claimed), report.forward_size, report.failed, report.released, report.seconds,
+             extra={"batch_id": report.batch, "job_ids": [c.job_id for c in claimed]})
     # duplicates and jobs already done or claimed elsewhere are dropped by the claim, on purpose
-    return {r.id: ("processed" if r.kwargs["job_id"] in claimed_ids else "skipped") for r in requests}
+    return {r.id: report.outcomes.get(r.kwargs["job_id"], "skipped") for r in requests}
 
 
 @app.task(name=SWEEP_TASK)

@@ -172,6 +172,37 @@ def bench_model_command(images, batch_sizes, checkpoint, device, beam) -> None:
     click.echo(json.dumps(rows))
 
 
+@bench.command("pipeline")
+@click.option("--images", type=click.Path(exists=True, file_okay=False), default=str(DATA / "flickr8k" / "images"), show_default=True)
+@click.option("--count", type=int, default=96, show_default=True, help="Photos measured (4 more warm up).")
+@click.option("--batch-sizes", default=None, help="Tried for the raw ceiling (default: 8,16,32,64 on CPU; 64,128,256,512 on GPU).")
+def bench_pipeline_command(images, count, batch_sizes) -> None:
+    """Captions/s: the model alone (raw), S3 -> API -> Redis -> batching worker -> PostgreSQL
+    (end_to_end) and one task per image (naive), on the same photos; the last line is one JSON object.
+    Needs CAPTIONER_DATABASE_URL (a PostgreSQL server; fresh databases are created and dropped) and
+    CAPTIONER_BROKER_URL (Redis); starts its own SeaweedFS."""
+    from dataclasses import replace
+
+    from core import bench_pipeline, captioner
+
+    settings = _settings()
+    paths = sorted(Path(images).glob("*.jpg"))[:count + bench_pipeline.WARMUP]
+    if len(paths) < count + bench_pipeline.WARMUP:
+        raise click.ClickException(f"need {count + bench_pipeline.WARMUP} .jpg files in {images}, found {len(paths)}")
+    gpu = captioner.batch_size(replace(settings, batch_size=None)) == captioner.GPU_BATCH
+    sizes = [int(s) for s in batch_sizes.split(",")] if batch_sizes else ([64, 128, 256, 512] if gpu else [8, 16, 32, 64])
+    try:
+        rows = bench_pipeline.bench(settings, paths, sizes, log=lambda m: click.echo(m, err=True))
+    except ValueError as e:
+        raise click.ClickException(str(e))
+    model = captioner.get(settings)
+    click.echo(f"device: {model.device} ({torch_device_name(model.device)}), beam {settings.beam}, model {model.version}")
+    click.echo(f"{'path':<11} {'captions/s':>10} {'seconds':>8} {'images':>6}  how")
+    for r in rows:
+        click.echo(f"{r.path:<11} {r.captions_s:>10.2f} {r.seconds:>8.2f} {r.images:>6}  {r.note}")
+    click.echo(json.dumps(bench_pipeline.summary(rows)))
+
+
 def torch_device_name(device) -> str:
     import torch
 

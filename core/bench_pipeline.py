@@ -8,6 +8,7 @@
 Each distributed run gets a fresh PostgreSQL database on the configured server and a warm worker
 (its first batch is run before the clock starts), so only steady-state throughput is compared."""
 import json
+import logging
 import os
 import secrets
 import subprocess
@@ -116,6 +117,7 @@ def _api(settings: Settings) -> Iterator[str]:
 
     from api import create_app
 
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one access-log line per poll would drown the table
     server = make_server("127.0.0.1", 0, create_app(settings), threaded=True)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -144,7 +146,7 @@ def _run_batch(base: str, bucket: str, prefix: str, expected: int, worker: subpr
             return time.perf_counter() - started
         if worker.poll() is not None or time.perf_counter() - started > DEADLINE_S:
             raise RuntimeError(f"worker stopped or too slow ({counts}): {log_path.read_text()[-3000:]}")
-        time.sleep(0.05)
+        time.sleep(0.1)
 
 
 def distributed(settings: Settings, bucket: str, count: int, worker_argv: list[str], batch_size: int,

@@ -203,6 +203,31 @@ def bench_pipeline_command(images, count, batch_sizes) -> None:
     click.echo(json.dumps(bench_pipeline.summary(rows)))
 
 
+@bench.command("decode")
+@click.option("--image", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Photo upscaled to 12 MP (default: the first shared Flickr8k photo).")
+@click.option("--repeats", type=int, default=15, show_default=True)
+def bench_decode_command(image, repeats) -> None:
+    """Milliseconds from a 12 MP JPEG to the model's input tensor on one core: the serving path
+    (draft mode) and a plain full decode + resize; the last line is one JSON object."""
+    import tempfile
+
+    from core import bench_decode
+
+    photo = Path(image) if image else next(iter(sorted((DATA / "flickr8k" / "images").glob("*.jpg"))), None)
+    if photo is None:
+        raise click.ClickException("no photo: pass --image")
+    with tempfile.TemporaryDirectory(prefix="captioner-decode-") as tmp:
+        data = bench_decode.twelve_megapixel_jpeg(photo, Path(tmp))
+    result = bench_decode.bench(_settings(), data, repeats)
+    w, h = bench_decode.TWELVE_MP
+    click.echo(f"{w}x{h} JPEG ({len(data) / 1e6:.1f} MB) -> (3, 224, 224) tensor, 1 thread, median of {repeats}")
+    click.echo(f"{'':<28} {'CPU ms':>8} {'wall ms':>8}")
+    click.echo(f"{'draft mode (serving path)':<28} {result['draft_cpu']:>8.1f} {result['draft_wall']:>8.1f}")
+    click.echo(f"{'full decode + resize':<28} {result['full_cpu']:>8.1f} {result['full_wall']:>8.1f}")
+    click.echo(json.dumps({k: round(v, 2) for k, v in result.items()}))
+
+
 def torch_device_name(device) -> str:
     import torch
 

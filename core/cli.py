@@ -433,6 +433,7 @@ def worker(queues, concurrency, beat, loglevel) -> None:
         os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="captioner-metrics-"))
     from worker.tasks import app
 
+    app.conf.worker_concurrency = concurrency  # also read by the pool processes (their torch threads)
     argv = ["worker", "--queues", queues, "--concurrency", str(concurrency), "--pool", "prefork",
             "--loglevel", loglevel, "--task-events"]
     if beat:

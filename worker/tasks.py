@@ -5,6 +5,7 @@ flushed every CAPTIONER_BATCH_SIZE ids or CAPTIONER_BATCH_WAIT_MS, whichever com
 runs in the pool's child process, where the model is loaded once, lazily (CUDA cannot start
 before the fork)."""
 import logging
+import os
 from functools import lru_cache
 from typing import Any
 
@@ -52,6 +53,13 @@ def _serve_metrics(**_: Any) -> None:
 def _load_model(**_: Any) -> None:
     # in each pool child right after the fork (so CUDA starts there, not in the parent): the
     # first batch then does not wait for the weights
+    processes = app.conf.worker_concurrency or 1
+    if processes > 1:
+        import torch
+
+        # torch starts one thread per core in every process: N processes would run N x cores
+        # threads and lose time switching between them, so each gets its share of the cores
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // processes))
     get_model(settings)
 
 

@@ -1,5 +1,6 @@
 """The HTTP API: an application factory, one blueprint per resource, one JSON error shape.
 Never imports torch or worker/: it stores bytes, writes rows and publishes job ids."""
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -7,7 +8,7 @@ from flask import Flask, current_app, g
 from sqlalchemy.orm import Session, sessionmaker
 from werkzeug.routing import IntegerConverter
 
-from core import captioner
+from core import captioner, logs
 from core.db import make_engine, make_sessionmaker
 from core.queue import create_celery, publish
 from core.settings import Settings, get_settings
@@ -71,8 +72,11 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.extensions["captioner"] = Services(settings, make_sessionmaker(make_engine(settings.database_url)), celery)
     app.teardown_appcontext(_close_session)
 
-    from . import alttext, auth, batches, docs, errors, export, health, images, search
+    from . import alttext, auth, batches, docs, errors, export, health, images, metrics, search
     errors.init_app(app)
+    metrics.init_app(app)
+    if settings.log_format == "json":
+        logs.use_format(logging.getLogger(), "json")
     auth.init_app(app, settings)
     for module in (images, alttext, batches, search, export, health, docs):
         app.register_blueprint(module.bp)

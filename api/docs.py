@@ -150,6 +150,10 @@ SPEC: dict[str, Any] = {
                             "responses": {"200": _json({"$ref": "#/components/schemas/Ready"}, "ready"),
                                           "503": _json({"$ref": "#/components/schemas/Ready"},
                                                        "not ready, with the failing checks")}}},
+        "/metrics": {"get": {"summary": "Prometheus metrics; needs Authorization: Bearer CAPTIONER_METRICS_TOKEN "
+                                        "and is not served (404) when no token is configured",
+                             "responses": {"200": {"description": "Prometheus text format",
+                                                   "content": {"text/plain": {}}}, **_errors(401, 404)}}},
         "/openapi.json": {"get": {"summary": "This document", "responses": {"200": _json({"type": "object"}, "")}}},
         "/docs": {"get": {"summary": "This document as a page",
                           "responses": {"200": {"description": "HTML", "content": {"text/html": {}}}}}},

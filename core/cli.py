@@ -249,6 +249,62 @@ def bench_backfill_command(bucket, prefix, keys, threads) -> None:
                f"{'broker ' + 'doorbells in groups of ' + str(group) if app else 'no broker'})")
 
 
+@bench.command("pipeline")
+@click.option("--images", type=click.Path(exists=True, file_okay=False), default=str(DATA / "flickr8k" / "images"), show_default=True)
+@click.option("--count", type=int, default=96, show_default=True, help="Photos measured (4 more warm up).")
+@click.option("--batch-sizes", default=None, help="Tried for the raw ceiling (default: 8,16,32,64 on CPU; 64,128,256,512 on GPU).")
+def bench_pipeline_command(images, count, batch_sizes) -> None:
+    """Captions/s: the model alone (raw), S3 -> API -> Redis -> batching worker -> PostgreSQL
+    (end_to_end) and one task per image (naive), on the same photos; the last line is one JSON object.
+    Needs CAPTIONER_DATABASE_URL (a PostgreSQL server; fresh databases are created and dropped) and
+    CAPTIONER_BROKER_URL (Redis); starts its own SeaweedFS."""
+    from dataclasses import replace
+
+    from core import bench_pipeline, captioner
+
+    settings = _settings()
+    paths = sorted(Path(images).glob("*.jpg"))[:count + bench_pipeline.WARMUP]
+    if len(paths) < count + bench_pipeline.WARMUP:
+        raise click.ClickException(f"need {count + bench_pipeline.WARMUP} .jpg files in {images}, found {len(paths)}")
+    gpu = captioner.batch_size(replace(settings, batch_size=None)) == captioner.GPU_BATCH
+    sizes = [int(s) for s in batch_sizes.split(",")] if batch_sizes else ([64, 128, 256, 512] if gpu else [8, 16, 32, 64])
+    try:
+        rows = bench_pipeline.bench(settings, paths, sizes, log=lambda m: click.echo(m, err=True))
+    except ValueError as e:
+        raise click.ClickException(str(e))
+    model = captioner.get(settings)
+    click.echo(f"device: {model.device} ({torch_device_name(model.device)}), beam {settings.beam}, model {model.version}")
+    click.echo(f"{'path':<11} {'captions/s':>10} {'seconds':>8} {'images':>6}  how")
+    for r in rows:
+        click.echo(f"{r.path:<11} {r.captions_s:>10.2f} {r.seconds:>8.2f} {r.images:>6}  {r.note}")
+    click.echo(json.dumps(bench_pipeline.summary(rows)))
+
+
+@bench.command("decode")
+@click.option("--image", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Photo upscaled to 12 MP (default: the first shared Flickr8k photo).")
+@click.option("--repeats", type=int, default=15, show_default=True)
+def bench_decode_command(image, repeats) -> None:
+    """Milliseconds from a 12 MP JPEG to the model's input tensor on one core: the serving path
+    (draft mode) and a plain full decode + resize; the last line is one JSON object."""
+    import tempfile
+
+    from core import bench_decode
+
+    photo = Path(image) if image else next(iter(sorted((DATA / "flickr8k" / "images").glob("*.jpg"))), None)
+    if photo is None:
+        raise click.ClickException("no photo: pass --image")
+    with tempfile.TemporaryDirectory(prefix="captioner-decode-") as tmp:
+        data = bench_decode.twelve_megapixel_jpeg(photo, Path(tmp))
+    result = bench_decode.bench(_settings(), data, repeats)
+    w, h = bench_decode.TWELVE_MP
+    click.echo(f"{w}x{h} JPEG ({len(data) / 1e6:.1f} MB) -> (3, 224, 224) tensor, 1 thread, median of {repeats}")
+    click.echo(f"{'':<28} {'CPU ms':>8} {'wall ms':>8}")
+    click.echo(f"{'draft mode (serving path)':<28} {result['draft_cpu']:>8.1f} {result['draft_wall']:>8.1f}")
+    click.echo(f"{'full decode + resize':<28} {result['full_cpu']:>8.1f} {result['full_wall']:>8.1f}")
+    click.echo(json.dumps({k: round(v, 2) for k, v in result.items()}))
+
+
 def torch_device_name(device) -> str:
     import torch
 
@@ -482,8 +538,16 @@ def worker(queues, concurrency, beat, loglevel) -> None:
         captioner.version(settings)  # a missing checkpoint stops here, not in every pool child
     except CaptioningError as e:
         raise click.ClickException(e.message)
+    if settings.worker_metrics_port:
+        import os
+        import tempfile
+
+        # prometheus_client's multiprocess mode, chosen when it is imported: the prefork children
+        # write their samples to files here and the main process serves their sum
+        os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="captioner-metrics-"))
     from worker.tasks import app
 
+    app.conf.worker_concurrency = concurrency  # also read by the pool processes (their torch threads)
     argv = ["worker", "--queues", queues, "--concurrency", str(concurrency), "--pool", "prefork",
             "--loglevel", loglevel, "--task-events"]
     if beat:
@@ -494,14 +558,42 @@ def worker(queues, concurrency, beat, loglevel) -> None:
 
 @cli.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=int, default=5555, show_default=True)
+def flower(host, port) -> None:
+    """Start Flower, the Celery monitor, on the broker (needs CAPTIONER_BROKER_URL).
+
+    Basic auth comes from CAPTIONER_FLOWER_BASIC_AUTH=user:password, required unless Flower listens
+    on 127.0.0.1 only: Flower's pages and API can revoke tasks and shut workers down."""
+    import os
+
+    from core.queue import create_celery
+
+    settings = _settings()
+    if settings.embedded:
+        raise click.ClickException("CAPTIONER_BROKER_URL is not set: Flower watches a broker's workers")
+    if settings.flower_basic_auth is None and host != "127.0.0.1":
+        raise click.ClickException(f"set CAPTIONER_FLOWER_BASIC_AUTH=user:password to listen on {host}; "
+                                   "without it Flower listens on 127.0.0.1 only")
+    if settings.flower_basic_auth:
+        # Flower's own variable rather than --basic-auth: a password in argv shows in `ps`
+        os.environ["FLOWER_BASIC_AUTH"] = settings.flower_basic_auth
+    create_celery(settings).start(["flower", f"--address={host}", f"--port={port}"])
+
+
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", type=int, default=8000, show_default=True)
 @click.option("--workers", type=int, default=2, show_default=True, help="gunicorn worker processes.")
 @click.option("--threads", type=int, default=8, show_default=True, help="Threads per process (uploads wait on I/O).")
 def serve(host, port, workers, threads) -> None:
     """Start the HTTP API under gunicorn."""
     import os
+    import tempfile
 
     _settings()  # fail here, with the message, rather than inside each gunicorn worker
+    # prometheus_client's multiprocess mode: each gunicorn worker counts in files here and
+    # /metrics sums them (a fresh folder: counters restart with the server, as Prometheus expects)
+    os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="captioner-api-metrics-"))
     gunicorn = Path(sys.executable).with_name("gunicorn")
     os.execv(str(gunicorn), [str(gunicorn), "--bind", f"{host}:{port}", "--workers", str(workers),
                              "--threads", str(threads), "--access-logfile", "-", "api:create_app()"])

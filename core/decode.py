@@ -34,6 +34,7 @@ class _Deadline(io.BytesIO):
 
     def __init__(self, data: bytes, seconds: float):
         super().__init__(data)
+        self.nbytes = len(data)  # not getbuffer(): it makes BytesIO copy the bytes it shares
         self.deadline = time.monotonic() + seconds
 
     def read(self, size: int | None = -1) -> bytes:
@@ -51,10 +52,10 @@ def _signature(head: bytes) -> str | None:
     return None
 
 
-def _open(fp: io.BytesIO, max_pixels: int) -> ImageFile.ImageFile:
+def _open(fp: _Deadline, max_pixels: int) -> ImageFile.ImageFile:
     """Image.open with precise errors; the size is that of the first frame, as Pillow reports it
     once a GIF's first frame descriptor has been read."""
-    if not fp.getbuffer().nbytes:
+    if not fp.nbytes:
         raise InvalidImage("empty file (0 bytes)")
     try:
         im = Image.open(fp, formats=FORMATS)

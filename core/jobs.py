@@ -4,7 +4,8 @@ import hashlib
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+import secrets
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -31,6 +32,11 @@ class BatchReport:
     forward_size: int
     seconds: float
     finished: tuple[int, ...] = ()  # job ids now done or failed: their callbacks are due
+    batch: str = ""  # this forward's id, in every log line about it
+    # job id -> "done", "requeued" or the error code it failed with: per-request task events
+    outcomes: dict[int, str] = field(default_factory=dict)
+    # stage -> seconds: fetch and decode per image (on threads, so they overlap), model and write per batch
+    stages: dict[str, list[float]] = field(default_factory=dict)
 
 
 def to_publish(submitted: Iterable[Submitted]) -> list[tuple[int, str]]:
@@ -109,22 +115,32 @@ class _Prepared:
     tensor: Any = None  # (3, 224, 224), or None when the image failed
     size: tuple[int, int] = (0, 0)  # the photo's upright width, height (not the draft-mode decode's)
     error: CaptioningError | None = None
+    fetch_s: float = 0.0
+    decode_s: float = 0.0  # bytes -> model input tensor
 
 
 def _prepare(settings: Settings, claimed: Claimed) -> _Prepared:
     """Fetch, decode and preprocess one image on an I/O thread; an error fails this image only."""
+    t0 = time.perf_counter()
     try:
-        image = decode.decode(storage.read(claimed.uri, settings.max_upload_bytes), settings.max_pixels)
-        return _Prepared(claimed, captioner.preprocess(settings, image), image.info["source_size"])
+        data = storage.read(claimed.uri, settings.max_upload_bytes)
     except CaptioningError as e:
-        return _Prepared(claimed, error=e)
+        return _Prepared(claimed, error=e, fetch_s=time.perf_counter() - t0)
+    t1 = time.perf_counter()
+    try:
+        image = decode.decode(data, settings.max_pixels)
+        tensor = captioner.preprocess(settings, image)
+    except CaptioningError as e:
+        return _Prepared(claimed, error=e, fetch_s=t1 - t0, decode_s=time.perf_counter() - t1)
+    return _Prepared(claimed, tensor, image.info["source_size"], fetch_s=t1 - t0, decode_s=time.perf_counter() - t1)
 
 
 def caption_claimed(sm: sessionmaker, settings: Settings, claimed: list[Claimed]) -> BatchReport:
     """Caption claimed jobs: concurrent fetch and decode, ONE model forward, ONE write transaction."""
     started = time.perf_counter()
+    batch = secrets.token_hex(6)
     if not claimed:
-        return BatchReport(0, 0, 0, 0, 0.0)
+        return BatchReport(0, 0, 0, 0, 0.0, batch)
     try:
         with ThreadPoolExecutor(max_workers=min(settings.io_threads, len(claimed))) as pool:
             prepared = list(pool.map(lambda c: _prepare(settings, c), claimed))
@@ -136,7 +152,9 @@ def caption_claimed(sm: sessionmaker, settings: Settings, claimed: list[Claimed]
                 for i, p in zip(again, pool.map(lambda i: _prepare(settings, prepared[i].claimed), again)):
                     prepared[i] = p
         ready = [p for p in prepared if p.error is None]
+        model_started = time.perf_counter()
         captions = captioner.caption_batch(settings, [p.tensor for p in ready]) if ready else []
+        model_s = time.perf_counter() - model_started
         version = captioner.get(settings).version
     except BaseException as e:
         # give the claims back now rather than after the lease; an interrupt is not the images' fault
@@ -150,14 +168,24 @@ def caption_claimed(sm: sessionmaker, settings: Settings, claimed: list[Claimed]
     retry = [c for c, err in errors if isinstance(err, TransientError) and c.attempts < settings.max_attempts]
     failures = [Failure(c, err.code, err.message) for c, err in errors if c not in retry]
     transient = [c.job_id for c in retry]
+    write_started = time.perf_counter()
     with sm.begin() as s:  # short transaction: no model work inside it
         queries.complete(s, results, failures, version, forward_size=len(ready))
         queries.release(s, transient, count_attempt=True)
+    write_s = time.perf_counter() - write_started
+    outcomes = {r.claimed.job_id: "done" for r in results}
     for c, err in errors:
-        log.warning("image %d (%s): %s %s", c.image_id, c.uri, err.code, err.message)
+        outcomes[c.job_id] = "requeued" if c in retry else err.code
+        log.warning("image %d (%s): %s %s", c.image_id, c.uri, err.code, err.message,
+                    extra={"image_id": c.image_id, "job_id": c.job_id, "batch_id": batch, "error_code": err.code})
+    for r in results:
+        log.info("image %d captioned", r.claimed.image_id,
+                 extra={"image_id": r.claimed.image_id, "job_id": r.claimed.job_id, "batch_id": batch})
+    stages = {"fetch": [p.fetch_s for p in prepared], "decode": [p.decode_s for p in prepared if p.decode_s],
+              "model": [model_s], "write": [write_s]}
     finished = tuple([r.claimed.job_id for r in results] + [f.claimed.job_id for f in failures])
     return BatchReport(len(results), len(failures), len(transient), len(ready), time.perf_counter() - started,
-                       finished)
+                       finished, batch, outcomes, stages)
 
 
 def run_embedded(sm: sessionmaker, settings: Settings, model_version: str, batch_id: int | None,

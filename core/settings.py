@@ -13,6 +13,7 @@ from .errors import ConfigError
 
 PREFIX = "CAPTIONER_"
 AUTH_MODES = ("required", "off")
+LOG_FORMATS = ("text", "json")
 
 
 @dataclass(frozen=True)
@@ -44,10 +45,18 @@ class Settings:
     webhook_allow: str = ""
     webhook_timeout_seconds: int = 10  # one delivery attempt's connect + read limit
     webhook_max_attempts: int = 6  # deliveries of one event before it is given up (backoff 2, 4, 8 ... s)
+    log_format: str = "text"  # "json": one JSON object per line, with image, job and batch ids
+    flower_basic_auth: str | None = None  # "user:pass" for `captioner flower`; required unless on 127.0.0.1
+    metrics_token: str | None = None  # bearer token for the API's /metrics; unset = /metrics not served
+    worker_metrics_port: int | None = None  # the worker's Prometheus port; unset = no metrics server
 
     def __post_init__(self) -> None:
         if self.auth not in AUTH_MODES:
             raise ConfigError(f"{PREFIX}AUTH must be one of {', '.join(AUTH_MODES)}, got {self.auth!r}")
+        if self.log_format not in LOG_FORMATS:
+            raise ConfigError(f"{PREFIX}LOG_FORMAT must be one of {', '.join(LOG_FORMATS)}, got {self.log_format!r}")
+        if self.flower_basic_auth is not None and ":" not in self.flower_basic_auth:
+            raise ConfigError(f"{PREFIX}FLOWER_BASIC_AUTH must be user:password")
 
     @property
     def embedded(self) -> bool:

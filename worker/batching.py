@@ -1,6 +1,6 @@
 """celery-batches' Batches with three changes a serving worker needs.
 
-1. Per-request task events (received, started, succeeded/failed). celery-batches 0.11, the latest
+1. Per-request task events (received, started, succeeded/failed, with the batch's runtime). celery-batches 0.11, the latest
    release, sends none, which leaves batched tasks invisible in Flower (clokep/celery-batches#70;
    PRs #34 and #82 were never released). The events are the ones Celery's own Request sends.
 2. A batch goes to the pool only when a pool process is free. Upstream flushes on every timer tick
@@ -15,7 +15,9 @@
    backfill requests in its buffer; a single upload that arrives behind them goes into the next
    batch instead of waiting for the buffer to drain.
 
-Meant for tasks with acks_late=True: requests are acknowledged when their batch returns.
+Meant for tasks with acks_late=True: requests are acknowledged when their batch returns. The task
+returns {request id: outcome}; an outcome outside SUCCEEDED (an error code) makes that request's
+event task-failed, so Flower shows which images failed although their batch ran to the end.
 """
 import time
 from typing import Any, Collection
@@ -27,6 +29,8 @@ from celery.worker.request import Request
 from celery_batches import Batches as UpstreamBatches
 from celery_batches import SimpleRequest
 from celery_batches.trace import apply_batches_task
+
+SUCCEEDED = ("done", "skipped")  # captioned now, or already done / claimed by another worker
 
 
 def request_ids(request: Any) -> list[int]:
@@ -67,10 +71,13 @@ class Batches(UpstreamBatches):
             runtime = time.monotonic() - started
             for req in batch:
                 req.acknowledge()
+                outcome = None if result is None else result.get(req.id)
                 if result is None:  # the batch raised; celery-batches logged it and returned None
-                    req.send_event("task-failed", exception="batch failed", traceback="")
-                else:
-                    req.send_event("task-succeeded", result=repr(result.get(req.id)), runtime=runtime)
+                    req.send_event("task-failed", exception="batch failed", traceback="", runtime=runtime)
+                elif outcome in SUCCEEDED:
+                    req.send_event("task-succeeded", result=repr(outcome), runtime=runtime)
+                else:  # this request's image failed while its neighbours were captioned
+                    req.send_event("task-failed", exception=str(outcome), traceback="", runtime=runtime)
             self._flush_waiting()
 
         def on_error(einfo: ExceptionInfo) -> None:

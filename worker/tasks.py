@@ -5,6 +5,7 @@ flushed every CAPTIONER_BATCH_SIZE ids or CAPTIONER_BATCH_WAIT_MS, whichever com
 runs in the pool's child process, where the model is loaded once, lazily (CUDA cannot start
 before the fork)."""
 import logging
+import os
 from functools import lru_cache
 from typing import Any
 
@@ -12,13 +13,14 @@ from celery import signals
 from celery_batches import SimpleRequest
 from sqlalchemy.orm import sessionmaker
 
-from core import jobs, queries, webhooks
+from core import jobs, logs, queries, webhooks
 from core.captioner import batch_size
 from core.captioner import get as get_model
 from core.db import make_engine, make_sessionmaker
 from core.queue import CAPTION_TASK, SWEEP_TASK, WEBHOOK_TASK, create_celery, drained, publish, publish_webhooks
 from core.settings import get_settings
 
+from . import metrics
 from .batching import Batches, request_ids
 
 log = logging.getLogger(__name__)
@@ -32,31 +34,63 @@ def _sessionmaker() -> sessionmaker:
     return make_sessionmaker(make_engine(settings.database_url))
 
 
+@signals.after_setup_logger.connect
+@signals.after_setup_task_logger.connect
+def _log_format(logger: logging.Logger, **_: Any) -> None:
+    if settings.log_format == "json":  # else Celery's own text format, which already names the task
+        logs.use_format(logger, "json")
+
+
+@signals.worker_ready.connect
+def _serve_metrics(**_: Any) -> None:
+    # in the main process once the pool has forked: the children must not inherit the socket
+    if settings.worker_metrics_port:
+        metrics.serve(app, settings.worker_metrics_port)
+        log.info("metrics on :%d/metrics", settings.worker_metrics_port)
+
+
 @signals.worker_process_init.connect
 def _load_model(**_: Any) -> None:
     # in each pool child right after the fork (so CUDA starts there, not in the parent): the
     # first batch then does not wait for the weights
+    processes = app.conf.worker_concurrency or 1
+    if processes > 1:
+        import torch
+
+        # torch starts one thread per core in every process: N processes would run N x cores
+        # threads and lose time switching between them, so each gets its share of the cores
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // processes))
     get_model(settings)
 
 
 @app.task(name=CAPTION_TASK, base=Batches, flush_every=batch_size(settings),
           flush_interval=settings.batch_wait_ms / 1000, acks_late=True, reject_on_worker_lost=True)
 def caption(requests: list[SimpleRequest]) -> dict[str, str]:
-    """Claim the batch's jobs, caption them with one forward pass, write them in one transaction."""
+    """Claim the batch's jobs, caption them with one forward pass, write them in one transaction
+    -> {request id: "done", "skipped", "requeued" or the error code an image failed with}."""
     job_ids = sorted({j for r in requests for j in request_ids(r)})
     sm = _sessionmaker()
     version = get_model(settings).version
     with sm.begin() as s:
         claimed = queries.claim(s, version, settings.lease_seconds, len(job_ids), job_ids=job_ids)
     report = jobs.caption_claimed(sm, settings, claimed)
-    log.info("batch: %d requests, %d claimed, forward of %d, %d failed, %d requeued in %.2fs",
-             len(requests), len(claimed), report.forward_size, report.failed, report.released, report.seconds)
+    metrics.observe(report)
+    log.info("batch %s: %d requests, %d claimed, forward of %d, %d failed, %d requeued in %.2fs", report.batch,
+             len(requests), len(claimed), report.forward_size, report.failed, report.released, report.seconds,
+             extra={"batch_id": report.batch, "job_ids": [c.job_id for c in claimed]})
     if report.finished:
         with sm() as s:
             publish_webhooks(app, webhooks.targets(s, list(report.finished)))
-    claimed_ids = {c.job_id for c in claimed}
     # duplicates and jobs already done or claimed elsewhere are dropped by the claim, on purpose
-    return {r.id: ("processed" if claimed_ids.intersection(request_ids(r)) else "skipped") for r in requests}
+    return {r.id: _outcome([report.outcomes[j] for j in request_ids(r) if j in report.outcomes]) for r in requests}
+
+
+def _outcome(outcomes: list[str]) -> str:
+    """One request's outcome: a backfill message rings for a group of jobs, and fails (in Flower)
+    with the first of its images that did not end done."""
+    if not outcomes:
+        return "skipped"
+    return next((o for o in outcomes if o != "done"), "done")
 
 
 @app.task(name=WEBHOOK_TASK, bind=True, acks_late=True, autoretry_for=(webhooks.DeliveryFailed,),

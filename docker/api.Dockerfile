@@ -1,6 +1,6 @@
-# One image for the API and the workers; compose picks the command. The torch wheel carries its
-# own CUDA libraries, so the same image runs a worker on a GPU host (with the NVIDIA container
-# toolkit) or on a CPU; a separate CUDA base image would only add a second copy of them.
+# The API image: Flask under gunicorn, also the migration step and Flower (same code, other command).
+# The API never runs the model, so torch comes from the CPU-only index: a few hundred MB, not GBs.
+#   docker build -f docker/api.Dockerfile -t captioner-api .
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
@@ -8,7 +8,8 @@ WORKDIR /app
 
 # dependencies first: this layer is reused while only our code changes
 COPY pyproject.toml README.md ./
-RUN mkdir -p core api worker migrations model \
+RUN pip install --index-url https://download.pytorch.org/whl/cpu torch==2.14.1 torchvision==0.29.1 \
+ && mkdir -p core api worker migrations model \
  && touch core/__init__.py api/__init__.py worker/__init__.py migrations/__init__.py model/__init__.py \
  && pip install . && pip uninstall -y captioner
 

@@ -1,0 +1,206 @@
+"""`captioner bench pipeline`: captions/s of the whole service against the model alone, on the same photos.
+
+- raw: the model on tensors decoded beforehand, at the best batch size (the ceiling);
+- end_to_end: photos in S3 (SeaweedFS) -> POST /v1/batches on the HTTP API -> Redis -> one batching
+  `captioner worker` -> PostgreSQL, timed from the request until every job is done;
+- naive: the same path with worker.naive: one task and one model call per image.
+
+Each distributed run gets a fresh PostgreSQL database on the configured server and a warm worker
+(its first batch is run before the clock starts), so only steady-state throughput is compared."""
+import json
+import logging
+import os
+import secrets
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable, Iterator
+from urllib.parse import urlsplit, urlunsplit
+
+from . import captioner, decode, seaweed, storage
+from .queue import create_celery
+from .settings import Settings
+
+WARMUP = 4  # photos captioned before the clock starts: loads the model, warms the first forward
+DEADLINE_S = 1800
+
+
+@dataclass(frozen=True)
+class Row:
+    path: str
+    captions_s: float
+    seconds: float
+    images: int
+    note: str
+
+
+def raw(settings: Settings, photos: list[Path], batch_sizes: list[int], log: Callable[[str], None]) -> tuple[Row, int]:
+    """Captions/s of encoder + beam search per batch size on pre-decoded tensors -> (best row, its batch size)."""
+    tensors = [captioner.preprocess(settings, decode.decode(p.read_bytes(), settings.max_pixels)) for p in photos]
+    captioner.caption_batch(settings, tensors[:WARMUP])  # allocations, kernels, caches
+    rates = {}
+    for bs in batch_sizes:
+        started = time.perf_counter()
+        for i in range(0, len(tensors), bs):
+            captioner.caption_batch(settings, tensors[i:i + bs])
+        rates[bs] = len(tensors) / (time.perf_counter() - started)
+        log(f"raw batch {bs}: {rates[bs]:.2f} captions/s")
+    best = max(rates, key=rates.__getitem__)
+    tried = ", ".join(f"{bs}: {r:.1f}" for bs, r in rates.items())
+    return Row("raw", rates[best], len(photos) / rates[best], len(photos), f"batch {best} (tried {tried})"), best
+
+
+@contextmanager
+def _database(server_url: str) -> Iterator[str]:
+    """A fresh, migrated database on the configured PostgreSQL server, dropped afterwards."""
+    from sqlalchemy import create_engine, text
+
+    from migrations import upgrade
+
+    base = urlsplit(server_url)
+    name = f"captioner_bench_{secrets.token_hex(4)}"
+    admin = create_engine(urlunsplit(base._replace(scheme="postgresql+psycopg")), isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    url = urlunsplit(base._replace(path=f"/{name}"))
+    try:
+        upgrade(url)
+        yield url
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@contextmanager
+def s3_bucket(root: Path) -> Iterator[str]:
+    """A SeaweedFS on loopback with one bucket; the AWS_* variables point boto3 at it meanwhile."""
+    server = seaweed.SeaweedFS(root)
+    server.start()
+    env = server.env
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    storage.s3_client.cache_clear()
+    bucket = "bench"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                storage.s3_client().create_bucket(Bucket=bucket)
+                break
+            except Exception:  # connection refused or 5xx while SeaweedFS starts
+                if not server.running() or time.monotonic() > deadline:
+                    raise RuntimeError(f"SeaweedFS did not start: {server.log_tail()}")
+                time.sleep(0.5)
+        yield bucket
+    finally:
+        server.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        storage.s3_client.cache_clear()
+
+
+@contextmanager
+def _api(settings: Settings) -> Iterator[str]:
+    """The Flask app under werkzeug's threaded server, in this process -> its base URL."""
+    from werkzeug.serving import make_server
+
+    from api import create_app
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one access-log line per poll would drown the table
+    server = make_server("127.0.0.1", 0, create_app(settings), threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+
+
+def _http(method: str, url: str, body: dict | None = None) -> dict:
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as r:
+        return json.loads(r.read())
+
+
+def _run_batch(base: str, bucket: str, prefix: str, expected: int, worker: subprocess.Popen, log_path: Path) -> float:
+    """POST the S3 prefix as a batch and wait until every job is done or failed -> seconds."""
+    started = time.perf_counter()
+    batch = _http("POST", f"{base}/v1/batches", {"s3": {"bucket": bucket, "prefix": prefix}})
+    if batch["total"] != expected:
+        raise RuntimeError(f"expected {expected} photos under {prefix}, the API found {batch['total']}")
+    while True:
+        counts = _http("GET", f"{base}/v1/batches/{batch['id']}")["counts"]
+        if counts["done"] + counts["failed"] == expected:
+            return time.perf_counter() - started
+        if worker.poll() is not None or time.perf_counter() - started > DEADLINE_S:
+            raise RuntimeError(f"worker stopped or too slow ({counts}): {log_path.read_text()[-3000:]}")
+        time.sleep(0.1)
+
+
+def distributed(settings: Settings, bucket: str, count: int, worker_argv: list[str], batch_size: int,
+                workdir: Path) -> float:
+    """Seconds for `count` photos under s3://bucket/photos/ through the API and a worker started
+    with `worker_argv`, after a warm-up batch under warmup/."""
+    with _database(settings.database_url) as db_url:
+        phase = replace(settings, database_url=db_url, storage=f"s3://{bucket}/uploads", batch_size=batch_size)
+        create_celery(phase).control.purge()  # leftovers of an aborted run would inflate the count
+        env = {**os.environ, "CAPTIONER_DATABASE_URL": db_url, "CAPTIONER_BROKER_URL": phase.broker_url or "",
+               "CAPTIONER_STORAGE": phase.storage, "CAPTIONER_BATCH_SIZE": str(batch_size),
+               "CAPTIONER_MODEL_PATH": str(captioner.checkpoint_path(settings)), "CAPTIONER_WORKER_METRICS_PORT": ""}
+        log_path = workdir / f"worker-{secrets.token_hex(3)}.log"
+        with open(log_path, "wb") as out:
+            worker = subprocess.Popen([sys.executable, *worker_argv], env=env, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            with _api(phase) as base:
+                _run_batch(base, bucket, "warmup/", WARMUP, worker, log_path)
+                return _run_batch(base, bucket, "photos/", count, worker, log_path)
+        finally:
+            worker.terminate()
+            try:
+                worker.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+                worker.wait()
+
+
+def bench(settings: Settings, photos: list[Path], batch_sizes: list[int], log: Callable[[str], None]) -> list[Row]:
+    """The three rows, measured one after the other on the same photos (photos[:WARMUP] warm up)."""
+    if settings.embedded or not settings.database_url.startswith("postgresql"):
+        raise ValueError("set CAPTIONER_BROKER_URL (Redis) and CAPTIONER_DATABASE_URL (a PostgreSQL server "
+                         "where databases may be created)")
+    warmup, measured = photos[:WARMUP], photos[WARMUP:]
+    row_raw, best = raw(settings, measured, batch_sizes, log)
+    rows = [row_raw]
+    with tempfile.TemporaryDirectory(prefix="captioner-bench-") as tmp, s3_bucket(Path(tmp)) as bucket:
+        client = storage.s3_client()
+        for prefix, group in (("warmup/", warmup), ("photos/", measured)):
+            for p in group:
+                client.put_object(Bucket=bucket, Key=prefix + p.name, Body=p.read_bytes())
+        runs = {"end_to_end": (["-m", "core.cli", "worker", "--no-beat", "--loglevel", "warning"], best,
+                               f"1 batching worker, batch {best}"),
+                "naive": (["-m", "celery", "-A", "worker.naive", "worker", "--pool", "prefork", "--concurrency", "1",
+                           "--queues", "interactive,backfill", "--loglevel", "warning"], 1,
+                          "1 worker process, 1 task and 1 forward per image")}
+        for name, (argv, bs, note) in runs.items():
+            seconds = distributed(settings, bucket, len(measured), argv, bs, Path(tmp))
+            rows.append(Row(name, len(measured) / seconds, seconds, len(measured), note))
+            log(f"{name}: {rows[-1].captions_s:.2f} captions/s")
+    return rows
+
+
+def summary(rows: list[Row]) -> dict[str, float]:
+    rate = {r.path: r.captions_s for r in rows}
+    return {"raw": round(rate["raw"], 2), "end_to_end": round(rate["end_to_end"], 2), "naive": round(rate["naive"], 2),
+            "end_to_end_over_raw": round(rate["end_to_end"] / rate["raw"], 3),
+            "end_to_end_over_naive": round(rate["end_to_end"] / rate["naive"], 3)}

@@ -1,0 +1,25 @@
+# The worker image, on a CUDA runtime base: one container (one `captioner worker` process) per GPU.
+# The same image runs on a CPU-only host (torch falls back to the CPU, batches of 32).
+#   docker build -f docker/worker.Dockerfile -t captioner-worker .
+FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
+
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PATH=/venv/bin:$PATH
+RUN apt-get update && apt-get install -y --no-install-recommends python3 python3-venv \
+ && rm -rf /var/lib/apt/lists/* && python3 -m venv /venv
+WORKDIR /app
+
+COPY pyproject.toml README.md ./
+RUN mkdir -p core api worker migrations model \
+ && touch core/__init__.py api/__init__.py worker/__init__.py migrations/__init__.py model/__init__.py \
+ && pip install . && pip uninstall -y captioner
+
+COPY core core
+COPY api api
+COPY worker worker
+COPY migrations migrations
+COPY model model
+RUN pip install --no-deps . && useradd --create-home captioner
+USER captioner
+
+# one pool process: it owns the GPU (or every CPU core through torch's threads)
+CMD ["captioner", "worker", "--concurrency", "1"]

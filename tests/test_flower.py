@@ -1,0 +1,149 @@
+"""Monitoring a real deployment: a `captioner worker` and `captioner flower` as operators start
+them (environment only). Flower must list every image's task with its true state although the
+worker captions them in batches; the worker serves Prometheus metrics and logs JSON lines."""
+import base64
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from api import create_app
+from core.settings import Settings
+
+AUTH = "ops:flower-test-pass"
+PHOTOS, BATCH_SIZE = 6, 4
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get(url: str, auth: str | None = None) -> tuple[int, bytes]:
+    request = urllib.request.Request(url)
+    if auth:
+        request.add_header("Authorization", "Basic " + base64.b64encode(auth.encode()).decode())
+    try:
+        with urllib.request.urlopen(request, timeout=5) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+    except urllib.error.URLError:  # not listening yet
+        return 0, b""
+
+
+def _start(args: list[str], env: dict[str, str], log_path) -> subprocess.Popen:
+    with open(log_path, "wb") as log:
+        return subprocess.Popen([sys.executable, "-m", "core.cli", *args], env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture(scope="module")
+def deployment(own_pg_url, redis_url, checkpoint, tmp_path_factory):
+    root = tmp_path_factory.mktemp("monitoring")
+    settings = Settings(database_url=own_pg_url, broker_url=redis_url, storage=str(root / "store"),
+                        model_path=str(checkpoint), batch_size=BATCH_SIZE, batch_wait_ms=500)
+    flower_port, metrics_port = _port(), _port()
+    env = {**os.environ, "CAPTIONER_DATABASE_URL": own_pg_url, "CAPTIONER_BROKER_URL": redis_url,
+           "CAPTIONER_STORAGE": settings.storage, "CAPTIONER_MODEL_PATH": str(checkpoint),
+           "CAPTIONER_BATCH_SIZE": str(BATCH_SIZE), "CAPTIONER_BATCH_WAIT_MS": "500", "CAPTIONER_LOG_FORMAT": "json",
+           "CAPTIONER_WORKER_METRICS_PORT": str(metrics_port), "CAPTIONER_FLOWER_BASIC_AUTH": AUTH}
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    flower = _start(["flower", "--port", str(flower_port)], env, root / "flower.log")
+    worker = _start(["worker", "--no-beat"], env, root / "worker.log")
+    base = f"http://127.0.0.1:{flower_port}"
+    logs = lambda: (root / "flower.log").read_text()[-2000:] + (root / "worker.log").read_text()[-2000:]  # noqa: E731
+    try:
+        deadline = time.monotonic() + 120
+        # Flower has the worker's heartbeat: its event receiver is connected and sees every task from now on
+        while True:
+            status, body = _get(f"{base}/api/workers?status=true", AUTH)
+            if status == 200 and any(json.loads(body).values()):
+                break
+            assert flower.poll() is None and worker.poll() is None, logs()
+            assert time.monotonic() < deadline, logs()
+            time.sleep(0.5)
+        yield settings, base, f"http://127.0.0.1:{metrics_port}/metrics", root / "worker.log"
+    finally:  # also when the setup failed: a stray worker would take the next run's tasks
+        _stop(worker)
+        _stop(flower)
+
+
+def test_flower_shows_each_image_task_succeeded_or_failed(deployment, photos):
+    settings, base, _, log_path = deployment
+    client = create_app(settings).test_client()
+    ids = []
+    uploads = [p.read_bytes() for p in photos[40:40 + PHOTOS]] + [photos[50].read_bytes()[:3000]]  # one cut off
+    for data in uploads:
+        r = client.post("/v1/images", data={"file": (io.BytesIO(data), "photo.jpg")})
+        assert r.status_code == 202, r.get_json()
+        ids.append(r.get_json()["id"])
+    deadline = time.monotonic() + 300
+    while True:
+        status, body = _get(f"{base}/api/tasks?taskname=captioner.caption", AUTH)
+        assert status == 200
+        tasks = json.loads(body)
+        states = [t["state"] for t in tasks.values()]
+        if states.count("SUCCESS") + states.count("FAILURE") == len(uploads):
+            break
+        assert time.monotonic() < deadline, (states, log_path.read_text()[-3000:])
+        time.sleep(1)
+
+    assert sorted(states) == ["FAILURE"] + ["SUCCESS"] * PHOTOS, [(t["state"], t["exception"]) for t in tasks.values()]
+    by_job = {json.loads(t["kwargs"].replace("'", '"'))["job_id"]: t for t in tasks.values()}
+    for image_id in ids[:-1]:
+        job_id = client.get(f"/v1/images/{image_id}").get_json()
+        assert job_id["status"] == "done"
+    for task in tasks.values():
+        # received when buffered, started when its batch went to the pool, then its outcome
+        assert task["received"] and task["started"] and task["received"] <= task["started"]
+        assert task["runtime"] > 0 and task["worker"]
+    [failed] = [t for t in tasks.values() if t["state"] == "FAILURE"]
+    assert failed["exception"] == "invalid_image"
+    assert client.get(f"/v1/images/{ids[-1]}").get_json()["error"]["code"] == "invalid_image"
+    assert all(t["result"] == "'done'" for t in tasks.values() if t["state"] == "SUCCESS")
+    assert len(by_job) == len(uploads)
+
+
+def test_flower_refuses_requests_without_credentials(deployment):
+    _, base, _, _ = deployment
+    assert _get(f"{base}/api/tasks")[0] == 401
+    assert _get(f"{base}/api/tasks", "ops:wrong")[0] == 401
+    assert _get(f"{base}/api/workers", AUTH)[0] == 200
+
+
+def test_worker_serves_metrics_of_its_pool_and_logs_json(deployment):
+    _, _, metrics_url, log_path = deployment  # runs after the captioning test: its batches are counted
+    status, body = _get(metrics_url)
+    assert status == 200
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(body.decode()) for s in family.samples}
+    assert samples[("captioner_images_captioned_total", ())] >= PHOTOS
+    assert samples[("captioner_image_failures_total", (("code", "invalid_image"),))] >= 1
+    for stage in ("fetch", "decode", "model", "write"):
+        assert samples[("captioner_stage_seconds_count", (("stage", stage),))] >= 1
+    assert samples[("captioner_batch_size_count", ())] >= 2  # 7 images in batches of at most 4
+    assert samples[("captioner_queue_depth", (("queue", "interactive"),))] == 0
+
+    lines = [json.loads(line) for line in log_path.read_text().splitlines() if line.startswith("{")]
+    captioned = [line for line in lines if line["message"].endswith(" captioned")]
+    assert len(captioned) >= PHOTOS
+    assert all(isinstance(line["image_id"], int) and isinstance(line["job_id"], int) and line["batch_id"]
+               for line in captioned)

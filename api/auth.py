@@ -18,8 +18,9 @@ from core.tables import SCOPES
 from . import get_session, services
 from .errors import Headers, _response
 
-# health probes for the orchestrator, the API's own documentation: nothing of any tenant's
-OPEN = frozenset({"health.healthz", "health.readyz", "docs.openapi", "docs.docs_page"})
+# health probes for the orchestrator, the API's own documentation: nothing of any tenant's; and
+# Prometheus' /metrics, which has a token of its own (CAPTIONER_METRICS_TOKEN), not a tenant's key
+OPEN = frozenset({"health.healthz", "health.readyz", "docs.openapi", "docs.docs_page", "metrics.metrics"})
 ALL_SCOPES = auth.implied("admin")
 
 

@@ -68,6 +68,11 @@ def view(session: Session, image_id: int, tenant: str = "default") -> dict[str, 
     return _view(_captions(session, image_id), _decisions(session, image_id))
 
 
+def current(caption: Caption, decision: AltTextDecision | None) -> dict[str, Any]:
+    """The alt text to serve: a person's newest decision, else the newest caption's suggestion."""
+    return _decision(decision) if decision else _suggestion(caption)
+
+
 def _view(captions: list[Caption], decisions: list[AltTextDecision]) -> dict[str, Any]:
     suggestion = _suggestion(captions[-1]) if captions else None
     current = _decision(decisions[-1]) if decisions else suggestion

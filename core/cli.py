@@ -411,7 +411,7 @@ def caption(paths, limit, queue, wait, samples) -> None:
                f"{elapsed:.1f}s{rate}; model {version}")
     for code, n in sorted(failures.items()):
         click.echo(f"  failed: {n} x {code}")
-    for image, cap in shown:
+    for image, cap, _ in shown:
         click.echo(f"  {Path(image.uri).name}: {cap.text}")
     click.echo(f"database: {settings.database_url}  (try: captioner search WORDS, captioner export)")
 

@@ -1,4 +1,4 @@
-"""Export for CMS imports: one record per caption (key, state, alt text, caption, ...) as JSON
+"""Export for CMS imports: one record per image (key, state, alt text, caption, ...) as JSON
 lines or CSV, streamed: rows are read in chunks (yield_per) and written as they come, so a
 library of 100k images never sits in memory."""
 import csv
@@ -8,8 +8,8 @@ from typing import Any, Iterable, Iterator
 
 from sqlalchemy.orm import Session
 
-from . import queries
-from .tables import Caption, Image
+from . import alttext, queries
+from .tables import Image
 
 FIELDS = ["key", "state", "alt_text", "caption", "confidence", "needs_review", "candidates", "tags",
           "model_version", "id", "sha256", "width", "height", "captioned_at"]
@@ -17,17 +17,13 @@ FORMATS = ("jsonl", "csv")
 CHUNK = 1000  # rows per fetch
 
 
-def alt_text_state(caption: Caption) -> str:
-    """The alt text's review state. Until captions carry a state of their own it follows the
-    model's needs_review flag; this function is the one place that decides it."""
-    return "needs_review" if caption.needs_review else "generated"
-
-
 def records(session: Session, tenant: str, model_version: str | None = None) -> Iterator[dict[str, Any]]:
-    """Every caption of `tenant` (of `model_version`, if given) with its image, oldest image first."""
+    """One record per captioned image of `tenant`, oldest image first: its newest caption (or the
+    one by `model_version`) and the alt text to serve, a person's decision before the model's."""
     query = queries.results_query(model_version).where(Image.tenant == tenant)
-    for image, cap in session.execute(query.execution_options(yield_per=CHUNK)):
-        yield {"key": image.uri, "state": alt_text_state(cap), "alt_text": cap.alt_text, "caption": cap.text,
+    for image, cap, decision in session.execute(query.execution_options(yield_per=CHUNK)):
+        alt = alttext.current(cap, decision)
+        yield {"key": image.uri, "state": alt["state"], "alt_text": alt["text"], "caption": cap.text,
                "confidence": cap.confidence, "needs_review": cap.needs_review,
                "candidates": [{"text": t, "score": p} for t, p in cap.candidates],
                "tags": [{"label": t, "score": p} for t, p in cap.tags],

@@ -9,7 +9,7 @@ from sqlalchemy.orm import Session
 
 from . import alttext
 from .errors import NotFound
-from .tables import Batch, BatchImage, Caption, Image, Job, utcnow
+from .tables import AltTextDecision, Batch, BatchImage, Caption, Image, Job, utcnow
 
 CHUNK = 500  # rows per statement: stays far below SQLite's bound-parameter limit
 
@@ -288,11 +288,17 @@ def failures_by_code(session: Session, batch_id: int) -> dict[str | None, int]:
 
 
 def results_query(model_version: str | None = None) -> Select:
-    """(Image, Caption) pairs, oldest first: what export streams."""
-    query = select(Image, Caption).join(Caption, Caption.image_id == Image.id).order_by(Image.id)
+    """(Image, Caption, AltTextDecision or None) per captioned image, oldest image first: its newest
+    caption (or the one by `model_version`) and the newest decision a person made about its alt
+    text. What export streams and the embedded summary shows."""
+    newest_caption = select(func.max(Caption.id)).where(Caption.image_id == Image.id)
     if model_version:
-        query = query.where(Caption.model_version == model_version)
-    return query
+        newest_caption = newest_caption.where(Caption.model_version == model_version)
+    newest_decision = select(func.max(AltTextDecision.id)).where(AltTextDecision.image_id == Image.id)
+    return (select(Image, Caption, AltTextDecision)
+            .join(Caption, Caption.id == newest_caption.scalar_subquery())
+            .outerjoin(AltTextDecision, AltTextDecision.id == newest_decision.scalar_subquery())
+            .order_by(Image.id))
 
 
 # One statement per table for a whole listed page on PostgreSQL: the rows travel as arrays, so the

@@ -8,11 +8,15 @@ import json
 import pytest
 from click.testing import CliRunner
 
+from conftest import keyed, make_key  # a sibling: tests/ is on sys.path
+from sqlalchemy import delete
+
 from core import export, queries
 from core.cli import cli
 from core.db import make_engine, make_sessionmaker
 from core.queries import NewImage, Result
 from core.settings import Settings, get_settings
+from core.tables import AltTextDecision, Caption
 from migrations import upgrade
 
 VERSION = "export-test"
@@ -62,7 +66,7 @@ def client(database, tmp_path_factory):
     app = create_app(Settings(database_url=database, storage=str(tmp_path_factory.mktemp("store")),
                               model_path=str(checkpoint)))
     app.config["TESTING"] = True
-    yield app.test_client()
+    yield keyed(app, make_key(database))
     app.extensions["captioner"].sessionmaker.kw["bind"].dispose()  # before the database is dropped
 
 
@@ -120,8 +124,29 @@ def test_cli_export(database, fmt, monkeypatch, tmp_path):
     assert picked(rows) == expected("b")
 
 
-def test_state_follows_needs_review_until_captions_have_states():
-    from core.tables import Caption
+def test_one_record_per_image_newest_caption_and_a_persons_decision_first(database):
+    """A re-caption adds a caption beside the old one: the export has the image once, with the
+    newest caption; a person's alt-text decision is exported instead of the model's suggestion."""
+    from core import alttext
 
-    assert export.alt_text_state(Caption(needs_review=True)) == "needs_review"
-    assert export.alt_text_state(Caption(needs_review=False)) == "generated"
+    engine = make_engine(database)
+    sm = make_sessionmaker(engine)
+    key = ROWS[0][0]
+    with sm.begin() as s:
+        [sub] = queries.submit(s, [NewImage(key, f"fp:{key}", "ab" * 32, 123)], "newer-model", "backfill")
+        [claimed] = queries.claim(s, "newer-model", 60, 1, job_ids=[sub.job_id])
+        queries.complete(s, [Result(claimed, "A dog on grass", "A dog on grass.", [("A dog on grass", 0.9)], [],
+                                    0.9, False, 640, 480)], [], "newer-model", 1)
+    with sm() as s:
+        rows = [r for r in export.records(s, "default") if r["key"] == key]
+        assert [(r["caption"], r["state"], r["model_version"]) for r in rows] == [
+            ("A dog on grass", "generated", "newer-model")]
+        assert [r["caption"] for r in export.records(s, "default", VERSION) if r["key"] == key] == [ROWS[0][1]]
+        alttext.decide(s, sub.image_id, "edited", "A collie lies on a lawn.", "key cap_test", "default")
+        s.commit()
+        [row] = [r for r in export.records(s, "default") if r["key"] == key]
+        assert (row["alt_text"], row["state"], row["caption"]) == ("A collie lies on a lawn.", "edited", "A dog on grass")
+        s.execute(delete(AltTextDecision).where(AltTextDecision.image_id == sub.image_id))
+        s.execute(delete(Caption).where(Caption.model_version == "newer-model"))
+        s.commit()
+    engine.dispose()

@@ -32,7 +32,9 @@ def s3_client() -> Any:
     from the standard AWS variables; path-style addressing works with every S3-compatible store."""
     import boto3  # deferred: the embedded CLI on local files never pays for it
     from botocore.config import Config
-    return boto3.client("s3", config=Config(s3={"addressing_style": "path"}, max_pool_connections=32,
+    # a session of its own: boto3's default session keeps the first credentials it ever resolved,
+    # so a client made after the AWS_* variables change would still sign with the old keys
+    return boto3.session.Session().client("s3", config=Config(s3={"addressing_style": "path"}, max_pool_connections=32,
                                             retries={"max_attempts": 3, "mode": "standard"}))
 
 

@@ -5,7 +5,7 @@ from typing import Any, Collection, Iterable, Iterator
 
 from sqlalchemy import Select, func, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 
 from . import alttext
 from .errors import NotFound
@@ -291,11 +291,12 @@ def results_query(model_version: str | None = None) -> Select:
     """(Image, Caption, AltTextDecision or None) per captioned image, oldest image first: its newest
     caption (or the one by `model_version`) and the newest decision a person made about its alt
     text. What export streams and the embedded summary shows."""
-    newest_caption = select(func.max(Caption.id)).where(Caption.image_id == Image.id)
+    cap, decision = aliased(Caption), aliased(AltTextDecision)  # the subqueries' own, correlated to Image only
+    newest_caption = select(func.max(cap.id)).where(cap.image_id == Image.id).correlate(Image)
     if model_version:
-        newest_caption = newest_caption.where(Caption.model_version == model_version)
-    newest_decision = select(func.max(AltTextDecision.id)).where(AltTextDecision.image_id == Image.id)
-    return (select(Image, Caption, AltTextDecision)
+        newest_caption = newest_caption.where(cap.model_version == model_version)
+    newest_decision = select(func.max(decision.id)).where(decision.image_id == Image.id).correlate(Image)
+    return (select(Image, Caption, AltTextDecision).select_from(Image)
             .join(Caption, Caption.id == newest_caption.scalar_subquery())
             .outerjoin(AltTextDecision, AltTextDecision.id == newest_decision.scalar_subquery())
             .order_by(Image.id))

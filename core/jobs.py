@@ -148,6 +148,7 @@ def caption_claimed(sm: sessionmaker, settings: Settings, claimed: list[Claimed]
                 again = [i for i, p in enumerate(prepared) if isinstance(p.error, TransientError)]
                 if not again:
                     break
+                log.warning("storage unavailable for %d images, fetching them again in %g s", len(again), delay)
                 time.sleep(delay)
                 for i, p in zip(again, pool.map(lambda i: _prepare(settings, prepared[i].claimed), again)):
                     prepared[i] = p

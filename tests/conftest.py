@@ -202,10 +202,10 @@ def client(app_settings, api_key):
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A real, loadable checkpoint of a tiny random-weight model (timm's test_efficientnet encoder,
-    a 32-unit decoder): it captions nonsense some fifty times faster than the shipped model, for
-    the pipeline tests where the captions' quality is irrelevant (fault injection, throughput of
-    the plumbing)."""
+    """A real checkpoint of a tiny random-weight model (timm's test_efficientnet encoder, 0.36 M
+    parameters, and a 32-unit decoder over a 12-word vocabulary) that loads and captions like the
+    shipped one, only much faster and with nonsense words: for pipeline tests where the captions'
+    quality is irrelevant (tests/test_faults.py). `fake_checkpoint` is not loadable at all."""
     import timm
     import torch
 

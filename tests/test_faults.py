@@ -9,6 +9,7 @@ per case: jobs submitted, done, failed, duplicated, images captioned more than o
 from the fault until the jobs it hit were done."""
 import io
 import os
+import re
 import shutil
 import signal
 import socket
@@ -20,7 +21,7 @@ from collections import Counter
 from dataclasses import dataclass, fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import pytest
@@ -43,7 +44,8 @@ BATCH = 32
 # the beat sweeps every second
 TUNED = {"batch_size": BATCH, "batch_wait_ms": 200, "lease_seconds": 15, "requeue_after_seconds": 2,
          "sweep_seconds": 1, "beam": 1, "n_best": 1, "io_threads": 4, "device": "cpu"}
-DEADLINE_S = 120  # per case, once the fault is over
+# per wait: a few seconds on a quiet 2-core host; five minutes only when it is many times oversubscribed
+DEADLINE_S = 300
 REPORT: list[dict] = []
 
 
@@ -108,7 +110,7 @@ class Worker:
             self.proc = subprocess.Popen([sys.executable, "-m", "core.cli", "worker"], env=self.env,
                                          stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         wait_for(lambda: "ready." in self.log.read_text(errors="replace")[offset:] or self.proc.poll() is not None,
-                 "the worker to start")
+                 "the worker to start", DEADLINE_S)
         assert self.proc.poll() is None, self.tail()
 
     def kill_host(self) -> None:
@@ -141,7 +143,6 @@ class Worker:
 
     def forwarded(self) -> int:
         """Images that went through the model, by the worker's own log."""
-        import re
         return sum(int(n) for n in re.findall(r"forward of (\d+)", self.log.read_text(errors="replace")))
 
 
@@ -273,7 +274,7 @@ def test_the_broker_database_flushed_mid_run(settings, tmp_path):
 
 
 @pytest.fixture
-def own_redis(tmp_path) -> Iterator[tuple[str, callable]]:
+def own_redis(tmp_path) -> Iterator[tuple[str, Callable[[float], None]]]:
     """A private redis-server (the shared one must not be restarted) -> (url, restart after a pause)."""
     port = free_port()
     cmd = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",

@@ -59,6 +59,7 @@ def tiny_jpeg(n: int) -> bytes:
     return out.getvalue()
 
 
+@pytest.mark.timeout(2400)  # model load and 300 captions on a shared CPU, with room to spare
 def test_an_upload_during_a_backfill_is_captioned_first(settings, s3, photos, worker):
     proc, log_path = worker
     bucket = s3["S3_TEST_BUCKET"]

@@ -27,7 +27,7 @@ def alt_text(image_id: int) -> Response:
     if "state" not in body:
         raise InvalidRequest('send {"state": "approved" | "edited" | "decorative", "text": ...}')
     text = body.get("text")
-    if text is not None and not isinstance(text, str):
+    if "text" in body and not isinstance(text, str):  # null too: leave text out instead
         raise InvalidRequest("text must be a string")
     if not isinstance(body["state"], str):
         raise InvalidRequest("state must be a string")

@@ -99,7 +99,8 @@ def test_an_upload_during_a_backfill_is_captioned_first(settings, s3, photos, wo
         event_latency = time.monotonic() - started
     finally:
         receiver.close()
-    print(f"\none backfill batch took up to {batch_s:.1f}s here; interactive upload captioned in {latency:.1f}s during a backfill of {BACKFILL_KEYS} "
+    print(f"\none backfill batch took up to {batch_s:.1f}s here; interactive upload captioned in "
+          f"{latency:.1f}s during a backfill of {BACKFILL_KEYS} "
           f"({left['counts']} then, {left['images_per_second']} images/s, ETA {left['eta_seconds']}s); "
           f"event received after {event_latency:.1f}s")
     assert image["caption"] and image["alt_text"]

@@ -24,17 +24,20 @@ OPEN = frozenset({"health.healthz", "health.readyz", "docs.openapi", "docs.docs_
 ALL_SCOPES = auth.implied("admin")
 
 
-def require_scope(scope: str) -> Callable:
-    """Mark a view as needing `scope` (GET: read; POST, PATCH, DELETE: write). A view without the
-    mark needs admin: a route added without thought is closed, not open."""
-    if scope not in SCOPES:
-        raise ValueError(f"no scope {scope!r}; scopes: {', '.join(SCOPES)}")
+def require_scope(scope: str | dict[str, str]) -> Callable:
+    """Mark a view as needing `scope` (GET: read; POST, PATCH, DELETE: write), or a scope per
+    method for a view serving several. A view without the mark needs admin: a route added without
+    thought is closed, not open."""
+    for s in scope.values() if isinstance(scope, dict) else [scope]:
+        if s not in SCOPES:
+            raise ValueError(f"no scope {s!r}; scopes: {', '.join(SCOPES)}")
 
     def mark(view: Callable) -> Callable:
         @wraps(view)
         def checked(*args: Any, **kwargs: Any) -> Any:
-            if scope not in g.scopes:
-                raise AccessDenied(f"this API key lacks the {scope} scope (it has: {' '.join(sorted(g.scopes))})",
+            needed = scope[request.method] if isinstance(scope, dict) else scope
+            if needed not in g.scopes:
+                raise AccessDenied(f"this API key lacks the {needed} scope (it has: {' '.join(sorted(g.scopes))})",
                                    code="insufficient_scope")
             return view(*args, **kwargs)
 

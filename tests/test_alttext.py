@@ -95,6 +95,7 @@ def test_bad_decisions_are_clear_errors(app):
     assert_error(client.patch(url, json={"state": "edited"}), 400, "invalid_request")
     assert_error(client.patch(url, json={"state": "edited", "text": "   "}), 400, "invalid_request")
     assert_error(client.patch(url, json={"state": "edited", "text": 5}), 400, "invalid_request")
+    assert_error(client.patch(url, json={"state": "decorative", "text": None}), 400, "invalid_request")
     assert_error(client.patch(url, json={"state": "edited", "text": "x" * 1001}), 400, "invalid_request")
     assert_error(client.patch(url, json={"state": "edited", "text": " " + "x" * 1000}), 400, "invalid_request")
     assert_error(client.patch(url, json={"state": "edited", "text": "a\x00b"}), 400, "invalid_request")

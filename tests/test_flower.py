@@ -110,8 +110,7 @@ def test_flower_shows_each_image_task_succeeded_or_failed(deployment, photos):
     assert sorted(states) == ["FAILURE"] + ["SUCCESS"] * PHOTOS, [(t["state"], t["exception"]) for t in tasks.values()]
     by_job = {json.loads(t["kwargs"].replace("'", '"'))["job_id"]: t for t in tasks.values()}
     for image_id in ids[:-1]:
-        job_id = client.get(f"/v1/images/{image_id}").get_json()
-        assert job_id["status"] == "done"
+        assert client.get(f"/v1/images/{image_id}").get_json()["status"] == "done"
     for task in tasks.values():
         # received when buffered, started when its batch went to the pool, then its outcome
         assert task["received"] and task["started"] and task["received"] <= task["started"]

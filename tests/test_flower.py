@@ -20,6 +20,7 @@ from core.settings import Settings
 
 AUTH = "ops:flower-test-pass"
 PHOTOS, BATCH_SIZE = 6, 4
+DEADLINE_S = 600  # 7 captions and a model load on a shared 2-core CPU under heavy load took 6 min
 
 
 def _port() -> int:
@@ -95,7 +96,7 @@ def test_flower_shows_each_image_task_succeeded_or_failed(deployment, photos):
         r = client.post("/v1/images", data={"file": (io.BytesIO(data), "photo.jpg")})
         assert r.status_code == 202, r.get_json()
         ids.append(r.get_json()["id"])
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + DEADLINE_S
     while True:
         status, body = _get(f"{base}/api/tasks?taskname=captioner.caption", AUTH)
         assert status == 200
@@ -109,8 +110,7 @@ def test_flower_shows_each_image_task_succeeded_or_failed(deployment, photos):
     assert sorted(states) == ["FAILURE"] + ["SUCCESS"] * PHOTOS, [(t["state"], t["exception"]) for t in tasks.values()]
     by_job = {json.loads(t["kwargs"].replace("'", '"'))["job_id"]: t for t in tasks.values()}
     for image_id in ids[:-1]:
-        job_id = client.get(f"/v1/images/{image_id}").get_json()
-        assert job_id["status"] == "done"
+        assert client.get(f"/v1/images/{image_id}").get_json()["status"] == "done"
     for task in tasks.values():
         # received when buffered, started when its batch went to the pool, then its outcome
         assert task["received"] and task["started"] and task["received"] <= task["started"]

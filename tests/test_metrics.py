@@ -9,9 +9,9 @@ from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
 from api import create_app
+from core.errors import ConfigError
 from core.logs import JsonFormatter
 from core.settings import Settings, load_settings
-from core.errors import ConfigError
 
 
 def _requests(client, route: str) -> float:

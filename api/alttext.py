@@ -35,7 +35,6 @@ def alt_text(image_id: int) -> Response:
     if not isinstance(body["state"], str):
         raise InvalidRequest("state must be a string")
     session = get_session()
-    # who decided: the API key's principal once auth sets g.principal
     view = alttext.decide(session, image_id, body["state"], text, g.principal, _tenant())
     session.commit()
     return jsonify(view)

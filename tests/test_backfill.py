@@ -15,6 +15,7 @@ from core.db import make_engine
 from core.queries import Result
 from core.settings import Settings
 from core.tables import Job
+from conftest import keyed, make_key  # a sibling: tests/ is on sys.path
 
 KEYS = 3000
 PAGE = 1000  # S3 lists 1,000 keys a page
@@ -57,7 +58,7 @@ def test_a_prefix_is_enqueued_page_by_page_with_bulk_inserts(settings, library, 
             inserts.append((words[words.index("INSERT") + 2], parameters))
 
     event.listen(engine, "before_cursor_execute", count)
-    client = app.test_client()
+    client = keyed(app, make_key(settings.database_url, buckets=(f"s3://{library}/library/",)))
     started = time.perf_counter()
     r = client.post("/v1/batches", json={"s3": {"bucket": library, "prefix": "library/"}})
     elapsed = time.perf_counter() - started
@@ -100,7 +101,8 @@ def test_a_prefix_is_enqueued_page_by_page_with_bulk_inserts(settings, library, 
 
 
 def test_a_prefix_over_the_limit_takes_the_first_images(settings, library, broker):
-    client = create_app(replace(settings, s3_prefix_limit=1500)).test_client()
+    client = keyed(create_app(replace(settings, s3_prefix_limit=1500)),
+                   make_key(settings.database_url, buckets=(f"s3://{library}/",)))
     body = client.post("/v1/batches", json={"s3": {"bucket": library, "prefix": "library/0"}}).get_json()
     assert (body["total"], body["truncated"]) == (1500, True)
     empty = client.post("/v1/batches", json={"s3": {"bucket": library, "prefix": "nothing-here/"}})

@@ -17,6 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from api import create_app
 from core.settings import Settings
+from conftest import keyed, make_key  # a sibling: tests/ is on sys.path
 
 AUTH = "ops:flower-test-pass"
 PHOTOS, BATCH_SIZE = 6, 4
@@ -89,7 +90,7 @@ def deployment(own_pg_url, redis_url, checkpoint, tmp_path_factory):
 
 def test_flower_shows_each_image_task_succeeded_or_failed(deployment, photos):
     settings, base, _, log_path = deployment
-    client = create_app(settings).test_client()
+    client = keyed(create_app(settings), make_key(settings.database_url))
     ids = []
     uploads = [p.read_bytes() for p in photos[40:40 + PHOTOS]] + [photos[50].read_bytes()[:3000]]  # one cut off
     for data in uploads:

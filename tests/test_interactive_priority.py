@@ -17,6 +17,7 @@ from test_webhooks import Receiver, verify  # a sibling: tests/ is on sys.path
 from api import create_app
 from core import storage
 from core.settings import Settings
+from conftest import keyed, make_key  # a sibling: tests/ is on sys.path
 
 BACKFILL_KEYS = 300
 BATCH_SIZE, BATCH_WAIT_MS = 8, 500
@@ -67,7 +68,7 @@ def test_an_upload_during_a_backfill_is_captioned_first(settings, s3, photos, wo
     with ThreadPoolExecutor(16) as pool:
         list(pool.map(lambda n: storage.s3_client().put_object(Bucket=bucket, Key=f"archive/{n:04d}.jpg",
                                                                 Body=tiny_jpeg(n)), range(BACKFILL_KEYS)))
-    client = create_app(settings).test_client()
+    client = keyed(create_app(settings), make_key(settings.database_url, buckets=(f"s3://{bucket}/archive/",)))
     batch = client.post("/v1/batches", json={"s3": {"bucket": bucket, "prefix": "archive/"}}).get_json()
     assert batch["total"] == BACKFILL_KEYS
 

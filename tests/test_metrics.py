@@ -12,6 +12,7 @@ from api import create_app
 from core.errors import ConfigError
 from core.logs import JsonFormatter
 from core.settings import Settings, load_settings
+from conftest import keyed, make_key  # a sibling: tests/ is on sys.path
 
 
 def _requests(client, route: str) -> float:
@@ -26,7 +27,7 @@ def _requests(client, route: str) -> float:
 
 
 def test_metrics_count_requests_by_route_behind_a_bearer_token(app_settings):
-    client = create_app(replace(app_settings, metrics_token="s3cret")).test_client()
+    client = keyed(create_app(replace(app_settings, metrics_token="s3cret")), make_key(app_settings.database_url))
     before = _requests(client, "/v1/images/<id:image_id>")
     assert client.get("/v1/images/1").status_code == 404  # counted under its route, status 404
     assert client.get("/healthz").status_code == 200

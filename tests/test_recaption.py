@@ -10,6 +10,7 @@ from core.db import make_engine, make_sessionmaker
 from core.queries import Result
 from core.settings import Settings, get_settings
 from core.tables import Caption
+from conftest import keyed, make_key  # a sibling: tests/ is on sys.path
 
 OLD = "oldmodel0001"
 
@@ -48,7 +49,7 @@ def test_recaption_adds_the_new_models_captions_and_keeps_decisions(sqlite_url, 
     with sm() as s:
         per_version = dict(s.execute(select(Caption.model_version, func.count()).group_by(Caption.model_version)).all())
     assert per_version == {OLD: 3, version: 3}  # beside the old ones, not over them
-    client = create_app(settings).test_client()
+    client = keyed(create_app(settings), make_key(settings.database_url))
     decided = client.get(f"/v1/images/{old[0].image_id}").get_json()
     assert decided["model_version"] == version and decided["caption"] != "an old caption"
     assert (decided["alt_text"], decided["alt_text_state"]) == ("My own words.", "edited")

@@ -15,6 +15,7 @@ from core.errors import InvalidRequest
 from core.queries import NewImage, Result
 from core.settings import Settings, get_settings
 from migrations import upgrade
+from conftest import keyed, make_key  # a sibling: tests/ is on sys.path
 
 VERSION = "search-test"
 # (key, caption, alt text, tags, tenant): the alt text differs from the caption where a test needs it
@@ -160,7 +161,7 @@ def api(backend, tmp_path_factory):
     app = create_app(Settings(database_url=url, storage=str(tmp_path_factory.mktemp("store")),
                               model_path=str(checkpoint)))
     app.config["TESTING"] = True
-    yield app.test_client(), ids
+    yield keyed(app, make_key(url)), ids
     app.extensions["captioner"].sessionmaker.kw["bind"].dispose()  # before the database is dropped
 
 

@@ -11,7 +11,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from sqlalchemy import select
-from test_api import assert_error, jpeg  # a sibling: tests/ is on sys.path
+from conftest import keyed, make_key  # siblings: tests/ is on sys.path
+from test_api import assert_error, jpeg
 
 from api import create_app
 from core import captioner, jobs, webhooks
@@ -154,7 +155,8 @@ def test_public_addresses_and_allowed_hosts_pass(settings):
 
 
 def test_the_api_takes_callback_urls_and_refuses_bad_ones(app_settings):
-    client = create_app(replace(app_settings, webhook_secret=SECRET, webhook_allow="127.0.0.1")).test_client()
+    key = make_key(app_settings.database_url)
+    client = keyed(create_app(replace(app_settings, webhook_secret=SECRET, webhook_allow="127.0.0.1")), key)
     upload = {"file": (io.BytesIO(jpeg()), "a.jpg"), "callback_url": "http://127.0.0.1:8999/hook"}
     assert client.post("/v1/images", data=upload).status_code == 202
     bad = {"file": (io.BytesIO(jpeg()), "a.jpg"), "callback_url": "http://10.0.0.1/hook"}
@@ -165,7 +167,7 @@ def test_the_api_takes_callback_urls_and_refuses_bad_ones(app_settings):
     assert_error(client.post("/v1/batches", json={"s3": {"bucket": "b", "prefix": "p/"},
                                                   "callback_url": "file:///etc/passwd"}), 400, "callback_url_refused")
     # no secret configured: events could not be signed, so a callback is refused up front
-    unsigned = create_app(app_settings).test_client()
+    unsigned = keyed(create_app(app_settings), key)
     body = assert_error(unsigned.post("/v1/images", data={"file": (io.BytesIO(jpeg()), "a.jpg"),
                                                           "callback_url": "https://93.184.216.34/hook"}),
                         400, "webhooks_not_configured")

@@ -18,6 +18,7 @@ def app(own_pg_url, tmp_path, fake_checkpoint):
     app = create_app(Settings(database_url=own_pg_url, storage=str(tmp_path / "store"),
                               model_path=str(fake_checkpoint)))
     app.config["TESTING"] = True
+    app.config["DATABASE_URL"] = own_pg_url
     app.config["API_KEY"] = make_key(own_pg_url)
     return app
 
@@ -111,12 +112,7 @@ def test_bad_decisions_are_clear_errors(app):
 def test_another_tenants_image_is_not_found(app):
     image_id = new_image(app, 3)
     caption(app, 3, OLD, "A bird.", 0.9)
-
-    @app.before_request
-    def _tenant() -> None:
-        g.tenant = "someone-else"
-
-    client = keyed(app, app.config["API_KEY"])
+    client = keyed(app, make_key(app.config["DATABASE_URL"], tenant="someone-else"))
     assert_error(client.get(f"/v1/images/{image_id}/alt-text"), 404, "not_found")
     assert_error(client.patch(f"/v1/images/{image_id}/alt-text", json={"state": "approved"}), 404, "not_found")
 

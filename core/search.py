@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Select, column, func, literal_column, select, table
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 
 from .errors import InvalidRequest
 from .tables import Caption, Image
@@ -54,7 +54,7 @@ def parse(query: str) -> list[Term]:
 def query_index(session: Session, query: str, limit: int, offset: int = 0,
                 tenant: str = "default") -> list[dict[str, Any]]:
     """Captioned images of `tenant` matching `query`, best first: every word and phrase in the
-    caption, alt text or tags (stemmed: "dogs" finds "dog"), none of the -exclusions. Exclusions
+    newest caption, its alt text or tags (stemmed: "dogs" finds "dog"), none of the -exclusions. Exclusions
     alone match nothing. Raises InvalidRequest for a query with no words, over MAX_QUERY_CHARS
     characters or holding a NUL."""
     terms = parse(query)
@@ -65,7 +65,10 @@ def query_index(session: Session, query: str, limit: int, offset: int = 0,
         return []
     excluded = [t for t in terms if t.excluded]
     build = _postgres if session.get_bind().dialect.name == "postgresql" else _sqlite
-    stmt = build(wanted, excluded).where(Image.tenant == tenant).limit(limit).offset(offset)
+    # an image re-captioned by a newer model is found by its newest caption only, once
+    other = aliased(Caption)
+    newest = select(func.max(other.id)).where(other.image_id == Caption.image_id).correlate(Caption).scalar_subquery()
+    stmt = build(wanted, excluded).where(Image.tenant == tenant, Caption.id == newest).limit(limit).offset(offset)
     return [{"id": r.id, "source": r.uri, "caption": r.text, "alt_text": r.alt_text,
              "tags": [{"label": label, "score": score} for label, score in r.tags],
              "score": round(float(r.score), 6), "confidence": r.confidence, "model_version": r.model_version}

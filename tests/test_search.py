@@ -252,3 +252,17 @@ def test_a_recaptioned_image_is_found_by_its_new_words_only(backend):
     with sm() as s:
         assert search.query_index(s, "zebra", 10, tenant="zoo") == []
         assert [r["caption"] for r in search.query_index(s, "giraffes", 10, tenant="zoo")] == [caption]
+
+
+def test_an_image_captioned_by_two_models_is_found_once_by_its_newest_caption(backend):
+    _, sm, _ = backend
+    for version, caption in (("oldmodel", "A striped horse in a field."), ("newmodel", "A zebra in a field.")):
+        with sm.begin() as s:
+            [sub] = queries.submit(s, [NewImage("file:///photos/savanna.jpg", "sha256:savanna")], version, "backfill",
+                                   tenant="savanna")
+            [claimed] = queries.claim(s, version, 60, 1, job_ids=[sub.job_id])
+            queries.complete(s, [Result(claimed, caption, caption, [], [], 0.5, False, 8, 8)], [], version, 1)
+    with sm() as s:
+        assert [(r["caption"], r["model_version"]) for r in search.query_index(s, "field", 10, tenant="savanna")] == [
+            ("A zebra in a field.", "newmodel")]
+        assert search.query_index(s, "horse", 10, tenant="savanna") == []

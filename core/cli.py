@@ -32,6 +32,8 @@ def cli() -> None:
 @click.option("--backbone", default=None, help="timm model name, e.g. tf_efficientnet_lite2.")
 @click.option("--encoder-weights", type=click.Path(exists=True, dir_okay=False), default=None)
 @click.option("--tuned-stages", type=int, default=None, help="Fine-tune the encoder's last N stages (default 1; 0 = frozen).")
+@click.option("--mirror", type=click.FloatRange(0, 1), default=None,
+              help="Chance a training caption sees its photo mirrored (default 0.5; 0 = off).")
 @click.option("--device", default=None, help="cpu or cuda (default: cuda when present).")
 @click.option("--seed", type=int, default=None)
 @click.option("--fresh", is_flag=True, help="Ignore the run folder's saved state instead of resuming.")

@@ -66,17 +66,20 @@ class _ImageFiles(Dataset):
 
 @torch.no_grad()
 def encode_folder(encoder: Encoder, folder: Path, names: list[str], batch_size: int = 64,
-                  device: str = "cpu") -> torch.Tensor:
-    """Run the encoder's frozen trunk over every named image once -> fp16 (N, ...)."""
+                  device: str = "cpu", mirror: bool = False) -> torch.Tensor:
+    """Run the encoder's frozen trunk over every named image (mirrored left-right if `mirror`)
+    once -> fp16 (N, ...)."""
     loader = DataLoader(_ImageFiles([Path(folder) / n for n in names]), batch_size=batch_size,
                         num_workers=1)  # decoding overlaps the CNN on a second process
     encoder = encoder.to(device)
-    out = [encoder.trunk(batch.to(device)).half().cpu() for batch in tqdm(loader, desc="encoding images", unit="batch")]
+    desc = "encoding mirrored images" if mirror else "encoding images"
+    out = [encoder.trunk((batch.flip(-1) if mirror else batch).to(device)).half().cpu()
+           for batch in tqdm(loader, desc=desc, unit="batch")]
     return torch.cat(out)
 
 
 def cached_features(encoder: Encoder, folder: Path, names: list[str], cache_dir: Path,
-                    device: str = "cpu") -> tuple[dict[str, int], torch.Tensor]:
+                    device: str = "cpu", mirror: bool = False) -> tuple[dict[str, int], torch.Tensor]:
     """Trunk outputs for `names`, computed once and kept in `cache_dir` for later runs.
 
     Returns (index {name: row}, fp16 tensor). A cache made for other images or another encoder
@@ -87,12 +90,14 @@ def cached_features(encoder: Encoder, folder: Path, names: list[str], cache_dir:
     suffix = f"-trunk{cfg.tuned_stages}" if cfg.tuned_stages else ""
     if cfg.tuned_stages:
         key["tuned_stages"] = cfg.tuned_stages
+    if mirror:
+        key["mirror"], suffix = True, suffix + "-mirror"
     cache = Path(cache_dir) / f"features-{cfg.backbone}{suffix}.pt"
     if cache.exists():
         saved = torch.load(cache, weights_only=True)
         if saved["key"] == key and set(names) <= set(saved["names"]):
             return {n: i for i, n in enumerate(saved["names"])}, saved["features"]
-    feats = encode_folder(encoder, folder, names, device=device)
+    feats = encode_folder(encoder, folder, names, device=device, mirror=mirror)
     cache.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"key": key, "names": list(names), "features": feats}, cache)
     return {n: i for i, n in enumerate(names)}, feats

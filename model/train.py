@@ -1,7 +1,8 @@
 """Train the attention decoder on cached encoder features (`captioner train`).
 
-The encoder is frozen, so every image is encoded once into a feature cache and each epoch only
-runs the decoder: that is what makes a full run fit an hour on two CPU cores.
+The encoder's trunk is frozen, so every image (and its mirror image) is encoded once into a
+feature cache and each epoch only runs the decoder and the encoder's fine-tuned top: that is what
+makes a full run fit an hour on two CPU cores.
 """
 import json
 import math
@@ -54,6 +55,7 @@ class TrainConfig:
     patience: int = 3  # epochs without a better dev CIDEr before stopping
     attention_reg: float = 1.0  # doubly stochastic attention: each position attended ~once overall
     label_smoothing: float = 0.1
+    mirror: float = 0.5  # chance that a training caption sees its photo mirrored left-right
     clip: float = 5.0
     beam: int = 3
     dev_images: int = 1000  # dev photos scored after each epoch
@@ -176,6 +178,8 @@ def train(cfg: TrainConfig, resume: bool = True, log=print) -> Path:
     enc_cfg = EncoderConfig(cfg.backbone, cfg.encoder_weights, tuned_stages=cfg.tuned_stages)
     encoder = Encoder(enc_cfg).to(device)
     index, cached = cached_features(encoder, Path(cfg.images), sorted(captions), Path(cfg.cache_dir), device=cfg.device)
+    mirrored = cached_features(encoder, Path(cfg.images), sorted(captions), Path(cfg.cache_dir), device=cfg.device,
+                               mirror=True)[1] if cfg.mirror else None
     train_rows = torch.tensor([index[n] for n in train_names])
     dev_names = dev_names[: cfg.dev_images]
     dev_rows = torch.tensor([index[n] for n in dev_names])
@@ -183,10 +187,18 @@ def train(cfg: TrainConfig, resume: bool = True, log=print) -> Path:
     pairs = [(i, vocab.encode(t, cfg.max_len)) for i, n in enumerate(train_names) for t in tokens[n]]
     tuned = [p for p in encoder.parameters() if p.requires_grad]
 
-    def features(rows: torch.Tensor) -> torch.Tensor:
-        """Attention features (B, P, C) of cached rows, through the fine-tuned stages if any."""
+    def features(rows: torch.Tensor, flip: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention features (B, P, C) of cached rows (mirrored where `flip`), through the
+        fine-tuned stages if any."""
+        x = cached[rows]
+        if flip is not None:
+            x = torch.where(flip.view(-1, 1, 1, 1), mirrored[rows], x)
         with torch.set_grad_enabled(bool(tuned) and torch.is_grad_enabled()):
-            return encoder.top(cached[rows].to(device, non_blocking=True).float())
+            return encoder.top(x.to(device, non_blocking=True).float())
+
+    def augmented(rows: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        flip = torch.rand(len(rows), generator=gen) < cfg.mirror if cfg.mirror else None
+        return features(train_rows[rows], flip=flip)
 
     dec_cfg = DecoderConfig(len(vocab), encoder.cnn.num_features, cfg.embed_dim, cfg.decoder_dim,
                             cfg.attention_dim, cfg.dropout)
@@ -245,7 +257,8 @@ def train(cfg: TrainConfig, resume: bool = True, log=print) -> Path:
             train_loss = -scst_epoch(decoder, lambda rows: features(train_rows[rows]), len(train_names), reward, vocab,
                                      opt, rng, cfg.scst_images_per_batch, cfg.scst_samples, cfg.max_len, cfg.clip)
         else:
-            train_loss = xe_epoch(decoder, lambda rows: features(train_rows[rows]), pairs, opt, sched, rng, cfg,
+            gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
+            train_loss = xe_epoch(decoder, lambda rows: augmented(rows, gen), pairs, opt, sched, rng, cfg,
                                   vocab, steps_per_epoch, f"epoch {epoch + 1}/{cfg.epochs}")
         with torch.no_grad():
             dev_feats = features(dev_rows)

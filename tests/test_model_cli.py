@@ -88,6 +88,25 @@ def test_fine_tuning_the_top_stage_ships_its_weights(tiny_set, tmp_path):
     assert loaded.caption_images([Image.open(tiny_set / "images" / "photo00.jpg")])[0].text
 
 
+def test_mirror_cache_holds_the_trunk_of_each_photo_mirrored(tiny_set, tmp_path):
+    from PIL import ImageOps
+
+    from model.data import cached_features
+    from model.encoder import Encoder, EncoderConfig, preprocess
+
+    encoder = Encoder(EncoderConfig(tuned_stages=1))
+    names = ["photo00.jpg", "photo04.jpg"]
+    index, plain = cached_features(encoder, tiny_set / "images", names, tmp_path)
+    _, mirrored = cached_features(encoder, tiny_set / "images", names, tmp_path, mirror=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["features-tf_efficientnet_lite0-trunk1-mirror.pt",
+                                                           "features-tf_efficientnet_lite0-trunk1.pt"]
+    with torch.no_grad():
+        expected = encoder.trunk(torch.stack([preprocess(ImageOps.mirror(Image.open(tiny_set / "images" / n)))
+                                              for n in names]))
+    assert torch.allclose(mirrored.float(), expected, atol=2e-2)
+    assert not torch.allclose(plain.float(), expected, atol=2e-2)  # the shapes are off-centre
+
+
 def test_evaluate_prints_metrics_as_json_on_its_last_line(tiny_set, tmp_path):
     out = tmp_path / "captions.json"
     result = CliRunner().invoke(cli, ["evaluate", "--images", str(tiny_set / "images"), "--captions",

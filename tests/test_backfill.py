@@ -131,9 +131,9 @@ def test_enqueue_page_makes_each_job_once(database, request):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(3600)  # uploading 100,000 objects to SeaweedFS takes most of it
-def test_bench_backfill_100k(settings, s3, broker, monkeypatch):
-    """`captioner bench backfill` on 100,000 keys (uploaded once, on a thread pool): keys/s enqueued."""
+def test_bench_backfill_uploads_the_missing_keys_and_reports_the_rate(settings, s3, broker, monkeypatch):
+    """`captioner bench backfill` end to end on 2,000 keys (the 100,000-key figure in the README
+    comes from the same command, run by hand: uploading 100,000 objects alone takes minutes)."""
     from click.testing import CliRunner
 
     from core.cli import cli
@@ -145,10 +145,10 @@ def test_bench_backfill_100k(settings, s3, broker, monkeypatch):
     get_settings.cache_clear()
     try:
         result = CliRunner().invoke(cli, ["bench", "backfill", "--bucket", s3["S3_TEST_BUCKET"], "--prefix", "bench/",
-                                          "--keys", "100000"], catch_exceptions=False)
+                                          "--keys", "2000"], catch_exceptions=False)
     finally:
         get_settings.cache_clear()
     assert result.exit_code == 0, result.output
     print("\n" + result.output)
-    assert "100000 keys enqueued" in result.output
-    assert broker.llen("backfill") == 100 * -(-1000 // 32)  # doorbells in groups of a batch, per listed page
+    assert "uploaded 2000 objects" in result.output and "2000 keys enqueued" in result.output
+    assert broker.llen("backfill") == 2 * -(-1000 // 32)  # doorbells in groups of a batch, per listed page

@@ -33,7 +33,9 @@ def settings(own_pg_url, redis_url, s3, tmp_path_factory) -> Settings:
 def library(s3) -> str:
     """KEYS small objects under one prefix (and a few that are not images), uploaded once."""
     bucket, client = s3["S3_TEST_BUCKET"], storage.s3_client()
-    keys = [f"library/{n:05d}.jpg" for n in range(KEYS)] + [f"library/notes-{n}.txt" for n in range(5)]
+    # a prefix of its own: the session's bucket is shared with test_distributed's library/
+    keys = [f"backfill-library/{n:05d}.jpg" for n in range(KEYS)] + [f"backfill-library/notes-{n}.txt"
+                                                                      for n in range(5)]
     with ThreadPoolExecutor(16) as pool:
         list(pool.map(lambda k: client.put_object(Bucket=bucket, Key=k, Body=k.encode()), keys))
     return bucket
@@ -58,9 +60,9 @@ def test_a_prefix_is_enqueued_page_by_page_with_bulk_inserts(settings, library, 
             inserts.append((words[words.index("INSERT") + 2], parameters))
 
     event.listen(engine, "before_cursor_execute", count)
-    client = keyed(app, make_key(settings.database_url, buckets=(f"s3://{library}/library/",)))
+    client = keyed(app, make_key(settings.database_url, buckets=(f"s3://{library}/backfill-library/",)))
     started = time.perf_counter()
-    r = client.post("/v1/batches", json={"s3": {"bucket": library, "prefix": "library/"}})
+    r = client.post("/v1/batches", json={"s3": {"bucket": library, "prefix": "backfill-library/"}})
     elapsed = time.perf_counter() - started
     assert r.status_code == 202, r.get_json()
     body = r.get_json()
@@ -81,7 +83,7 @@ def test_a_prefix_is_enqueued_page_by_page_with_bulk_inserts(settings, library, 
     assert batch["images_per_second"] is None and batch["eta_seconds"] is None
 
     # the same prefix again: a new batch over the same jobs, no new job and no new doorbell
-    again = client.post("/v1/batches", json={"s3": {"bucket": library, "prefix": "library/"}}).get_json()
+    again = client.post("/v1/batches", json={"s3": {"bucket": library, "prefix": "backfill-library/"}}).get_json()
     assert again["id"] != body["id"] and (again["total"], again["new_jobs"]) == (KEYS, 0)
     assert broker.llen("backfill") == messages
     with make_engine(settings.database_url).connect() as conn:
@@ -103,7 +105,7 @@ def test_a_prefix_is_enqueued_page_by_page_with_bulk_inserts(settings, library, 
 def test_a_prefix_over_the_limit_takes_the_first_images(settings, library, broker):
     client = keyed(create_app(replace(settings, s3_prefix_limit=1500)),
                    make_key(settings.database_url, buckets=(f"s3://{library}/",)))
-    body = client.post("/v1/batches", json={"s3": {"bucket": library, "prefix": "library/0"}}).get_json()
+    body = client.post("/v1/batches", json={"s3": {"bucket": library, "prefix": "backfill-library/0"}}).get_json()
     assert (body["total"], body["truncated"]) == (1500, True)
     empty = client.post("/v1/batches", json={"s3": {"bucket": library, "prefix": "nothing-here/"}})
     assert empty.status_code == 400 and empty.get_json()["error"]["code"] == "empty_batch"

@@ -126,45 +126,65 @@ def _api(settings: Settings) -> Iterator[str]:
         server.shutdown()
 
 
-def _http(method: str, url: str, body: dict | None = None) -> dict:
+def _http(method: str, url: str, key: str, body: dict | None = None) -> dict:
     data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(url, data=data, method=method,
+                                     headers={"Content-Type": "application/json", "Authorization": f"Bearer {key}"})
     with urllib.request.urlopen(request, timeout=60) as r:
         return json.loads(r.read())
 
 
-def _run_batch(base: str, bucket: str, prefix: str, expected: int, worker: subprocess.Popen, log_path: Path) -> float:
+def _run_batch(base: str, key: str, bucket: str, prefix: str, expected: int, worker: subprocess.Popen,
+               log_path: Path) -> float:
     """POST the S3 prefix as a batch and wait until every job is done or failed -> seconds."""
     started = time.perf_counter()
-    batch = _http("POST", f"{base}/v1/batches", {"s3": {"bucket": bucket, "prefix": prefix}})
+    batch = _http("POST", f"{base}/v1/batches", key, {"s3": {"bucket": bucket, "prefix": prefix}})
     if batch["total"] != expected:
         raise RuntimeError(f"expected {expected} photos under {prefix}, the API found {batch['total']}")
     while True:
-        counts = _http("GET", f"{base}/v1/batches/{batch['id']}")["counts"]
+        counts = _http("GET", f"{base}/v1/batches/{batch['id']}", key)["counts"]
         if counts["done"] + counts["failed"] == expected:
             return time.perf_counter() - started
         if worker.poll() is not None or time.perf_counter() - started > DEADLINE_S:
             raise RuntimeError(f"worker stopped or too slow ({counts}): {log_path.read_text()[-3000:]}")
-        time.sleep(0.1)
+        time.sleep(0.25)  # 240 polls a minute: under the API's default per-key rate limit
+
+
+def _client_key(db_url: str, bucket: str) -> str:
+    """A write key for a tenant allowed to read the bucket: the API checks both as in production."""
+    from .auth import allow_bucket, create_key
+    from .db import make_engine, make_sessionmaker
+
+    engine = make_engine(db_url)
+    try:
+        with make_sessionmaker(engine).begin() as s:
+            _, key = create_key(s, "bench", "write")
+            allow_bucket(s, "bench", bucket)
+    finally:
+        engine.dispose()
+    return key
 
 
 def distributed(settings: Settings, bucket: str, count: int, worker_argv: list[str], batch_size: int,
-                workdir: Path) -> float:
+                forward_size: int, workdir: Path) -> float:
     """Seconds for `count` photos under s3://bucket/photos/ through the API and a worker started
     with `worker_argv`, after a warm-up batch under warmup/."""
     with _database(settings.database_url) as db_url:
-        phase = replace(settings, database_url=db_url, storage=f"s3://{bucket}/uploads", batch_size=batch_size)
+        phase = replace(settings, database_url=db_url, storage=f"s3://{bucket}/uploads", batch_size=batch_size,
+                        forward_size=forward_size)
         create_celery(phase).control.purge()  # leftovers of an aborted run would inflate the count
+        key = _client_key(db_url, bucket)
         env = {**os.environ, "CAPTIONER_DATABASE_URL": db_url, "CAPTIONER_BROKER_URL": phase.broker_url or "",
                "CAPTIONER_STORAGE": phase.storage, "CAPTIONER_BATCH_SIZE": str(batch_size),
+               "CAPTIONER_FORWARD_SIZE": str(forward_size),
                "CAPTIONER_MODEL_PATH": str(captioner.checkpoint_path(settings)), "CAPTIONER_WORKER_METRICS_PORT": ""}
         log_path = workdir / f"worker-{secrets.token_hex(3)}.log"
         with open(log_path, "wb") as out:
             worker = subprocess.Popen([sys.executable, *worker_argv], env=env, stdout=out, stderr=subprocess.STDOUT)
         try:
             with _api(phase) as base:
-                _run_batch(base, bucket, "warmup/", WARMUP, worker, log_path)
-                return _run_batch(base, bucket, "photos/", count, worker, log_path)
+                _run_batch(base, key, bucket, "warmup/", WARMUP, worker, log_path)
+                return _run_batch(base, key, bucket, "photos/", count, worker, log_path)
         finally:
             worker.terminate()
             try:
@@ -187,13 +207,14 @@ def bench(settings: Settings, photos: list[Path], batch_sizes: list[int], log: C
         for prefix, group in (("warmup/", warmup), ("photos/", measured)):
             for p in group:
                 client.put_object(Bucket=bucket, Key=prefix + p.name, Body=p.read_bytes())
-        runs = {"end_to_end": (["-m", "core.cli", "worker", "--no-beat", "--loglevel", "warning"], best,
-                               f"1 batching worker, batch {best}"),
+        size = max(captioner.batch_size(settings), best)  # a GPU's best forward may exceed its default batch
+        runs = {"end_to_end": (["-m", "core.cli", "worker", "--no-beat", "--loglevel", "warning"], size, best,
+                               f"1 batching worker, batches of {size}, forwards of {best}"),
                 "naive": (["-m", "celery", "-A", "worker.naive", "worker", "--pool", "prefork", "--concurrency", "1",
-                           "--queues", "interactive,backfill", "--loglevel", "warning"], 1,
+                           "--queues", "interactive,backfill", "--loglevel", "warning"], 1, 1,
                           "1 worker process, 1 task and 1 forward per image")}
-        for name, (argv, bs, note) in runs.items():
-            seconds = distributed(settings, bucket, len(measured), argv, bs, Path(tmp))
+        for name, (argv, bs, forward, note) in runs.items():
+            seconds = distributed(settings, bucket, len(measured), argv, bs, forward, Path(tmp))
             rows.append(Row(name, len(measured) / seconds, seconds, len(measured), note))
             log(f"{name}: {rows[-1].captions_s:.2f} captions/s")
     return rows

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import ConfigError
-from .settings import Settings
+from .settings import PRECISIONS, Settings
 
 if TYPE_CHECKING:
     from PIL.Image import Image as PILImage
@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from model.inference import Captioner
 
 GPU_BATCH, CPU_BATCH = 256, 32  # batch 32 runs a GPU at a seventh of batch 256's rate (field notes)
+CPU_FORWARD = 8  # `captioner bench pipeline`, 2-core host: 18.5 captions/s at 8, 15.6 at 16, 12.8 at 32
 
 _loaded: "Captioner | None" = None  # the one lazily loaded global: weights load once per process, after fork
 
@@ -35,8 +36,28 @@ def batch_size(settings: Settings) -> int:
     torch: the worker's parent must not touch CUDA before it forks its pool."""
     if settings.batch_size:
         return settings.batch_size
-    gpu = settings.device.startswith("cuda") if settings.device else Path("/proc/driver/nvidia/version").exists()
-    return GPU_BATCH if gpu else CPU_BATCH
+    return GPU_BATCH if _on_gpu(settings) else CPU_BATCH
+
+
+def _on_gpu(settings: Settings) -> bool:
+    return settings.device.startswith("cuda") if settings.device else Path("/proc/driver/nvidia/version").exists()
+
+
+def forward_size(settings: Settings) -> int:
+    """Images per model forward: the configured size, else the whole batch on a GPU and
+    CPU_FORWARD on a CPU; never more than the batch."""
+    size = settings.forward_size or (batch_size(settings) if _on_gpu(settings) else CPU_FORWARD)
+    return min(size, batch_size(settings))
+
+
+def decodes_on_device(settings: Settings) -> bool:
+    """Whether baseline JPEGs go to the model's device undecoded (nvJPEG), not through Pillow."""
+    return settings.jpeg_decode == "device" or (settings.jpeg_decode == "auto" and _on_gpu(settings))
+
+
+def decode_jpegs(settings: Settings, jpegs: list[tuple[bytes, int]]) -> "list[Tensor | None]":
+    """(JPEG bytes, EXIF orientation) -> input tensors decoded on the model's device; None where refused."""
+    return get(settings).decode_jpegs(jpegs)
 
 
 def version(settings: Settings) -> str:
@@ -54,7 +75,7 @@ def get(settings: Settings) -> "Captioner":
     from model import inference  # keeps torch out of processes that never caption
     global _loaded
     if _loaded is None:
-        _loaded = inference.load(checkpoint_path(settings), device=settings.device)
+        _loaded = inference.load(checkpoint_path(settings), device=settings.device, bf16=PRECISIONS[settings.precision])
     return _loaded
 
 
@@ -66,4 +87,7 @@ def preprocess(settings: Settings, image: "PILImage") -> "Tensor":
 def caption_batch(settings: Settings, tensors: "list[Tensor]") -> "list[ModelCaption]":
     """One model forward for the whole batch: a per-image loop would waste the device."""
     import torch
-    return get(settings).caption(torch.stack(tensors), beam=settings.beam, n_best=settings.n_best)  # (B, 3, 224, 224)
+    model = get(settings)
+    if any(t.device.type != "cpu" for t in tensors):  # some were decoded on the device already
+        tensors = [t.to(model.device) for t in tensors]
+    return model.caption(torch.stack(tensors), beam=settings.beam, n_best=settings.n_best)  # (B, 3, 224, 224)

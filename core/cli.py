@@ -5,6 +5,8 @@ from pathlib import Path
 
 import click
 
+from core.settings import PRECISIONS
+
 DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"  # ../shared/data beside the checkout
 
 
@@ -76,13 +78,15 @@ def train(captions, images, train_split, dev_split, run_dir, export, fresh, **ov
 @click.option("--beam", type=int, default=3, show_default=True)
 @click.option("--batch-size", type=int, default=32, show_default=True)
 @click.option("--device", default=None)
-def evaluate(images, captions, checkpoint, split, output, beam, batch_size, device) -> None:
+@click.option("--precision", type=click.Choice(list(PRECISIONS)), default="auto", show_default=True,
+              help="The encoder's arithmetic (auto = bf16 where the device has bf16 units).")
+def evaluate(images, captions, checkpoint, split, output, beam, batch_size, device, precision) -> None:
     """Caption every listed image and print COCO metrics; the last line is one JSON object."""
     from model import inference
     from model.evaluate import evaluate_folder
 
     try:
-        captioner = inference.load(checkpoint, device=device)
+        captioner = inference.load(checkpoint, device=device, bf16=PRECISIONS[precision])
         metrics = evaluate_folder(captioner, Path(images), Path(captions), Path(output),
                                   split=Path(split) if split else None, beam=beam, batch_size=batch_size)
     except (ValueError, FileNotFoundError) as e:
@@ -254,7 +258,7 @@ def bench_backfill_command(bucket, prefix, keys, threads) -> None:
 @bench.command("pipeline")
 @click.option("--images", type=click.Path(exists=True, file_okay=False), default=str(DATA / "flickr8k" / "images"), show_default=True)
 @click.option("--count", type=int, default=96, show_default=True, help="Photos measured (4 more warm up).")
-@click.option("--batch-sizes", default=None, help="Tried for the raw ceiling (default: 8,16,32,64 on CPU; 64,128,256,512 on GPU).")
+@click.option("--batch-sizes", default=None, help="Tried for the raw ceiling (default: 4,8,16,32 on CPU; 64,128,256,512 on GPU).")
 def bench_pipeline_command(images, count, batch_sizes) -> None:
     """Captions/s: the model alone (raw), S3 -> API -> Redis -> batching worker -> PostgreSQL
     (end_to_end) and one task per image (naive), on the same photos; the last line is one JSON object.
@@ -269,7 +273,7 @@ def bench_pipeline_command(images, count, batch_sizes) -> None:
     if len(paths) < count + bench_pipeline.WARMUP:
         raise click.ClickException(f"need {count + bench_pipeline.WARMUP} .jpg files in {images}, found {len(paths)}")
     gpu = captioner.batch_size(replace(settings, batch_size=None)) == captioner.GPU_BATCH
-    sizes = [int(s) for s in batch_sizes.split(",")] if batch_sizes else ([64, 128, 256, 512] if gpu else [8, 16, 32, 64])
+    sizes = [int(s) for s in batch_sizes.split(",")] if batch_sizes else ([64, 128, 256, 512] if gpu else [4, 8, 16, 32])
     try:
         rows = bench_pipeline.bench(settings, paths, sizes, log=lambda m: click.echo(m, err=True))
     except ValueError as e:

@@ -89,6 +89,19 @@ def sniff(data: bytes, max_pixels: int) -> tuple[str, int, int]:
     return im.format or "", *im.size
 
 
+def baseline_jpeg(data: bytes, max_pixels: int) -> tuple[int, tuple[int, int]] | None:
+    """From the header alone, for a photo the model's device may decode (nvJPEG): a baseline
+    JPEG in colour or grey -> (EXIF orientation, upright width and height). None for anything
+    else, which Pillow decodes under a deadline: a progressive JPEG can hold thousands of scans
+    (the tarpit above), and nothing can stop a device decoder midway. InvalidImage as in decode."""
+    im = _open(_Deadline(data, DECODE_SECONDS), max_pixels)
+    if im.format != "JPEG" or im.mode not in ("RGB", "L") or im.info.get("progressive") or im.info.get("progression"):
+        return None
+    orientation = im.getexif().get(ORIENTATION, 1)
+    width, height = im.size
+    return orientation, ((height, width) if orientation in (5, 6, 7, 8) else (width, height))
+
+
 def _to_rgb(im: Image.Image) -> Image.Image:
     """Any mode -> RGB: 16-bit grey scaled (convert() would clip it to white), alpha on white."""
     if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):

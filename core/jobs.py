@@ -1,11 +1,12 @@
 """The job life-cycle end to end: submit (store bytes, rows, doorbell) and caption a claimed
-batch (fetch, decode, one model forward, one write). The worker and the embedded CLI share it."""
+batch (fetch and decode overlapping the model forwards, one write). The worker and the embedded CLI share it."""
 import hashlib
 import logging
+import secrets
 import time
 from concurrent.futures import ThreadPoolExecutor
-import secrets
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from itertools import chain
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -29,7 +30,7 @@ class BatchReport:
     captioned: int
     failed: int
     released: int  # returned to the queue after a transient error
-    forward_size: int
+    forward_size: int  # the largest model forward of the batch
     seconds: float
     finished: tuple[int, ...] = ()  # job ids now done or failed: their callbacks are due
     batch: str = ""  # this forward's id, in every log line about it
@@ -112,15 +113,18 @@ def expand_paths(paths: Iterable[str], limit: int | None, s3_limit: int) -> Iter
 @dataclass(frozen=True)
 class _Prepared:
     claimed: Claimed
-    tensor: Any = None  # (3, 224, 224), or None when the image failed
+    tensor: Any = None  # (3, 224, 224), or None when the image failed or waits for the device decoder
     size: tuple[int, int] = (0, 0)  # the photo's upright width, height (not the draft-mode decode's)
     error: CaptioningError | None = None
     fetch_s: float = 0.0
     decode_s: float = 0.0  # bytes -> model input tensor
+    jpeg: bytes | None = None  # a baseline JPEG left for the model's device to decode
+    orientation: int = 1  # its EXIF orientation
 
 
-def _prepare(settings: Settings, claimed: Claimed) -> _Prepared:
-    """Fetch, decode and preprocess one image on an I/O thread; an error fails this image only."""
+def _prepare(settings: Settings, claimed: Claimed, on_device: bool) -> _Prepared:
+    """Fetch, decode and preprocess one image on an I/O thread; an error fails this image only.
+    With `on_device`, a baseline JPEG is only checked (header, limits) and left for the device."""
     t0 = time.perf_counter()
     try:
         data = storage.read(claimed.uri, settings.max_upload_bytes)
@@ -128,6 +132,11 @@ def _prepare(settings: Settings, claimed: Claimed) -> _Prepared:
         return _Prepared(claimed, error=e, fetch_s=time.perf_counter() - t0)
     t1 = time.perf_counter()
     try:
+        jpeg = decode.baseline_jpeg(data, settings.max_pixels) if on_device else None
+        if jpeg is not None:
+            orientation, size = jpeg
+            return _Prepared(claimed, size=size, fetch_s=t1 - t0, decode_s=time.perf_counter() - t1, jpeg=data,
+                             orientation=orientation)
         image = decode.decode(data, settings.max_pixels)
         tensor = captioner.preprocess(settings, image)
     except CaptioningError as e:
@@ -135,27 +144,79 @@ def _prepare(settings: Settings, claimed: Claimed) -> _Prepared:
     return _Prepared(claimed, tensor, image.info["source_size"], fetch_s=t1 - t0, decode_s=time.perf_counter() - t1)
 
 
+def _decode_on_device(settings: Settings, waiting: list[_Prepared]) -> list[_Prepared]:
+    """Decode the JPEGs left for the device as one batch; one it refuses goes through Pillow."""
+    pending = [i for i, p in enumerate(waiting) if p.jpeg is not None]
+    if not pending:
+        return waiting
+    started = time.perf_counter()
+    tensors = captioner.decode_jpegs(settings, [(waiting[i].jpeg, waiting[i].orientation) for i in pending])
+    share = (time.perf_counter() - started) / len(pending)
+    out = list(waiting)
+    for i, tensor in zip(pending, tensors, strict=True):
+        p = replace(out[i], jpeg=None, tensor=tensor, decode_s=out[i].decode_s + share)
+        if tensor is None:  # nvJPEG refuses some files libjpeg reads; Pillow names what is wrong with a corrupt one
+            try:
+                p = replace(p, tensor=captioner.preprocess(settings, decode.decode(out[i].jpeg, settings.max_pixels)))
+            except CaptioningError as e:
+                p = replace(p, error=e)
+        out[i] = p
+    return out
+
+
+def _forwards(settings: Settings, prepared: Iterable[_Prepared]) -> tuple[list[_Prepared], list[tuple[_Prepared, Any]], list[int], float]:
+    """Caption images in model forwards of forward_size as they come off the I/O pool: the pool
+    goes on fetching and decoding the next forward's images while this one runs.
+    -> (every image, (image, caption) for those captioned, forward sizes, model seconds)."""
+    size = captioner.forward_size(settings)
+    seen: list[_Prepared] = []
+    captioned: list[tuple[_Prepared, Any]] = []
+    sizes: list[int] = []
+    waiting: list[_Prepared] = []
+    model_s = 0.0
+    for p in chain(prepared, [None]):  # None: the end, which runs the last, partial forward
+        if p is not None:
+            (seen if p.error else waiting).append(p)
+        if waiting and (len(waiting) == size or p is None):
+            waiting = _decode_on_device(settings, waiting)
+            seen += waiting
+            ready = [w for w in waiting if w.error is None]
+            if ready:
+                started = time.perf_counter()
+                captioned.extend(zip(ready, captioner.caption_batch(settings, [w.tensor for w in ready]), strict=True))
+                model_s += time.perf_counter() - started
+                sizes.append(len(ready))
+            waiting = []
+    return seen, captioned, sizes, model_s
+
+
 def caption_claimed(sm: sessionmaker, settings: Settings, claimed: list[Claimed]) -> BatchReport:
-    """Caption claimed jobs: concurrent fetch and decode, ONE model forward, ONE write transaction."""
+    """Caption claimed jobs: concurrent fetch and decode overlapping the model forwards, ONE write transaction."""
     started = time.perf_counter()
     batch = secrets.token_hex(6)
     if not claimed:
         return BatchReport(0, 0, 0, 0, 0.0, batch)
+
+    on_device = captioner.decodes_on_device(settings)
+
+    def prepare(c: Claimed) -> _Prepared:
+        return _prepare(settings, c, on_device)
+
     try:
         with ThreadPoolExecutor(max_workers=min(settings.io_threads, len(claimed))) as pool:
-            prepared = list(pool.map(lambda c: _prepare(settings, c), claimed))
+            # Executor.map submits every image at once and yields them in order as they finish
+            prepared, captioned, sizes, model_s = _forwards(settings, pool.map(prepare, claimed))
             for delay in FETCH_RETRY_SECONDS:  # the batch waits out a storage restart together
-                again = [i for i, p in enumerate(prepared) if isinstance(p.error, TransientError)]
+                again = [p.claimed for p in prepared if isinstance(p.error, TransientError)]
                 if not again:
                     break
                 log.warning("storage unavailable for %d images, fetching them again in %g s", len(again), delay)
                 time.sleep(delay)
-                for i, p in zip(again, pool.map(lambda i: _prepare(settings, prepared[i].claimed), again)):
-                    prepared[i] = p
-        ready = [p for p in prepared if p.error is None]
-        model_started = time.perf_counter()
-        captions = captioner.caption_batch(settings, [p.tensor for p in ready]) if ready else []
-        model_s = time.perf_counter() - model_started
+                retried = _forwards(settings, pool.map(prepare, again))
+                prepared = [p for p in prepared if not isinstance(p.error, TransientError)] + retried[0]
+                captioned += retried[1]
+                sizes += retried[2]
+                model_s += retried[3]
         version = captioner.get(settings).version
     except BaseException as e:
         # give the claims back now rather than after the lease; an interrupt is not the images' fault
@@ -163,7 +224,7 @@ def caption_claimed(sm: sessionmaker, settings: Settings, claimed: list[Claimed]
             queries.release(s, [c.job_id for c in claimed], count_attempt=not isinstance(e, KeyboardInterrupt))
         raise
     results = [Result(p.claimed, cap.text, cap.alt_text, cap.candidates, cap.tags, cap.confidence,
-                      cap.needs_review, *p.size) for p, cap in zip(ready, captions, strict=True)]
+                      cap.needs_review, *p.size) for p, cap in captioned]
     errors = [(p.claimed, p.error) for p in prepared if p.error is not None]
     # a transient error (S3 hiccup) returns the image to the queue, until its attempts run out
     retry = [c for c, err in errors if isinstance(err, TransientError) and c.attempts < settings.max_attempts]
@@ -171,7 +232,7 @@ def caption_claimed(sm: sessionmaker, settings: Settings, claimed: list[Claimed]
     transient = [c.job_id for c in retry]
     write_started = time.perf_counter()
     with sm.begin() as s:  # short transaction: no model work inside it
-        queries.complete(s, results, failures, version, forward_size=len(ready))
+        queries.complete(s, results, failures, version, forward_size=max(sizes, default=0))
         queries.release(s, transient, count_attempt=True)
     write_s = time.perf_counter() - write_started
     outcomes = {r.claimed.job_id: "done" for r in results}
@@ -185,7 +246,7 @@ def caption_claimed(sm: sessionmaker, settings: Settings, claimed: list[Claimed]
     stages = {"fetch": [p.fetch_s for p in prepared], "decode": [p.decode_s for p in prepared if p.decode_s],
               "model": [model_s], "write": [write_s]}
     finished = tuple([r.claimed.job_id for r in results] + [f.claimed.job_id for f in failures])
-    return BatchReport(len(results), len(failures), len(transient), len(ready), time.perf_counter() - started,
+    return BatchReport(len(results), len(failures), len(transient), max(sizes, default=0), time.perf_counter() - started,
                        finished, batch, outcomes, stages)
 
 

@@ -134,12 +134,13 @@ def class_names() -> list[str]:
 
 # Squash to the square input without cropping: most Flickr8k photos were stored squashed to
 # 224x224, so resizing (not cropping) every photo matches training and serving alike.
-_to_tensor = T.Compose([
-    T.PILToTensor(),
+# uint8 (3, H, W) on any device -> normalised (3, 224, 224): shared by Pillow's and nvJPEG's paths
+resize_normalize = T.Compose([
     T.Resize((IMAGE_SIZE, IMAGE_SIZE), interpolation=T.InterpolationMode.BICUBIC, antialias=True),
     T.ToDtype(torch.float32, scale=True),
     T.Normalize(MEAN, STD),
 ])
+_to_tensor = T.Compose([T.PILToTensor(), resize_normalize])
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import torch
 from PIL import Image
+from torchvision.io import ImageReadMode, decode_jpeg
 
 from . import encoder as enc
 from .alt_text import alt_text, sentence
@@ -16,6 +17,16 @@ DEFAULT_CHECKPOINT = Path(__file__).parent / "checkpoints" / "default.pt"
 REVIEW_BELOW = 0.35  # confidence under which alt text is flagged for a person to check
 TAGS = 5  # ImageNet labels returned per image
 TAG_MIN_PROB = 0.05
+# EXIF orientation -> what makes a decoded (C, H, W) image upright, as Pillow's exif_transpose does
+UPRIGHT = {
+    2: lambda x: x.flip(-1),
+    3: lambda x: x.flip(-2, -1),
+    4: lambda x: x.flip(-2),
+    5: lambda x: x.transpose(-2, -1),
+    6: lambda x: x.rot90(-1, (-2, -1)),
+    7: lambda x: x.flip(-2, -1).transpose(-2, -1),
+    8: lambda x: x.rot90(1, (-2, -1)),
+}
 
 
 @dataclass(frozen=True)
@@ -28,9 +39,19 @@ class Caption:
     needs_review: bool  # confidence below REVIEW_BELOW
 
 
+def bf16_supported(device: torch.device) -> bool:
+    """bf16 matrix units: CUDA (Ampere and later) or a CPU with AVX512-BF16 / AMX."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and torch.cpu._is_avx512_bf16_supported()
+
+
 class Captioner:
-    def __init__(self, checkpoint: dict, version: str, device: str | torch.device = "cpu"):
+    def __init__(self, checkpoint: dict, version: str, device: str | torch.device = "cpu", bf16: bool | None = None):
+        """bf16: run the encoder under bf16 autocast (None = where the hardware has bf16 units);
+        the decoder and beam search stay in float32, where the scores accumulate."""
         self.device = torch.device(device)
+        self.bf16 = bf16_supported(self.device) if bf16 is None else bf16
         self.version = version
         self.vocab = Vocab(checkpoint["vocab"])
         self.max_len = int(checkpoint["max_len"])
@@ -40,7 +61,9 @@ class Captioner:
                 {k: v.float() for k, v in checkpoint["encoder_top"].items()}, strict=False).unexpected_keys
             if unexpected:
                 raise ValueError(f"encoder weights in the checkpoint do not fit the backbone: {unexpected[:3]}")
-        self.encoder.to(self.device)
+        # channels_last: oneDNN's and cuDNN's depthwise-convolution kernels want NHWC; on a 2-core
+        # AVX-512 CPU it made the encoder 2.5x faster
+        self.encoder.to(self.device, memory_format=torch.channels_last)
         self.decoder = Decoder(DecoderConfig(**checkpoint["config"]))
         self.decoder.load_state_dict({k: v.float() for k, v in checkpoint["model"].items()})
         self.decoder.to(self.device).eval()
@@ -53,7 +76,12 @@ class Captioner:
     def caption(self, batch: torch.Tensor, beam: int = 3, n_best: int = 3) -> list[Caption]:
         """batch (B, 3, 224, 224) from `preprocess` -> one Caption per image, one forward pass."""
         assert batch.dim() == 4 and batch.shape[1] == 3, f"expected (B, 3, H, W), got {tuple(batch.shape)}"
-        feats, logits = self.encoder(batch.to(self.device))
+        if self.device.type == "cuda" and batch.device.type == "cpu":
+            batch = batch.pin_memory()  # page-locked: the copy below runs asynchronously
+        images = batch.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            feats, logits = self.encoder(images)
+        feats = feats.float()  # (B, P, C)
         hyps = beam_search(self.decoder, feats, self.vocab.start, self.vocab.end,
                            [self.vocab.pad, self.vocab.start, self.vocab.unk],
                            beam=beam, n_best=min(n_best, beam), max_len=self.max_len)
@@ -67,6 +95,23 @@ class Captioner:
             out.append(Caption(text, alt_text(text), candidates, tags, confidence, confidence < REVIEW_BELOW))
         return out
 
+    def decode_jpegs(self, jpegs: list[tuple[bytes, int]]) -> list[torch.Tensor | None]:
+        """(JPEG bytes, EXIF orientation) pairs -> upright, normalised (3, 224, 224) tensors on the
+        model's device, decoded there: by nvJPEG on a GPU, libjpeg-turbo on a CPU. None for an image
+        the decoder refused; the caller decodes it another way."""
+        data = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b, _ in jpegs]
+        try:
+            images: list[torch.Tensor | None] = list(decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device))
+        except RuntimeError:  # one bad image fails the whole call: find it one by one
+            images = []
+            for d in data:
+                try:
+                    images.append(decode_jpeg(d, mode=ImageReadMode.RGB, device=self.device))
+                except RuntimeError:
+                    images.append(None)
+        return [None if im is None else enc.resize_normalize(UPRIGHT.get(o, lambda x: x)(im))
+                for im, (_, o) in zip(images, jpegs, strict=True)]
+
     def caption_images(self, images: list[Image.Image], beam: int = 3, n_best: int = 3) -> list[Caption]:
         return self.caption(torch.stack([self.preprocess(im) for im in images]), beam=beam, n_best=n_best)
 
@@ -76,8 +121,9 @@ def checkpoint_version(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:12]
 
 
-def load(path: str | Path | None = None, device: str | None = None) -> Captioner:
-    """Load a checkpoint (default: the shipped one) onto `device` (default: CUDA if present)."""
+def load(path: str | Path | None = None, device: str | None = None, bf16: bool | None = None) -> Captioner:
+    """Load a checkpoint (default: the shipped one) onto `device` (default: CUDA if present);
+    `bf16` as in Captioner."""
     path = Path(path) if path else DEFAULT_CHECKPOINT
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
@@ -87,4 +133,4 @@ def load(path: str | Path | None = None, device: str | None = None) -> Captioner
     for key in ("config", "encoder", "vocab", "model", "max_len"):
         if key not in checkpoint:
             raise ValueError(f"{path} is not a captioner checkpoint (no {key!r})")
-    return Captioner(checkpoint, checkpoint_version(path), device)
+    return Captioner(checkpoint, checkpoint_version(path), device, bf16)

@@ -132,7 +132,7 @@ def test_uploads_and_an_s3_prefix_are_captioned_in_batches(settings, s3, photos,
         sizes = [n for (n,) in conn.execute(select(Caption.forward_size))]
     engine.dispose()
     # the worker saw batches, not single images; its log says the same
-    logged = [int(n) for n in re.findall(r"forward of (\d+)", log_path.read_text())]
+    logged = [int(n) for n in re.findall(r"(\d+) captioned in forwards", log_path.read_text())]
     assert logged and sum(logged) >= UPLOADS + PREFIX_KEYS
     assert max(sizes) > 1 and sum(sizes) / len(sizes) > 4, sorted(sizes)
     # batched requests are visible to monitoring like any other task (events are per request)
@@ -144,7 +144,7 @@ def test_uploads_and_an_s3_prefix_are_captioned_in_batches(settings, s3, photos,
     for kind in ("task-sent", "task-received", "task-started", "task-succeeded"):
         assert task_events[kind] >= messages, dict(task_events)
     print(f"\ndistributed: {UPLOADS + PREFIX_KEYS} captions in {elapsed:.1f}s "
-          f"({(UPLOADS + PREFIX_KEYS) / elapsed:.1f}/s); forward sizes {logged}")
+          f"({(UPLOADS + PREFIX_KEYS) / elapsed:.1f}/s); captioned per batch {logged}")
 
 
 def test_cli_with_a_broker_hands_local_files_to_the_workers(settings, s3, photos, worker_process, tmp_path,

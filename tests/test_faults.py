@@ -143,7 +143,7 @@ class Worker:
 
     def forwarded(self) -> int:
         """Images that went through the model, by the worker's own log."""
-        return sum(int(n) for n in re.findall(r"forward of (\d+)", self.log.read_text(errors="replace")))
+        return sum(int(n) for n in re.findall(r"(\d+) captioned in forwards", self.log.read_text(errors="replace")))
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """One claimed batch through core.jobs with the real model, on SQLite and a local folder."""
 import io
 
+import pytest
 from PIL import Image
 from sqlalchemy import select
 from test_hostile_images import HOSTILE, ODD, encode, with_orientation  # a sibling: tests/ is on sys.path
@@ -17,7 +18,10 @@ ODD_IN_BATCH = ["cmyk.jpg", "grey16.png", "rgba16.png", "animated.gif", "photo.w
 MAX_BYTES = 1_000_000  # every other file in the batch is smaller
 
 
-def test_one_bad_image_never_fails_its_neighbours(sqlite_url, tmp_path, checkpoint, photos):
+# "device" decodes baseline JPEGs as a GPU worker does (nvJPEG there, libjpeg-turbo on this CPU)
+# and must fail and fall back exactly as Pillow does
+@pytest.mark.parametrize("jpeg_decode", ["pillow", "device"])
+def test_one_bad_image_never_fails_its_neighbours(sqlite_url, tmp_path, checkpoint, photos, jpeg_decode):
     bomb = tmp_path / "bomb.png"  # a few kB on disk, 81 MP once decoded
     out = io.BytesIO()
     Image.new("1", (9000, 9000)).save(out, "PNG")
@@ -40,7 +44,8 @@ def test_one_bad_image_never_fails_its_neighbours(sqlite_url, tmp_path, checkpoi
     images = [jobs.file_image(p) for p in files]
     gone.unlink()  # deleted between submission and captioning
 
-    settings = Settings(database_url=sqlite_url, model_path=str(checkpoint), device="cpu", max_upload_bytes=MAX_BYTES)
+    settings = Settings(database_url=sqlite_url, model_path=str(checkpoint), device="cpu", max_upload_bytes=MAX_BYTES,
+                        jpeg_decode=jpeg_decode)
     engine = make_engine(sqlite_url)
     sm = make_sessionmaker(engine)
     version = captioner.version(settings)
@@ -50,7 +55,9 @@ def test_one_bad_image_never_fails_its_neighbours(sqlite_url, tmp_path, checkpoi
     report = jobs.caption_claimed(sm, settings, claimed)
 
     good = 2 + 2 + len(odd)
-    assert (report.captioned, report.failed, report.forward_size) == (good, 4 + len(hostile), good)
+    # failed images take no seat in a forward: the 15 good ones fill a forward of 8, then one of 7
+    assert captioner.forward_size(settings) == 8
+    assert (report.captioned, report.failed, report.forward_size) == (good, 4 + len(hostile), 8)
     with sm() as s:
         outcome = {j.image_id: (j.status, j.error_code) for j in s.scalars(select(Job))}
         captions = s.scalars(select(Caption)).all()
@@ -62,7 +69,7 @@ def test_one_bad_image_never_fails_its_neighbours(sqlite_url, tmp_path, checkpoi
                        rotated.name: ("done", None), "huge.jpg": ("failed", "too_large"),
                        **{n: ("done", None) for n in odd},
                        **{n: ("failed", code) for n, (_, code, _) in hostile.items()}}
-    assert all(c.forward_size == good and c.model_version == version and c.text.strip() for c in captions)
+    assert all(c.forward_size == 8 and c.model_version == version and c.text.strip() for c in captions)
     assert len(captions) == good
 
 

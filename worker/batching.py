@@ -10,7 +10,8 @@
    rejects the messages, which then wait for Redis' visibility timeout. Here they are requeued
    once (not when already redelivered: the database's attempt counter bounds the rest).
 4. A batch is counted in job ids, not requests: a backfill message carries a model batch of ids
-   (core/queue.py), a single upload's message one.
+   (core/queue.py), a single upload's message one. It leaves as soon as the buffer holds a batch
+   of ids; upstream would wait for flush_every messages or the next timer tick.
 5. Interactive requests leave first. A worker that consumes both queues holds up to a batch of
    backfill requests in its buffer; a single upload that arrives behind them goes into the next
    batch instead of waiting for the buffer to drain.
@@ -95,6 +96,14 @@ class Batches(UpstreamBatches):
         return self._pool.apply_async(apply_batches_task, (self, simple, 0, None),
                                       accept_callback=on_accepted, callback=on_return, error_callback=on_error)
 
+    def buffered(self) -> None:
+        """A request was just buffered: flush now if a pool process is free and the buffer holds
+        a whole batch of job ids (upstream counts messages, so a backfill message carrying a batch
+        of ids would wait for the timer)."""
+        if self._in_flight < self._pool.limit:
+            if sum(len(request_ids(r)) for r in list(self._buffer.queue)) >= self.flush_every:
+                self._do_flush()
+
     def _flush_waiting(self) -> None:
         # a process just freed: send what waited at once rather than at the next timer tick
         if not self._buffer.empty():
@@ -108,3 +117,4 @@ def _send_received(sender: Any = None, request: Request | None = None, **_: Any)
         request.send_event("task-received", name=request.name, args=request.argsrepr,
                            kwargs=request.kwargsrepr, root_id=request.root_id, parent_id=request.parent_id,
                            retries=request.request_dict.get("retries", 0))
+        request.task.buffered()

@@ -75,8 +75,11 @@ def caption(requests: list[SimpleRequest]) -> dict[str, str]:
         claimed = queries.claim(s, version, settings.lease_seconds, len(job_ids), job_ids=job_ids)
     report = jobs.caption_claimed(sm, settings, claimed)
     metrics.observe(report)
-    log.info("batch %s: %d requests, %d claimed, forward of %d, %d failed, %d requeued in %.2fs", report.batch,
-             len(requests), len(claimed), report.forward_size, report.failed, report.released, report.seconds,
+    stage = {k: sum(v) for k, v in report.stages.items()}
+    log.info("batch %s: %d requests, %d claimed, %d captioned in forwards of up to %d, %d failed, %d requeued "
+             "in %.2fs (model %.2fs, write %.2fs)", report.batch, len(requests), len(claimed), report.captioned,
+             report.forward_size, report.failed, report.released, report.seconds, stage.get("model", 0.0),
+             stage.get("write", 0.0),
              extra={"batch_id": report.batch, "job_ids": [c.job_id for c in claimed]})
     if report.finished:
         with sm() as s:

@@ -257,7 +257,7 @@ def bench_backfill_command(bucket, prefix, keys, threads) -> None:
 
 @bench.command("pipeline")
 @click.option("--images", type=click.Path(exists=True, file_okay=False), default=str(DATA / "flickr8k" / "images"), show_default=True)
-@click.option("--count", type=int, default=96, show_default=True, help="Photos measured (4 more warm up).")
+@click.option("--count", type=int, default=480, show_default=True, help="Photos measured (4 more warm up).")
 @click.option("--batch-sizes", default=None, help="Tried for the raw ceiling (default: 4,8,16,32 on CPU; 64,128,256,512 on GPU).")
 def bench_pipeline_command(images, count, batch_sizes) -> None:
     """Captions/s: the model alone (raw), S3 -> API -> Redis -> batching worker -> PostgreSQL

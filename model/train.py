@@ -136,6 +136,29 @@ def export_checkpoint(state: dict, path: Path) -> None:
     torch.save(out, path)
 
 
+def export_tiny_checkpoint(folder: Path) -> Path:
+    """A real checkpoint of a tiny random-weight model (timm's test_efficientnet encoder, 0.36 M
+    parameters, and a 32-unit decoder over a 12-word vocabulary) that loads and captions like the
+    shipped one, much faster and with nonsense words: for tests and benchmarks of everything but
+    the model. Returns the checkpoint's path in `folder`."""
+    import timm
+
+    from .vocab import SPECIALS
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    weights = folder / "tiny-encoder.pt"
+    torch.save(timm.create_model("test_efficientnet", pretrained=False).state_dict(), weights)
+    encoder = EncoderConfig(backbone="test_efficientnet", weights=str(weights))
+    vocab = Vocab([*SPECIALS, "a", "dog", "cat", "runs", "sits", "on", "the", "grass"])
+    config = DecoderConfig(len(vocab), feature_dim=256, embed_dim=16, decoder_dim=32, attention_dim=16, dropout=0.0)
+    path = folder / "tiny.pt"
+    export_checkpoint({"config": asdict(config), "encoder": asdict(encoder), "vocab": vocab.words, "max_len": 8,
+                       "recipe": {}, "metrics": {}, "model": Decoder(config).state_dict()}, path)
+    return path
+
+
 def plot(history: list[dict], path: Path) -> None:
     import matplotlib
 

@@ -5,7 +5,6 @@ import os
 import secrets
 import time
 from contextlib import contextmanager
-from dataclasses import asdict
 from pathlib import Path
 from typing import Iterator
 from urllib.parse import urlsplit, urlunsplit
@@ -202,26 +201,8 @@ def client(app_settings, api_key):
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A real checkpoint of a tiny random-weight model (timm's test_efficientnet encoder, 0.36 M
-    parameters, and a 32-unit decoder over a 12-word vocabulary) that loads and captions like the
-    shipped one, only much faster and with nonsense words: for pipeline tests where the captions'
-    quality is irrelevant (tests/test_faults.py). `fake_checkpoint` is not loadable at all."""
-    import timm
-    import torch
+    """model.train's tiny random-weight model: for pipeline tests where the captions' quality is
+    irrelevant (tests/test_faults.py). `fake_checkpoint` is not loadable at all."""
+    from model.train import export_tiny_checkpoint
 
-    from model.encoder import EncoderConfig
-    from model.network import Decoder, DecoderConfig
-    from model.train import export_checkpoint
-    from model.vocab import SPECIALS, Vocab
-
-    root = tmp_path_factory.mktemp("tiny-model")
-    torch.manual_seed(0)
-    weights = root / "encoder.pt"
-    torch.save(timm.create_model("test_efficientnet", pretrained=False).state_dict(), weights)
-    encoder = EncoderConfig(backbone="test_efficientnet", weights=str(weights))
-    vocab = Vocab([*SPECIALS, "a", "dog", "cat", "runs", "sits", "on", "the", "grass"])
-    config = DecoderConfig(len(vocab), feature_dim=256, embed_dim=16, decoder_dim=32, attention_dim=16, dropout=0.0)
-    path = root / "tiny.pt"
-    export_checkpoint({"config": asdict(config), "encoder": asdict(encoder), "vocab": vocab.words, "max_len": 8,
-                       "recipe": {}, "metrics": {}, "model": Decoder(config).state_dict()}, path)
-    return path
+    return export_tiny_checkpoint(tmp_path_factory.mktemp("tiny-model"))

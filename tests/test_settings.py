@@ -27,6 +27,21 @@ def test_batch_size_suits_the_device_unless_set():
     assert batch_size(load_settings({"CAPTIONER_DEVICE": "cuda", "CAPTIONER_BATCH_SIZE": "100"})) == 100
 
 
+def test_forwards_fill_a_gpu_batch_and_split_a_cpu_one():
+    from core.captioner import CPU_BATCH, CPU_FORWARD, GPU_BATCH, forward_size
+
+    assert forward_size(load_settings({"CAPTIONER_DEVICE": "cuda"})) == GPU_BATCH
+    assert forward_size(load_settings({"CAPTIONER_DEVICE": "cpu"})) == CPU_FORWARD < CPU_BATCH
+    assert forward_size(load_settings({"CAPTIONER_DEVICE": "cpu", "CAPTIONER_FORWARD_SIZE": "100"})) == CPU_BATCH
+    assert forward_size(load_settings({"CAPTIONER_DEVICE": "cuda", "CAPTIONER_FORWARD_SIZE": "64"})) == 64
+
+
+@pytest.mark.parametrize("name", ["PRECISION", "JPEG_DECODE"])
+def test_choice_settings_name_their_choices(name):
+    with pytest.raises(ConfigError, match=f"CAPTIONER_{name} must be one of"):
+        load_settings({f"CAPTIONER_{name}": "fastest"})
+
+
 def test_empty_variable_means_default():
     assert load_settings({"CAPTIONER_BROKER_URL": ""}).broker_url is None
 

@@ -134,9 +134,10 @@ def _http(method: str, url: str, key: str, body: dict | None = None) -> dict:
         return json.loads(r.read())
 
 
-def _run_batch(base: str, key: str, bucket: str, prefix: str, expected: int, worker: subprocess.Popen,
-               log_path: Path) -> float:
-    """POST the S3 prefix as a batch and wait until every job is done or failed -> seconds."""
+def _run_batch(base: str, key: str, bucket: str, prefix: str, expected: int, workers: list[subprocess.Popen],
+               logs: list[Path], poll: Callable[[], None] = lambda: None) -> float:
+    """POST the S3 prefix as a batch and wait until every job is done or failed -> seconds.
+    `poll` runs at every check (the scale-out bench samples the database's connections)."""
     started = time.perf_counter()
     batch = _http("POST", f"{base}/v1/batches", key, {"s3": {"bucket": bucket, "prefix": prefix}})
     if batch["total"] != expected:
@@ -145,8 +146,9 @@ def _run_batch(base: str, key: str, bucket: str, prefix: str, expected: int, wor
         counts = _http("GET", f"{base}/v1/batches/{batch['id']}", key)["counts"]
         if counts["done"] + counts["failed"] == expected:
             return time.perf_counter() - started
-        if worker.poll() is not None or time.perf_counter() - started > DEADLINE_S:
-            raise RuntimeError(f"worker stopped or too slow ({counts}): {log_path.read_text()[-3000:]}")
+        if any(w.poll() is not None for w in workers) or time.perf_counter() - started > DEADLINE_S:
+            raise RuntimeError(f"a worker stopped or too slow ({counts}): {logs[0].read_text()[-3000:]}")
+        poll()
         time.sleep(0.25)  # 240 polls a minute: under the API's default per-key rate limit
 
 
@@ -165,10 +167,25 @@ def _client_key(db_url: str, bucket: str) -> str:
     return key
 
 
+@dataclass(frozen=True)
+class Run:
+    seconds: float  # from the request until every job was done or failed
+    logs: list[Path]  # one per worker process
+    redelivered: int  # jobs claimed more than once
+    captions: int  # caption rows written (one per image: more would be duplicates)
+    peak_connections: int  # most PostgreSQL connections to the run's database seen at once
+
+
 def distributed(settings: Settings, bucket: str, count: int, worker_argv: list[str], batch_size: int,
-                forward_size: int, workdir: Path) -> float:
-    """Seconds for `count` photos under s3://bucket/photos/ through the API and a worker started
-    with `worker_argv`, after a warm-up batch under warmup/."""
+                forward_size: int, workdir: Path, workers: int = 1, threads: int | None = None) -> Run:
+    """`count` photos under s3://bucket/photos/ through the API and `workers` worker processes
+    started with `worker_argv` (each with `threads` torch threads if given), after a warm-up batch
+    under warmup/, on a fresh database."""
+    from sqlalchemy import func, select, text
+
+    from .db import make_engine
+    from .tables import Caption, Job
+
     with _database(settings.database_url) as db_url:
         phase = replace(settings, database_url=db_url, storage=f"s3://{bucket}/uploads", batch_size=batch_size,
                         forward_size=forward_size)
@@ -178,20 +195,40 @@ def distributed(settings: Settings, bucket: str, count: int, worker_argv: list[s
                "CAPTIONER_STORAGE": phase.storage, "CAPTIONER_BATCH_SIZE": str(batch_size),
                "CAPTIONER_FORWARD_SIZE": str(forward_size),
                "CAPTIONER_MODEL_PATH": str(captioner.checkpoint_path(settings)), "CAPTIONER_WORKER_METRICS_PORT": ""}
-        log_path = workdir / f"worker-{secrets.token_hex(3)}.log"
-        with open(log_path, "wb") as out:
-            worker = subprocess.Popen([sys.executable, *worker_argv], env=env, stdout=out, stderr=subprocess.STDOUT)
+        if threads:
+            env["OMP_NUM_THREADS"] = str(threads)  # torch's intra-op threads in each worker
+        logs = [workdir / f"worker-{secrets.token_hex(3)}.log" for _ in range(workers)]
+        procs = []
+        for i, log_path in enumerate(logs):
+            with open(log_path, "wb") as out:
+                argv = [a.replace("{n}", str(i + 1)) for a in worker_argv]
+                procs.append(subprocess.Popen([sys.executable, *argv], env=env, stdout=out, stderr=subprocess.STDOUT))
+        engine = make_engine(db_url)
+        peak = [0]
+
+        def sample() -> None:
+            with engine.connect() as conn:
+                n = conn.scalar(text("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"))
+            peak[0] = max(peak[0], n - 1)  # not this sampling connection
+
         try:
             with _api(phase) as base:
-                _run_batch(base, key, bucket, "warmup/", WARMUP, worker, log_path)
-                return _run_batch(base, key, bucket, "photos/", count, worker, log_path)
+                _run_batch(base, key, bucket, "warmup/", WARMUP, procs, logs)
+                seconds = _run_batch(base, key, bucket, "photos/", count, procs, logs, sample)
+            with engine.connect() as conn:
+                redelivered = conn.scalar(select(func.count()).where(Job.attempts > 1))
+                captions = conn.scalar(select(func.count()).select_from(Caption))
+            return Run(seconds, logs, redelivered, captions - WARMUP, peak[0])
         finally:
-            worker.terminate()
-            try:
-                worker.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                worker.kill()
-                worker.wait()
+            engine.dispose()
+            for proc in procs:
+                proc.terminate()
+            for proc in procs:
+                try:
+                    proc.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
 
 
 def bench(settings: Settings, photos: list[Path], batch_sizes: list[int], log: Callable[[str], None]) -> list[Row]:
@@ -215,7 +252,7 @@ def bench(settings: Settings, photos: list[Path], batch_sizes: list[int], log: C
                            "--queues", "interactive,backfill", "--loglevel", "warning"], 1, 1,
                           "1 worker process, 1 task and 1 forward per image")}
         for name, (argv, bs, forward, note) in runs.items():
-            seconds = distributed(settings, bucket, len(measured), argv, bs, forward, Path(tmp))
+            seconds = distributed(settings, bucket, len(measured), argv, bs, forward, Path(tmp)).seconds
             rows.append(Row(name, len(measured) / seconds, seconds, len(measured), note))
             log(f"{name}: {rows[-1].captions_s:.2f} captions/s")
     # the ceiling again, after the runs: on a shared host the mean of both brackets them fairly

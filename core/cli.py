@@ -286,6 +286,44 @@ def bench_pipeline_command(images, count, batch_sizes) -> None:
     click.echo(json.dumps(bench_pipeline.summary(rows)))
 
 
+@bench.command("scaleout")
+@click.option("--images", type=click.Path(exists=True, file_okay=False), default=str(DATA / "flickr8k" / "images"), show_default=True)
+@click.option("--count", type=int, default=2000, show_default=True, help="Photos per run (4 more warm up).")
+@click.option("--workers", default="1,2,4", show_default=True, help="Worker processes per run.")
+@click.option("--side", type=int, default=96, show_default=True,
+              help="Photos are re-encoded to this longest side (0 = as they are).")
+@click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Default: the tiny random-weight model, so that the shared services are what is measured.")
+@click.option("--batch-size", type=int, default=32, show_default=True)
+def bench_scaleout_command(images, count, workers, side, checkpoint, batch_size) -> None:
+    """Captions/s with 1, 2, 4 ... worker processes on one broker and one database, with the
+    spread of images between them, jobs claimed twice, duplicate rows and database connections.
+    Needs CAPTIONER_DATABASE_URL (PostgreSQL) and CAPTIONER_BROKER_URL (Redis); starts its own SeaweedFS."""
+    import tempfile
+    from dataclasses import replace
+
+    from core import bench_scaleout
+    from model.train import export_tiny_checkpoint
+
+    paths = sorted(Path(images).glob("*.jpg"))[:count + 4]
+    if len(paths) < count + 4:
+        raise click.ClickException(f"need {count + 4} .jpg files in {images}, found {len(paths)}")
+    counts = [int(n) for n in workers.split(",")]
+    with tempfile.TemporaryDirectory(prefix="captioner-tiny-") as tmp:
+        model_path = checkpoint or str(export_tiny_checkpoint(Path(tmp)))
+        settings = replace(_settings(), model_path=model_path)
+        try:
+            rows = bench_scaleout.bench(settings, paths, counts, side or None, batch_size,
+                                        log=lambda m: click.echo(m, err=True))
+        except ValueError as e:
+            raise click.ClickException(str(e))
+    click.echo(f"model: {'tiny random weights' if not checkpoint else checkpoint}; photos: "
+               f"{f'longest side {side} px' if side else 'as they are'}; batches of {batch_size}")
+    for line in bench_scaleout.table(rows):
+        click.echo(line)
+    click.echo(json.dumps({str(r.workers): round(r.captions_s, 1) for r in rows}))
+
+
 @bench.command("decode")
 @click.option("--image", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Photo upscaled to 12 MP (default: the first shared Flickr8k photo).")
@@ -532,7 +570,8 @@ def export(fmt, output, model_version, tenant) -> None:
 @click.option("--beat/--no-beat", default=True, show_default=True,
               help="Run the periodic sweep here too (idempotent, so several are harmless).")
 @click.option("--loglevel", default="info", show_default=True)
-def worker(queues, concurrency, beat, loglevel) -> None:
+@click.option("--hostname", default=None, help="Celery node name, e.g. gpu1@%h: unique per worker on one host.")
+def worker(queues, concurrency, beat, loglevel, hostname) -> None:
     """Start a Celery worker that captions batches (needs CAPTIONER_BROKER_URL)."""
     from core import captioner
     from core.errors import CaptioningError
@@ -556,6 +595,8 @@ def worker(queues, concurrency, beat, loglevel) -> None:
     app.conf.worker_concurrency = concurrency  # also read by the pool processes (their torch threads)
     argv = ["worker", "--queues", queues, "--concurrency", str(concurrency), "--pool", "prefork",
             "--loglevel", loglevel, "--task-events"]
+    if hostname:
+        argv += ["--hostname", hostname]
     if beat:
         # the in-memory scheduler: no schedule file for two workers on one host to fight over
         argv += ["--beat", "--scheduler", "celery.beat:Scheduler"]

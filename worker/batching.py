@@ -1,4 +1,4 @@
-"""celery-batches' Batches with three changes a serving worker needs.
+"""celery-batches' Batches with the changes a serving worker needs.
 
 1. Per-request task events (received, started, succeeded/failed, with the batch's runtime). celery-batches 0.11, the latest
    release, sends none, which leaves batched tasks invisible in Flower (clokep/celery-batches#70;
@@ -15,6 +15,10 @@
 5. Interactive requests leave first. A worker that consumes both queues holds up to a batch of
    backfill requests in its buffer; a single upload that arrives behind them goes into the next
    batch instead of waiting for the buffer to drain.
+6. Prefetch is counted in job ids too. Celery's prefetch limit counts messages, and is set high
+   enough (2 x batch size) for single uploads to fill a batch; a worker would then hold up to that
+   many backfill messages of a batch each, 2,048 jobs at batch 32, and leave none to a second
+   worker. While a group message is held, the channel's prefetch count shrinks by its extra ids.
 
 Meant for tasks with acks_late=True: requests are acknowledged when their batch returns. The task
 returns {request id: outcome}; an outcome outside SUCCEEDED (an error code) makes that request's
@@ -43,6 +47,12 @@ class Batches(UpstreamBatches):
     def __init__(self) -> None:
         super().__init__()
         self._in_flight = 0  # batches handed to the pool and not yet returned
+        self._consumer: Any = None  # its .qos, the prefetch count, exists only once the consumer has started
+        self._withheld: dict[str, int] = {}  # request id -> prefetch slots taken back while it is held
+
+    def Strategy(self, task: Any, app: Any, consumer: Any) -> Any:
+        self._consumer = consumer
+        return super().Strategy(task, app, consumer)
 
     def flush(self, requests: Collection[Request]) -> Any:
         # stable sort: interactive first, each queue in arrival order
@@ -72,6 +82,7 @@ class Batches(UpstreamBatches):
             runtime = time.monotonic() - started
             for req in batch:
                 req.acknowledge()
+                self._give_back(req)
                 outcome = None if result is None else result.get(req.id)
                 if result is None:  # the batch raised; celery-batches logged it and returned None
                     req.send_event("task-failed", exception="batch failed", traceback="", runtime=runtime)
@@ -89,6 +100,7 @@ class Batches(UpstreamBatches):
                     req.reject(requeue=True)
                 else:
                     req.acknowledge()
+                self._give_back(req)
                 req.send_event("task-failed", exception=repr(einfo.exception), traceback=str(einfo.traceback))
             self._flush_waiting()
 
@@ -96,13 +108,26 @@ class Batches(UpstreamBatches):
         return self._pool.apply_async(apply_batches_task, (self, simple, 0, None),
                                       accept_callback=on_accepted, callback=on_return, error_callback=on_error)
 
-    def buffered(self) -> None:
-        """A request was just buffered: flush now if a pool process is free and the buffer holds
-        a whole batch of job ids (upstream counts messages, so a backfill message carrying a batch
-        of ids would wait for the timer)."""
+    def buffered(self, request: Request) -> None:
+        """A request was just buffered: count its extra job ids against the prefetch limit, and
+        flush now if a pool process is free and the buffer holds a whole batch of job ids
+        (upstream counts messages, so a backfill message carrying a batch would wait for the timer)."""
+        extra = len(request_ids(request)) - 1
+        qos = self._consumer.qos if self._consumer is not None else None
+        if extra and qos is not None and qos.value:  # 0: no limit to shrink
+            taken = min(extra, qos.value - 1)  # kombu keeps a prefetch count of 1 at least
+            if taken > 0:
+                qos.decrement_eventually(taken)
+                qos.update()  # now: the loop would apply it only after reading every waiting message
+                self._withheld[request.id] = taken
         if self._in_flight < self._pool.limit:
             if sum(len(request_ids(r)) for r in list(self._buffer.queue)) >= self.flush_every:
                 self._do_flush()
+
+    def _give_back(self, request: Request) -> None:
+        taken = self._withheld.pop(request.id, 0)
+        if taken:
+            self._consumer.qos.increment_eventually(taken)
 
     def _flush_waiting(self) -> None:
         # a process just freed: send what waited at once rather than at the next timer tick
@@ -117,4 +142,4 @@ def _send_received(sender: Any = None, request: Request | None = None, **_: Any)
         request.send_event("task-received", name=request.name, args=request.argsrepr,
                            kwargs=request.kwargsrepr, root_id=request.root_id, parent_id=request.parent_id,
                            retries=request.request_dict.get("retries", 0))
-        request.task.buffered()
+        request.task.buffered(request)

@@ -433,8 +433,9 @@ def test_s3_stopped_for_10_seconds_mid_run(settings, own_s3, tmp_path):
 def test_one_poison_image_fails_alone_in_its_batch(settings, tmp_path):
     blobs = images(BATCH, seed=6)
     blobs[13] = blobs[13][:len(blobs[13]) // 2]  # a JPEG cut in half: its header reads, its pixels do not
-    # flushed by count only: the 32 leave together however slowly their messages arrive
-    run = start_run(replace(settings, batch_wait_ms=10_000), blobs, tmp_path / "worker.log")
+    # flushed by count only: the 32 leave together however slowly their messages arrive, and go
+    # through the model as one forward
+    run = start_run(replace(settings, batch_wait_ms=10_000, forward_size=BATCH), blobs, tmp_path / "worker.log")
     try:
         run.wait_settled()
     finally:

@@ -53,14 +53,16 @@ def _serve_metrics(**_: Any) -> None:
 def _load_model(**_: Any) -> None:
     # in each pool child right after the fork (so CUDA starts there, not in the parent): the
     # first batch then does not wait for the weights
+    import torch
+
     processes = app.conf.worker_concurrency or 1
     if processes > 1:
-        import torch
-
         # torch starts one thread per core in every process: N processes would run N x cores
         # threads and lose time switching between them, so each gets its share of the cores
         torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // processes))
-    get_model(settings)
+    model = get_model(settings)
+    log.info("model %s loaded on %s: %d torch threads, bf16 encoder %s", model.version, model.device,
+             torch.get_num_threads(), "on" if model.bf16 else "off")
 
 
 @app.task(name=CAPTION_TASK, base=Batches, flush_every=batch_size(settings),

@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator
+from unittest import mock
 from urllib.parse import urlsplit, urlunsplit
 
 from . import captioner, decode, seaweed, storage
@@ -83,9 +84,8 @@ def s3_bucket(root: Path) -> Iterator[str]:
     """A SeaweedFS on loopback with one bucket; the AWS_* variables point boto3 at it meanwhile."""
     server = seaweed.SeaweedFS(root)
     server.start()
-    env = server.env
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
+    environment = mock.patch.dict(os.environ, server.env)
+    environment.start()
     storage.s3_client.cache_clear()
     bucket = "bench"
     try:
@@ -101,11 +101,7 @@ def s3_bucket(root: Path) -> Iterator[str]:
         yield bucket
     finally:
         server.stop()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        environment.stop()
         storage.s3_client.cache_clear()
 
 

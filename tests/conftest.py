@@ -7,6 +7,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
+from unittest import mock
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
@@ -112,9 +113,9 @@ def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
         endpoint, key, secret = server.endpoint, server.key, server.secret
     env = {"AWS_ACCESS_KEY_ID": key, "AWS_SECRET_ACCESS_KEY": secret, "AWS_DEFAULT_REGION": "us-east-1",
            "AWS_ENDPOINT_URL_S3": endpoint, "S3_TEST_BUCKET": f"captioner-test-{secrets.token_hex(4)}"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
     from core import storage
+    environment = mock.patch.dict(os.environ, env)
+    environment.start()
     storage.s3_client.cache_clear()  # a client made before this fixture would point elsewhere
     try:
         deadline = time.monotonic() + 60
@@ -130,11 +131,7 @@ def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     finally:
         if server is not None:
             server.stop()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        environment.stop()
         storage.s3_client.cache_clear()
 
 

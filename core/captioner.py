@@ -15,8 +15,10 @@ if TYPE_CHECKING:
     from model.inference import Caption as ModelCaption
     from model.inference import Captioner
 
-GPU_BATCH, CPU_BATCH = 256, 32  # batch 32 runs a GPU at a seventh of batch 256's rate (field notes)
-CPU_FORWARD = 16  # `captioner bench pipeline`, 2-core AVX-512 host, bf16: 37.5 captions/s at 8, 43.7 at 16, 45.3 at 32
+GPU_BATCH, CPU_BATCH = 256, 64  # batch 32 runs a GPU at a seventh of batch 256's rate (field notes); a CPU batch holds two forwards
+# `captioner bench pipeline`, 2-core AVX-512 host, bf16, raw captions/s at forwards of 16 and 32, three
+# runs: 43.7 and 45.3, 27.4 and 37.2, 34.5 and 39.0
+CPU_FORWARD = 32
 
 _loaded: "Captioner | None" = None  # the one lazily loaded global: weights load once per process, after fork
 

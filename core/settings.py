@@ -23,10 +23,9 @@ class Settings:
     database_url: str = "sqlite:///captioner.db"  # a file in the working directory: the embedded default
     broker_url: str | None = None  # unset = embedded mode: `captioner caption` works in-process
     storage: str = "./captioner-data"  # uploads go here: a local folder or s3://bucket[/prefix]
-    batch_size: int | None = None  # images a worker claims and writes at once; None = 256 on a GPU host, 32 on a CPU
-    # images per model forward inside a batch; None = the whole batch on a GPU, 16 on a CPU (2-core
-    # host: 43.7 captions/s at 16, 45.3 at 32), so that a CPU batch holds two forwards: the next
-    # forward's images are fetched and decoded while the current one runs.
+    batch_size: int | None = None  # images a worker claims and writes at once; None = 256 on a GPU host, 64 on a CPU
+    # images per model forward inside a batch; None = the whole batch on a GPU, 32 on a CPU, half a
+    # CPU batch: the next forward's images are fetched and decoded while the current one runs
     forward_size: int | None = None
     batch_wait_ms: int = 500  # a worker flushes a partial batch after this long
     device: str | None = None  # torch device; None = CUDA when present, else CPU

@@ -2,6 +2,7 @@
 caption (the API, the CLI's read commands) never load it."""
 import hashlib
 import importlib.util
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,6 +22,7 @@ GPU_BATCH, CPU_BATCH = 256, 64  # batch 32 runs a GPU at a seventh of batch 256'
 CPU_FORWARD = 32
 
 _loaded: "Captioner | None" = None  # the one lazily loaded global: weights load once per process, after fork
+_loading = threading.Lock()
 
 
 def checkpoint_path(settings: Settings) -> Path:
@@ -73,11 +75,15 @@ def version(settings: Settings) -> str:
 
 
 def get(settings: Settings) -> "Captioner":
-    """The loaded model, loaded on first use in this process (CUDA cannot start before a fork)."""
-    from model import inference  # keeps torch out of processes that never caption
+    """The loaded model, loaded on first use in this process (CUDA cannot start before a fork).
+    The first batch's I/O threads all ask at once: one loads, the others wait for it."""
     global _loaded
     if _loaded is None:
-        _loaded = inference.load(checkpoint_path(settings), device=settings.device, bf16=PRECISIONS[settings.precision])
+        with _loading:
+            if _loaded is None:
+                from model import inference  # keeps torch out of processes that never caption
+                _loaded = inference.load(checkpoint_path(settings), device=settings.device,
+                                         bf16=PRECISIONS[settings.precision])
     return _loaded
 
 

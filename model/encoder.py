@@ -85,8 +85,9 @@ class Encoder(nn.Module):
             if not hasattr(self.cnn, "conv_head") or cfg.tuned_stages >= len(self.cnn.blocks):
                 raise ValueError(f"fine-tuning {cfg.tuned_stages} stages needs an EfficientNet-style backbone "
                                  f"with more stages than that, not {cfg.backbone}")
+        tuned = self.tuned_names()  # once: each call builds a state dict
         for name, p in self.cnn.named_parameters():
-            p.requires_grad = name in self.tuned_names()
+            p.requires_grad = name in tuned
 
     def tuned_names(self) -> set[str]:
         """State-dict keys of the fine-tuned top (the last stages, the 1x1 head conv and its norm)."""

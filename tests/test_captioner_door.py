@@ -29,3 +29,24 @@ def test_the_worker_parent_never_imports_torch():
 
     code = "import sys, worker.tasks; assert 'torch' not in sys.modules, 'torch imported before the fork'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_threads_asking_at_once_load_the_model_once(tiny_checkpoint, monkeypatch):
+    """The first batch's I/O threads all preprocess at once: each used to load its own copy."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from model import inference
+
+    loads = []
+    real_load = inference.load
+
+    def counted_load(*args, **kwargs):
+        loads.append(args)
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(inference, "load", counted_load)
+    monkeypatch.setattr(captioner, "_loaded", None)
+    settings = Settings(model_path=str(tiny_checkpoint), device="cpu")
+    with ThreadPoolExecutor(8) as pool:
+        models = list(pool.map(lambda _: captioner.get(settings), range(8)))
+    assert len(loads) == 1 and all(m is models[0] for m in models)

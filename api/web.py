@@ -220,6 +220,7 @@ def decide(image_id: int) -> Response:
     text = request.form.get("text") if state == "edited" else None
     back = ("web.review", {}) if request.form.get("return_to") == "review" else ("web.image_page", {"image_id": image_id})
     db = get_session()
+    browse.image(db, image_id, g.tenant)  # another tenant's image is a 404, whatever the form says
     try:
         view = alttext.decide(db, image_id, state, text, g.principal, g.tenant)
     except (InvalidRequest, Conflict) as e:  # a person's slip: say it on the page they came from

@@ -6,7 +6,7 @@ batch progress), for the same tenant and with the same scopes. Only the way in d
 form takes an API key and the signed session cookie keeps its id (api/auth.py checks the key again
 on every request), and every form carries a CSRF token (Flask-WTF). The JSON API never reads the
 cookie, so a page elsewhere cannot make a browser call it, and it needs no token."""
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -88,6 +88,16 @@ def _page_context() -> dict[str, Any]:
         return {"caller": None, "can_write": False, "review_count": 0}
     return {"caller": caller, "can_write": "write" in caller.scopes, "auth_off": services().settings.auth == "off",
             "review_count": browse.review_count(get_session(), caller.tenant, REVIEW_COUNT_CAP)}
+
+
+@bp.app_template_filter("when")
+def _when(value: str | datetime | None) -> str:
+    """A time as people read it, in UTC to the minute: 2026-11-28 09:41 UTC."""
+    if value is None:
+        return "—"
+    moment = datetime.fromisoformat(value) if isinstance(value, str) else value
+    return (moment.replace(tzinfo=moment.tzinfo or timezone.utc)  # SQLite gives naive UTC
+            .astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
 
 
 def _number_arg(name: str, high: int = MAX_ID) -> int | None:

@@ -29,22 +29,25 @@ function reviewShortcuts() {
   if (!toggle) return;
   toggle.checked = localStorage.getItem("captioner.shortcuts") !== "off";
   toggle.addEventListener("change", () => localStorage.setItem("captioner.shortcuts", toggle.checked ? "on" : "off"));
+  const NOT_TYPED_INTO = ["checkbox", "radio", "button", "submit", "reset"];
   document.addEventListener("keydown", (event) => {
-    const field = event.target.closest("input, textarea, select, [contenteditable]");
-    if (field && field.tagName === "TEXTAREA" && event.key === "Enter" && (event.ctrlKey || event.metaKey)) {
+    const target = event.target;
+    if (target.tagName === "TEXTAREA" && event.key === "Enter" && (event.ctrlKey || event.metaKey)) {
       event.preventDefault();
-      field.form.requestSubmit();
+      target.form.requestSubmit();
       return;
     }
-    if (!toggle.checked || field || event.ctrlKey || event.metaKey || event.altKey) return;
-    const target = document.querySelector(`[data-shortcut="${CSS.escape(event.key)}"]`);
-    if (!target) return;
+    const typing = target.closest("textarea, select, [contenteditable]") ||
+      (target.tagName === "INPUT" && !NOT_TYPED_INTO.includes(target.type));
+    if (!toggle.checked || typing || event.ctrlKey || event.metaKey || event.altKey) return;
+    const control = document.querySelector(`[data-shortcut="${CSS.escape(event.key)}"]`);
+    if (!control) return;
     event.preventDefault();
-    if (target.tagName === "TEXTAREA") {
-      target.focus();
-      target.select();
+    if (control.tagName === "TEXTAREA") {
+      control.focus();
+      control.select();
     } else {
-      target.click();
+      control.click();
     }
   });
 }

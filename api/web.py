@@ -77,8 +77,8 @@ def _headers(response: Response) -> Response:
 
 
 def _csrf_refused(e: CSRFError) -> Answer:
-    return _response(400, "csrf_failed", f"{e.description} The form was not sent from a page of this site, or "
-                                         "the session it belonged to has ended: go back, reload the page and try again.")
+    return _response(400, "csrf_failed", f"{e.description} The form was not sent from a page of this site, or the "
+                                         "session it belonged to has ended: go back, reload the page and try again.")
 
 
 @bp.context_processor
@@ -228,7 +228,8 @@ def decide(image_id: int) -> Response:
     to the image, or on to the next image of the review queue."""
     state = request.form.get("state", "")
     text = request.form.get("text") if state == "edited" else None
-    back = ("web.review", {}) if request.form.get("return_to") == "review" else ("web.image_page", {"image_id": image_id})
+    review = request.form.get("return_to") == "review"
+    back = ("web.review", {}) if review else ("web.image_page", {"image_id": image_id})
     db = get_session()
     browse.image(db, image_id, g.tenant)  # another tenant's image is a 404, whatever the form says
     try:
@@ -301,5 +302,6 @@ def batches() -> str:
 def batch_page(batch_id: int) -> str:
     db = get_session()
     batch = queries.batch_view(db, batch_id, g.tenant)
-    page = browse.images(db, g.tenant, PAGE, before=_number_arg("before"), after=_number_arg("after"), batch_id=batch_id)
+    page = browse.images(db, g.tenant, PAGE, before=_number_arg("before"), after=_number_arg("after"),
+                         batch_id=batch_id)
     return render_template("batch.html", batch=batch, page=page, nav="batches")

@@ -151,6 +151,7 @@ def web_session_secret(session: Session) -> str:
     process of a fleet and survives restarts. Two processes asking at once agree: the second
     insert does nothing and both read the first one's row."""
     insert = (postgresql if session.get_bind().dialect.name == "postgresql" else sqlite).insert
-    session.execute(insert(ServiceSecret).values(name=SESSION_SECRET, value=secrets.token_urlsafe(32), created_at=utcnow())
+    session.execute(insert(ServiceSecret)
+                    .values(name=SESSION_SECRET, value=secrets.token_urlsafe(32), created_at=utcnow())
                     .on_conflict_do_nothing(index_elements=["name"]))
     return session.scalars(select(ServiceSecret.value).where(ServiceSecret.name == SESSION_SECRET)).one()

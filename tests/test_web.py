@@ -125,8 +125,8 @@ def test_a_revoked_key_ends_its_sessions(app, app_settings, api_key):
 def test_the_session_cookie_is_secure_when_configured(app_settings, api_key):
     app = create_app(replace(app_settings, session_cookie_secure=True))
     client = app.test_client()
-    r = client.post("/sign-in", base_url="https://localhost",
-                    data={"key": api_key, "csrf_token": csrf_token(client)}, headers={"Referer": "https://localhost/sign-in"})
+    r = client.post("/sign-in", base_url="https://localhost", headers={"Referer": "https://localhost/sign-in"},
+                    data={"key": api_key, "csrf_token": csrf_token(client)})
     assert r.status_code == 303 and "Secure" in r.headers["Set-Cookie"]
 
 
@@ -156,7 +156,8 @@ def test_auth_off_needs_no_sign_in(app_settings):
     assert client.get("/sign-in").headers["Location"] == "/"
     r = upload(client, jpeg())
     assert r.status_code == 303
-    decided = client.post("/images/1/alt-text", data={"state": "decorative", "csrf_token": csrf_token(client, "/upload")})
+    decided = client.post("/images/1/alt-text",
+                          data={"state": "decorative", "csrf_token": csrf_token(client, "/upload")})
     assert decided.status_code == 303
     assert client.get("/v1/images/1/alt-text").get_json()["by"] == "local user (auth off)"
 
@@ -244,7 +245,10 @@ def test_the_gallery_pages_newest_first(app, api_key):
     with sm.begin() as s:
         queries.submit(s, [queries.NewImage(f"file:///photos/{n}.jpg", f"sha256:{n:064d}") for n in range(30)],
                        "v1", "backfill")
-    ids = lambda page: [int(i) for i in re.findall(r'<h2 class="card-title"><a href="/images/(\d+)"', text(page))]  # noqa: E731
+
+    def ids(page) -> list[int]:
+        return [int(i) for i in re.findall(r'<h2 class="card-title"><a href="/images/(\d+)"', text(page))]
+
     first = client.get("/")
     assert ids(first) == list(range(30, 6, -1))  # 24 a page
     assert 'href="/?before=7" rel="next">Older' in text(first) and "Newer" not in text(first)
@@ -263,7 +267,8 @@ def test_search_finds_a_word_of_the_caption_and_shows_its_thumbnail(app, api_key
     upload(client, jpeg())
     caption_queued(app, SURE, needs_review=False)
     page = text(client.get("/search?q=kite"))
-    assert SURE.rstrip(".") in page and '<img src="/images/1/thumbnail" alt="A red kite flies over a sandy beach."' in page
+    assert SURE.rstrip(".") in page
+    assert '<img src="/images/1/thumbnail" alt="A red kite flies over a sandy beach."' in page
     assert "Nothing found" in text(client.get("/search?q=zebra"))
     bad = client.get("/search?q=%22%22")
     assert bad.status_code == 400 and "no words to search for" in text(bad)

@@ -71,7 +71,8 @@ def deployment(browser, own_pg_url, redis_url, checkpoint, tmp_path_factory):
             except (urllib.error.URLError, ConnectionError, TimeoutError):  # not listening, or still booting
                 assert api.poll() is None and worker.poll() is None and time.monotonic() < deadline, logs()
                 time.sleep(0.3)
-        yield {"base": base, "database_url": own_pg_url, "storage": str(root / "store"), "logs": logs}
+        yield {"base": base, "database_url": own_pg_url, "storage": str(root / "store"), "logs": logs,
+               "access_log": root / "api.log"}
     finally:
         _stop(api)
         _stop(worker)
@@ -174,6 +175,8 @@ def test_sign_in_upload_search_and_approve(browser, deployment, photos):
 
     approved = api_get(deployment, f"/v1/images/{image_id}/alt-text", key)
     assert (approved["state"], approved["text"], approved["by"]) == ("approved", alt_text, f"key {key[:16]}")
+    log = deployment["access_log"].read_text()
+    assert "POST /sign-in" in log and key[17:] not in log  # gunicorn logs the request line, never the form
     print(f"\nbrowser flow {time.monotonic() - started:.1f}s, of which waiting for the caption "
           f"{captioned - uploaded:.1f}s (the worker's model load included): {caption!r}, searched for {word!r}")
 

@@ -111,10 +111,12 @@ def _number_arg(name: str, high: int = MAX_ID) -> int | None:
 
 
 def _safe_next(target: str | None) -> str:
-    """Where to go after signing in: a path of this site only (never //host or a full URL)."""
+    """Where to go after signing in: a path of this site only. Never //host, a full URL, a
+    backslash or a control character (browsers read /\\host and /<tab>/host as //host)."""
     target = target or ""
     parts = urlsplit(target)
-    if parts.scheme or parts.netloc or not target.startswith("/") or target.startswith(("//", "/\\")):
+    if (parts.scheme or parts.netloc or not target.startswith("/") or target.startswith("//") or "\\" in target
+            or not target.isprintable()):
         return url_for("web.gallery")
     return target
 

@@ -100,7 +100,8 @@ def test_a_wrong_key_is_refused_on_the_form(app, app_settings):
 def test_sign_in_goes_back_only_to_this_site(app, api_key):
     client = app.test_client()
     for target, expected in (("/search?q=dog", "/search?q=dog"), ("//evil.example/x", "/"),
-                             ("https://evil.example/", "/"), ("/\\evil.example", "/"), ("javascript:alert(1)", "/")):
+                             ("https://evil.example/", "/"), ("/\\evil.example", "/"), ("/\t/evil.example", "/"),
+                             ("javascript:alert(1)", "/")):
         client.post("/sign-out", data={"csrf_token": csrf_token(client)})
         r = client.post("/sign-in", data={"key": api_key, "next": target, "csrf_token": csrf_token(client)})
         assert r.headers["Location"] == expected, target
@@ -399,3 +400,20 @@ def test_a_thumbnail_is_upright(app, api_key):
     caption_queued(app, SURE, needs_review=False)
     assert Image.open(io.BytesIO(client.get("/images/1/thumbnail").data)).size == (160, 320)
     assert Image.open(io.BytesIO(client.get("/images/1/preview").data)).size == (200, 400)  # never upscaled
+
+
+def test_thumbnails_are_kept_in_s3_storage(app_settings, api_key, s3):
+    from core import storage
+
+    bucket = s3["S3_TEST_BUCKET"]
+    app = create_app(replace(app_settings, storage=f"s3://{bucket}/web-uploads"))
+    client = signed_in(app, api_key)
+    upload(client, _big_photo())
+    caption_queued(app, SURE, needs_review=False)
+    first = client.get("/images/1/thumbnail")
+    assert first.status_code == 200
+    listed = storage.s3_client().list_objects_v2(Bucket=bucket, Prefix="web-uploads/thumbnails/320/")
+    [stored] = [o["Key"] for o in listed["Contents"]]
+    assert storage.s3_client().get_object(Bucket=bucket, Key=stored)["Body"].read() == first.data
+    storage.s3_client().put_object(Bucket=bucket, Key=stored, Body=b"kept")  # what is stored is what is served
+    assert client.get("/images/1/thumbnail").data == b"kept"

@@ -105,7 +105,7 @@ def _number_arg(name: str, high: int = MAX_ID) -> int | None:
     raw = request.args.get(name)
     if raw is None:
         return None
-    if not raw.isdigit() or int(raw) > high:
+    if not (raw.isascii() and raw.isdigit()) or int(raw) > high:
         raise InvalidRequest(f"{name} must be a number from 0 to {high}")
     return int(raw)
 
@@ -231,19 +231,19 @@ def decide(image_id: int) -> Response:
     state = request.form.get("state", "")
     text = request.form.get("text") if state == "edited" else None
     review = request.form.get("return_to") == "review"
-    back = ("web.review", {}) if review else ("web.image_page", {"image_id": image_id})
+    back = redirect(url_for("web.review") if review else url_for("web.image_page", image_id=image_id), 303)
     db = get_session()
     browse.image(db, image_id, g.tenant)  # another tenant's image is a 404, whatever the form says
     try:
         view = alttext.decide(db, image_id, state, text, g.principal, g.tenant)
     except (InvalidRequest, Conflict) as e:  # a person's slip: say it on the page they came from
         flash(e.message, "error")
-        return _see_other(back[0], **back[1])
+        return back
     db.commit()
     flash(f"Image {image_id}: alt text {DECIDED[state]}.", "success")
     for warning in view["warnings"]:
         flash(f"Image {image_id}: the alt text {warning}.", "warning")
-    return _see_other(back[0], **back[1])
+    return back
 
 
 @bp.get("/review")

@@ -3,6 +3,7 @@ session cookie on the web interface's pages (never the other way round), `g.tena
 for the handlers, `require_scope` on each view, and rate limits per key."""
 import math
 import time
+from datetime import timedelta
 from functools import wraps
 from typing import Any, Callable
 
@@ -25,6 +26,7 @@ from .errors import Answer, _response
 OPEN = frozenset({"health.healthz", "health.readyz", "docs.openapi", "docs.docs_page", "metrics.metrics",
                   "web.sign_in", "web.sign_out", "static"})
 UNLIMITED = OPEN - {"web.sign_in"}  # every sign-in attempt counts against its client address
+SESSION_LIFETIME = timedelta(hours=12)  # from signing in: then sign in again, even with the browser left open
 ALL_SCOPES = auth.implied("admin")
 
 
@@ -75,6 +77,10 @@ def _session_caller() -> auth.Caller | None:
     every request, so that revoking the key ends its sessions at once; None when not signed in."""
     key_id = session.get("key_id")
     if key_id is None:
+        return None
+    if time.time() - session.get("signed_in_at", 0) > SESSION_LIFETIME.total_seconds():
+        session.clear()
+        flash(f"Sessions last {SESSION_LIFETIME.total_seconds() / 3600:g} hours: sign in again.", "error")
         return None
     db = get_session()
     try:

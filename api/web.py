@@ -6,7 +6,8 @@ batch progress), for the same tenant and with the same scopes. Only the way in d
 form takes an API key and the signed session cookie keeps its id (api/auth.py checks the key again
 on every request), and every form carries a CSRF token (Flask-WTF). The JSON API never reads the
 cookie, so a page elsewhere cannot make a browser call it, and it needs no token."""
-from datetime import datetime, timedelta, timezone
+import time
+from datetime import datetime, timezone
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -20,7 +21,7 @@ from core.errors import Conflict, InvalidImage, InvalidRequest, Unauthenticated
 from core.settings import Settings
 
 from . import MAX_ID, get_session, services
-from .auth import require_scope
+from .auth import SESSION_LIFETIME, require_scope
 from .errors import Answer, _response
 
 bp = Blueprint("web", __name__)
@@ -28,7 +29,6 @@ csrf = CSRFProtect()
 
 PAGE = 24  # cards per page: 24 thumbnails of 10-20 kB
 REVIEW_COUNT_CAP = 1000  # the menu shows "999+" beyond this
-SESSION_LIFETIME = timedelta(hours=12)  # then sign in again, even with the browser left open
 # pages and forms of this site only; no inline script or style, no framing (clickjacking)
 CSP = ("default-src 'self'; img-src 'self'; script-src 'self'; style-src 'self'; object-src 'none'; "
        "base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
@@ -51,6 +51,7 @@ class WebSessions(SecureCookieSessionInterface):
 def init_app(app: Flask, settings: Settings) -> None:
     app.config.update(
         SESSION_COOKIE_NAME="captioner_session", SESSION_COOKIE_HTTPONLY=True, SESSION_COOKIE_SAMESITE="Lax",
+        # the signature's age is checked too: a cookie not re-signed for that long is void anyway
         SESSION_COOKIE_SECURE=settings.session_cookie_secure, PERMANENT_SESSION_LIFETIME=SESSION_LIFETIME,
         # the forms of bp alone are checked (in _check_csrf), not the API's
         WTF_CSRF_CHECK_DEFAULT=False,
@@ -146,6 +147,7 @@ def sign_in() -> Any:
     db.commit()  # the last-used stamp
     session.clear()  # nothing of an earlier session (its CSRF token included) carries over
     session["key_id"] = caller.key_id  # the key's id, never the key: the cookie is signed, not encrypted
+    session["signed_in_at"] = int(time.time())  # api/auth.py ends the session SESSION_LIFETIME later
     return redirect(target, 303)
 
 

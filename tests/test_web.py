@@ -79,7 +79,7 @@ def test_sign_in_and_out(app, app_settings):
     cookie = r.headers["Set-Cookie"]
     assert "HttpOnly" in cookie and "SameSite=Lax" in cookie and "Secure" not in cookie
     payload = session_payload(client)
-    assert set(payload) == {"key_id"} and key not in json.dumps(payload)  # the key's id, never the key
+    assert set(payload) == {"key_id", "signed_in_at"} and key not in json.dumps(payload)  # the key's id, never the key
     page = client.get("/")
     assert page.status_code == 200 and "Tenant <strong>acme</strong>" in text(page) and key[:16] in text(page)
 
@@ -121,6 +121,17 @@ def test_a_revoked_key_ends_its_sessions(app, app_settings, api_key):
     # the session is gone: signing in again with the revoked key is refused too
     r = client.post("/sign-in", data={"key": api_key, "csrf_token": csrf_token(client)})
     assert r.status_code == 401 and "revoked" in text(r)
+
+
+def test_a_session_ends_twelve_hours_after_signing_in(app, api_key):
+    client = signed_in(app, api_key)
+    with client.session_transaction() as s:
+        s["signed_in_at"] -= 12 * 3600 - 60  # a minute left
+    assert client.get("/").status_code == 200
+    with client.session_transaction() as s:
+        s["signed_in_at"] -= 120
+    r = client.get("/")
+    assert r.status_code == 303 and "Sessions last 12 hours" in text(client.get(r.headers["Location"]))
 
 
 def test_the_session_cookie_is_secure_when_configured(app_settings, api_key):

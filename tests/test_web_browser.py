@@ -38,7 +38,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def browser():
     if not CHROMIUM.is_file():
-        why = f"no Chromium at {CHROMIUM}: `apt-get install chromium chromium-driver`, or set CAPTIONER_TEST_CHROMIUM"
+        why = f"no Chromium at {CHROMIUM}: `apt-get install chromium`, or set CAPTIONER_TEST_CHROMIUM"
         if os.environ.get("CAPTIONER_TEST_REQUIRE_BROWSER") == "1":
             pytest.fail(why)
         pytest.skip(why)

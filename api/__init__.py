@@ -1,5 +1,6 @@
-"""The HTTP API: an application factory, one blueprint per resource, one JSON error shape.
-Never imports torch or worker/: it stores bytes, writes rows and publishes job ids."""
+"""The HTTP API and the web interface: an application factory, one blueprint per resource, one
+JSON error shape (HTML pages for the web interface). Never imports torch or worker/: it stores
+bytes, writes rows and publishes job ids."""
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -9,6 +10,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from werkzeug.routing import IntegerConverter
 
 from core import captioner, logs
+from core.auth import web_session_secret
 from core.db import make_engine, make_sessionmaker
 from core.queue import create_celery, publish
 from core.settings import Settings, get_settings
@@ -22,11 +24,23 @@ class Services:
     celery: Any | None  # None in embedded mode: jobs wait for `captioner caption` to drain them
     # read lazily: the API can start, and say why it is not ready, without a checkpoint
     model_version: str | None = None
+    # read lazily too: without a database the API starts and /readyz says why it is not ready
+    session_key: str | None = None
 
     def current_model_version(self) -> str:
         if self.model_version is None:
             self.model_version = captioner.version(self.settings)
         return self.model_version
+
+    def session_secret(self) -> str:
+        """CAPTIONER_SECRET_KEY, else the key the database keeps for every API process."""
+        if self.session_key is None:
+            if self.settings.secret_key:
+                self.session_key = self.settings.secret_key
+            else:
+                with self.sessionmaker.begin() as s:
+                    self.session_key = web_session_secret(s)
+        return self.session_key
 
     def publish(self, jobs: list[tuple[int, str]]) -> None:
         if self.celery is not None:
@@ -44,8 +58,21 @@ class RowId(IntegerConverter):
         super().__init__(url_map, min=1, max=MAX_ID)
 
 
+class CaptionerFlask(Flask):
+    """Flask, with the secret key that signs web sessions and CSRF tokens read on first use (Flask
+    and Flask-WTF both read `app.secret_key`), not at start-up: see Services.session_secret."""
+
+    @property  # type: ignore[override]
+    def secret_key(self) -> str:
+        return services_of(self).session_secret()
+
+
+def services_of(app: Flask) -> Services:
+    return app.extensions["captioner"]
+
+
 def services() -> Services:
-    return current_app.extensions["captioner"]
+    return services_of(current_app)
 
 
 def get_session() -> Session:
@@ -63,7 +90,7 @@ def _close_session(_exc: BaseException | None) -> None:
 
 def create_app(settings: Settings | None = None) -> Flask:
     settings = settings or get_settings()
-    app = Flask(__name__)
+    app = CaptionerFlask(__name__)
     app.url_map.converters["id"] = RowId
     app.config["MAX_CONTENT_LENGTH"] = settings.max_upload_bytes  # Flask answers 413 before reading more
     # keep fields in the documented order
@@ -72,7 +99,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.extensions["captioner"] = Services(settings, make_sessionmaker(make_engine(settings.database_url)), celery)
     app.teardown_appcontext(_close_session)
 
-    from . import alttext, auth, batches, docs, errors, export, health, images, metrics, search
+    from . import alttext, auth, batches, docs, errors, export, health, images, metrics, search, web
     errors.init_app(app)
     metrics.init_app(app)
     if settings.log_format == "json":
@@ -80,4 +107,5 @@ def create_app(settings: Settings | None = None) -> Flask:
     auth.init_app(app, settings)
     for module in (images, alttext, batches, search, export, health, docs):
         app.register_blueprint(module.bp)
+    web.init_app(app, settings)
     return app

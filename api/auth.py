@@ -1,11 +1,13 @@
-"""Who is calling: `Authorization: Bearer <key>` on every route but the open ones, `g.tenant` and
-`g.scopes` for the handlers, `require_scope` on each view, and rate limits per key."""
+"""Who is calling: `Authorization: Bearer <key>` on every API route but the open ones, the signed
+session cookie on the web interface's pages (never the other way round), `g.tenant` and `g.scopes`
+for the handlers, `require_scope` on each view, and rate limits per key."""
 import math
 import time
+from datetime import timedelta
 from functools import wraps
 from typing import Any, Callable
 
-from flask import Flask, Response, current_app, g, request
+from flask import Flask, Response, current_app, flash, g, redirect, request, session, url_for
 from flask_limiter import Limiter, RateLimitExceeded
 from flask_limiter.util import get_remote_address
 from limits import parse_many
@@ -16,11 +18,15 @@ from core.settings import Settings
 from core.tables import SCOPES
 
 from . import get_session, services
-from .errors import Headers, _response
+from .errors import Answer, _response
 
-# health probes for the orchestrator, the API's own documentation: nothing of any tenant's; and
-# Prometheus' /metrics, which has a token of its own (CAPTIONER_METRICS_TOKEN), not a tenant's key
-OPEN = frozenset({"health.healthz", "health.readyz", "docs.openapi", "docs.docs_page", "metrics.metrics"})
+# health probes for the orchestrator, the API's own documentation: nothing of any tenant's;
+# Prometheus' /metrics, which has a token of its own (CAPTIONER_METRICS_TOKEN), not a tenant's key;
+# and the web interface's sign-in and sign-out forms and its stylesheet and script
+OPEN = frozenset({"health.healthz", "health.readyz", "docs.openapi", "docs.docs_page", "metrics.metrics",
+                  "web.sign_in", "web.sign_out", "static"})
+UNLIMITED = OPEN - {"web.sign_in"}  # every sign-in attempt counts against its client address
+SESSION_LIFETIME = timedelta(hours=12)  # from signing in: then sign in again, even with the browser left open
 ALL_SCOPES = auth.implied("admin")
 
 
@@ -57,26 +63,58 @@ def _bearer() -> str:
     return key.strip()
 
 
-def _identify() -> None:
-    """Set g.tenant and g.scopes for this request, or answer 401."""
+def _key_caller() -> auth.Caller:
+    # the request's own session: one connection per request, not one for the key and one for the work
+    db = get_session()
+    caller = auth.authenticate(db, _bearer())
+    if db.dirty:
+        db.commit()  # the once-a-minute last-used stamp
+    return caller
+
+
+def _session_caller() -> auth.Caller | None:
+    """A web page's caller: the API key whose id the signed session cookie holds, read again on
+    every request, so that revoking the key ends its sessions at once; None when not signed in."""
+    key_id = session.get("key_id")
+    if key_id is None:
+        return None
+    if time.time() - session.get("signed_in_at", 0) > SESSION_LIFETIME.total_seconds():
+        session.clear()
+        flash(f"Sessions last {SESSION_LIFETIME.total_seconds() / 3600:g} hours: sign in again.", "error")
+        return None
+    db = get_session()
+    try:
+        caller = auth.caller_of_key(db, key_id)
+    except Unauthenticated as e:
+        session.clear()
+        flash(f"{e.message}: sign in with a valid key.", "error")
+        return None
+    if db.dirty:
+        db.commit()
+    return caller
+
+
+def _identify() -> Response | None:
+    """Set g.tenant and g.scopes for this request, or answer 401 (the API) or send the browser
+    to the sign-in page (the web interface)."""
     if request.endpoint in OPEN:
-        return
-    svc = services()
-    if svc.settings.auth == "off":
-        g.caller = auth.Caller("default", ALL_SCOPES, None, None)
+        return None
+    if services().settings.auth == "off":
+        caller = auth.Caller("default", ALL_SCOPES, None, None)
+    elif request.blueprint == "web":
+        signed_in = _session_caller()
+        if signed_in is None:
+            return redirect(url_for("web.sign_in", next=request.full_path.rstrip("?")), 303)
+        caller = signed_in
     else:
-        key = _bearer()
-        # the request's own session: one connection per request, not one for the key and one for the work
-        session = get_session()
-        g.caller = auth.authenticate(session, key)
-        if session.dirty:
-            session.commit()  # the once-a-minute last-used stamp
-    g.tenant, g.scopes = g.caller.tenant, g.caller.scopes
+        caller = _key_caller()
+    g.caller, g.tenant, g.scopes = caller, caller.tenant, caller.scopes
     # who a recorded decision (alt text) names: the key's public prefix, never the key
-    g.principal = f"key cap_{g.caller.prefix}" if g.caller.prefix else "local user (auth off)"
+    g.principal = f"key cap_{caller.prefix}" if caller.prefix else "local user (auth off)"
     view = current_app.view_functions.get(request.endpoint or "")
     if view is not None and not hasattr(view, "required_scope") and "admin" not in g.scopes:
         raise AccessDenied("this route needs the admin scope", code="insufficient_scope")
+    return None
 
 
 def _rate_key() -> str:
@@ -92,7 +130,7 @@ def _storage_url(settings: Settings) -> str:
     return "memory://"  # per process: with several gunicorn workers the effective limit is multiplied
 
 
-def _too_many(e: RateLimitExceeded) -> tuple[Response, int, Headers]:
+def _too_many(e: RateLimitExceeded) -> Answer:
     limit = current_app.extensions["captioner_limiter"].current_limit
     retry = max(1, math.ceil(limit.reset_at - time.time())) if limit else 1
     return _response(429, "rate_limited", f"more than {e.description} for this API key; retry in {retry} s",
@@ -110,7 +148,7 @@ def init_app(app: Flask, settings: Settings) -> None:
     limiter = Limiter(
         # an application limit: one count per key across every route, not one per route
         _rate_key, app=app, application_limits=[settings.rate_limit], storage_uri=_storage_url(settings),
-        application_limits_exempt_when=lambda: request.endpoint in OPEN,
+        application_limits_exempt_when=lambda: request.endpoint in UNLIMITED,
         key_prefix="captioner",
         # a Redis outage must not take the API down with it: count in memory until it is back
         in_memory_fallback_enabled=True, swallow_errors=True)

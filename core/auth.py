@@ -12,14 +12,16 @@ from dataclasses import dataclass
 from datetime import timedelta, timezone
 
 from sqlalchemy import select
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from .errors import AccessDenied, InvalidRequest, NotFound, Unauthenticated
-from .tables import SCOPES, ApiKey, TenantBucket, utcnow
+from .tables import SCOPES, ApiKey, ServiceSecret, TenantBucket, utcnow
 
 KEY = re.compile(r"cap_([0-9a-f]{12})_[A-Za-z0-9_-]{43}")
 TENANT = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")  # short, printable, and safe in logs and paths
 TOUCH_EVERY = timedelta(seconds=60)  # last_used_at is this precise: one UPDATE per key a minute, not per request
+SESSION_SECRET = "web-session"  # the service_secrets row that signs web sessions when CAPTIONER_SECRET_KEY is unset
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,19 @@ def authenticate(session: Session, key: str) -> Caller:
     if row is None or not hmac.compare_digest(row.hash, _digest(key)):
         raise Unauthenticated("unknown API key; send Authorization: Bearer <key> with a key from "
                               "`captioner keys create`", code="invalid_api_key")
+    return _caller(row)
+
+
+def caller_of_key(session: Session, key_id: int) -> Caller:
+    """The caller a web session stands for: the key it was signed in with, read again on every
+    request, so that revoking (or deleting) the key ends its sessions at once."""
+    row = session.get(ApiKey, key_id)
+    if row is None:
+        raise Unauthenticated(f"API key {key_id} no longer exists", code="invalid_api_key")
+    return _caller(row)
+
+
+def _caller(row: ApiKey) -> Caller:
     if row.revoked_at is not None:
         raise Unauthenticated(f"API key {row.id} was revoked", code="revoked_api_key")
     _touch(row)
@@ -128,3 +143,15 @@ def check_s3(session: Session, tenant: str, locations: list[tuple[str, str]]) ->
             raise AccessDenied(f"s3://{bucket}/{key}: this tenant may not read this S3 location; an operator "
                                f"can allow it with `captioner tenants allow-bucket {tenant} s3://{bucket}/...`",
                                code="bucket_not_allowed")
+
+
+def web_session_secret(session: Session) -> str:
+    """The key that signs web sessions when none is configured: made by the first API process that
+    asks (256 random bits), then read by every other one, so a session cookie is good on any
+    process of a fleet and survives restarts. Two processes asking at once agree: the second
+    insert does nothing and both read the first one's row."""
+    insert = (postgresql if session.get_bind().dialect.name == "postgresql" else sqlite).insert
+    session.execute(insert(ServiceSecret)
+                    .values(name=SESSION_SECRET, value=secrets.token_urlsafe(32), created_at=utcnow())
+                    .on_conflict_do_nothing(index_elements=["name"]))
+    return session.scalars(select(ServiceSecret.value).where(ServiceSecret.name == SESSION_SECRET)).one()

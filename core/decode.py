@@ -116,10 +116,11 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im if im.mode == "RGB" else im.convert("RGB")  # CMYK (Adobe-inverted too), L, 1, P, YCbCr
 
 
-def decode(data: bytes, max_pixels: int, seconds: float = DECODE_SECONDS) -> Image.Image:
-    """Full decode to RGB, upright (EXIF orientation applied), downscaled early for big JPEGs;
-    the first frame of an animation; `info["source_size"]` holds the photo's upright size.
-    InvalidImage (a precise code) for anything else."""
+def decode(data: bytes, max_pixels: int, seconds: float = DECODE_SECONDS,
+           draft: tuple[int, int] = DRAFT_SIZE) -> Image.Image:
+    """Full decode to RGB, upright (EXIF orientation applied), downscaled early for big JPEGs (to
+    no less than `draft`); the first frame of an animation; `info["source_size"]` holds the photo's
+    upright size. InvalidImage (a precise code) for anything else."""
     fp = _Deadline(data, seconds)
     im = _open(fp, max_pixels)
     try:
@@ -128,7 +129,7 @@ def decode(data: bytes, max_pixels: int, seconds: float = DECODE_SECONDS) -> Ima
         width, height = im.size
         if im.getexif().get(ORIENTATION, 1) in (5, 6, 7, 8):  # shown turned a quarter: axes swap
             width, height = height, width
-        im.draft("RGB", DRAFT_SIZE)
+        im.draft("RGB", draft)
         im.decodermaxblock = DECODE_BLOCK
         im.load()
         ImageOps.exif_transpose(im, in_place=True)  # a copy per step would double the peak memory

@@ -44,13 +44,18 @@ def to_publish(submitted: Iterable[Submitted]) -> list[tuple[int, str]]:
     return list(dict.fromkeys((s.job_id, s.queue) for s in submitted if s.status == "queued"))
 
 
-def submit_upload(sm: sessionmaker, settings: Settings, data: bytes, model_version: str, queue: str,
-                  publish: Publish, tenant: str = "default", callback_url: str | None = None) -> Submitted:
+def stored_upload(settings: Settings, data: bytes) -> NewImage:
+    """Uploaded bytes, checked to be an image and stored -> the image to submit."""
     decode.sniff(data, settings.max_pixels)  # refuse junk now, with a clear error, not later in a worker
     uri, digest = storage.store(settings.storage, data)
+    return NewImage(uri, f"sha256:{digest}", digest, len(data))
+
+
+def submit_upload(sm: sessionmaker, settings: Settings, data: bytes, model_version: str, queue: str,
+                  publish: Publish, tenant: str = "default", callback_url: str | None = None) -> Submitted:
+    image = stored_upload(settings, data)
     with sm.begin() as s:
-        [sub] = queries.submit(s, [NewImage(uri, f"sha256:{digest}", digest, len(data))], model_version, queue,
-                               tenant)
+        [sub] = queries.submit(s, [image], model_version, queue, tenant)
         if callback_url:
             queries.set_callback(s, [sub.job_id], callback_url)
     publish(to_publish([sub]))

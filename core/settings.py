@@ -16,6 +16,8 @@ AUTH_MODES = ("required", "off")
 LOG_FORMATS = ("text", "json")
 JPEG_DECODERS = ("auto", "device", "pillow")
 PRECISIONS = {"auto": None, "bf16": True, "fp32": False}  # -> model.inference's bf16 argument
+MIN_SECRET_CHARS = 32  # token_urlsafe(32) is 43: a short, guessable key would let anyone forge a session
+TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,10 @@ class Settings:
     flower_basic_auth: str | None = None  # "user:pass" for `captioner flower`; required unless on 127.0.0.1
     metrics_token: str | None = None  # bearer token for the API's /metrics; unset = /metrics not served
     worker_metrics_port: int | None = None  # the worker's Prometheus port; unset = no metrics server
+    # signs the web interface's session cookies and CSRF tokens; unset = a random one made once and
+    # kept in the database, so every API process of a fleet, and a restarted one, shares it
+    secret_key: str | None = None
+    session_cookie_secure: bool = False  # web sessions over HTTPS only: set it where TLS ends in front of the API
 
     def __post_init__(self) -> None:
         if self.auth not in AUTH_MODES:
@@ -72,6 +78,9 @@ class Settings:
             raise ConfigError(f"{PREFIX}LOG_FORMAT must be one of {', '.join(LOG_FORMATS)}, got {self.log_format!r}")
         if self.flower_basic_auth is not None and ":" not in self.flower_basic_auth:
             raise ConfigError(f"{PREFIX}FLOWER_BASIC_AUTH must be user:password")
+        if self.secret_key is not None and len(self.secret_key) < MIN_SECRET_CHARS:
+            raise ConfigError(f"{PREFIX}SECRET_KEY must be at least {MIN_SECRET_CHARS} characters, e.g. the output of "
+                              "python3 -c 'import secrets; print(secrets.token_urlsafe(32))'")
 
     @property
     def embedded(self) -> bool:
@@ -79,6 +88,10 @@ class Settings:
 
 
 def _convert(name: str, raw: str, kind: type) -> object:
+    if kind is bool:
+        if raw.lower() not in TRUE + FALSE:
+            raise ConfigError(f"{PREFIX}{name.upper()} must be one of {', '.join(TRUE + FALSE)}, got {raw!r}")
+        return raw.lower() in TRUE
     if kind is int:
         try:
             value = int(raw)
@@ -105,7 +118,8 @@ def load_settings(env: Mapping[str, str]) -> Settings:
             raise ConfigError(f"unknown setting {key}; known: {', '.join(PREFIX + n.upper() for n in known)}")
         if raw == "":
             continue  # an empty variable means "use the default", as in most twelve-factor setups
-        kind = int if int in (known[name].type, *get_args(known[name].type)) else str
+        types = (known[name].type, *get_args(known[name].type))
+        kind = bool if bool in types else int if int in types else str
         values[name] = _convert(name, raw, kind)
     return Settings(**values)  # type: ignore[arg-type]
 

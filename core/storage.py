@@ -81,29 +81,51 @@ def content_key(sha256: str) -> str:
     return f"sha256/{sha256[:2]}/{sha256}"
 
 
-def store(root: str, data: bytes) -> tuple[str, str]:
-    """Store upload bytes under `root` (a folder or s3://bucket[/prefix]) -> (uri, sha256)."""
-    digest = hashlib.sha256(data).hexdigest()
+def location(root: str, key: str) -> str:
+    """The URI of `key` under `root` (a folder or s3://bucket[/prefix])."""
     if root.startswith("s3://"):
         bucket, prefix = split_s3(root)
-        key = f"{prefix.rstrip('/')}/{content_key(digest)}".lstrip("/")
+        return f"s3://{bucket}/" + f"{prefix.rstrip('/')}/{key}".lstrip("/")
+    return (Path(root).resolve() / key).as_uri()
+
+
+def exists(uri: str) -> bool:
+    if uri.startswith("s3://"):
+        bucket, key = split_s3(uri)
         client = s3_client()
-        with _s3_errors(bucket, f"s3://{bucket}/{key}"):
+        with _s3_errors(bucket, uri):
             try:
                 client.head_object(Bucket=bucket, Key=key)
             except client.exceptions.ClientError as e:
                 if _status(e) != 404:
                     raise
-                client.put_object(Bucket=bucket, Key=key, Body=data)
-        return f"s3://{bucket}/{key}", digest
-    path = Path(root).resolve() / content_key(digest)
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # write then rename: a reader never sees half a file, and two writers of the same bytes agree
-        with tempfile.NamedTemporaryFile(dir=path.parent, delete=False) as tmp:
-            tmp.write(data)
-        os.replace(tmp.name, path)
-    return path.as_uri(), digest
+                return False
+        return True
+    return Path(unquote(urlsplit(uri).path)).exists()
+
+
+def write(uri: str, data: bytes) -> None:
+    """Put `data` at `uri` (s3:// or file://), whole or not at all."""
+    if uri.startswith("s3://"):
+        bucket, key = split_s3(uri)
+        with _s3_errors(bucket, uri):
+            s3_client().put_object(Bucket=bucket, Key=key, Body=data)
+        return
+    path = Path(unquote(urlsplit(uri).path))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # write then rename: a reader never sees half a file, and two writers of the same bytes agree
+    with tempfile.NamedTemporaryFile(dir=path.parent, delete=False) as tmp:
+        tmp.write(data)
+    os.replace(tmp.name, path)
+
+
+def store(root: str, data: bytes) -> tuple[str, str]:
+    """Store upload bytes under `root` (a folder or s3://bucket[/prefix]) -> (uri, sha256)."""
+    digest = hashlib.sha256(data).hexdigest()
+    uri = location(root, content_key(digest))
+    if not exists(uri):
+        write(uri, data)
+    return uri, digest
 
 
 def read(uri: str, max_bytes: int) -> bytes:

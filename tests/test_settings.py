@@ -59,3 +59,19 @@ def test_integer_settings_must_be_positive_integers(raw):
 
 def test_test_suite_variables_are_not_settings():
     assert load_settings({"CAPTIONER_TEST_DATA": "/data"}) == Settings()
+
+
+@pytest.mark.parametrize(("raw", "value"), [("1", True), ("true", True), ("Yes", True), ("0", False), ("off", False)])
+def test_switches_read_the_usual_words(raw, value):
+    assert load_settings({"CAPTIONER_SESSION_COOKIE_SECURE": raw}).session_cookie_secure is value
+
+
+def test_a_switch_refuses_other_words():
+    with pytest.raises(ConfigError, match="CAPTIONER_SESSION_COOKIE_SECURE must be one of 1, true"):
+        load_settings({"CAPTIONER_SESSION_COOKIE_SECURE": "sometimes"})
+
+
+def test_a_short_secret_key_is_refused():
+    with pytest.raises(ConfigError, match="at least 32 characters"):
+        load_settings({"CAPTIONER_SECRET_KEY": "hunter2"})
+    assert load_settings({"CAPTIONER_SECRET_KEY": "x" * 43}).secret_key == "x" * 43

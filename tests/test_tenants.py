@@ -1,7 +1,9 @@
 """Tenant isolation: tenant B, with a valid key of every scope, tries every route of the app on
 tenant A's ids, captions and S3 objects, and gets 403 or 404, or (for a route without ids, like
 search) an answer with nothing of A in it. The routes come from app.url_map, so a route added
-later without a tenant check fails here; only the probes and the documentation are left out."""
+later without a tenant check fails here; only the probes and the documentation are left out. The
+web interface's pages are tried the same way, signed in with the same keys, forms with their
+CSRF token."""
 import io
 import re
 
@@ -11,7 +13,7 @@ from sqlalchemy import select
 
 from api import create_app
 from api.auth import OPEN
-from conftest import keyed, make_key
+from conftest import csrf_token, keyed, make_key, signed_in
 from core import queries
 from core.db import make_engine, make_sessionmaker
 from core.tables import Job
@@ -44,7 +46,8 @@ def world(app_settings, s3):
         storage.s3_client().put_object(Bucket=bucket, Key=f"tenant-a/{name}", Body=out.getvalue())
     app = create_app(app_settings)
     url = app_settings.database_url
-    a = keyed(app, make_key(url, tenant="a", buckets=(f"s3://{bucket}/tenant-a/",)))
+    a_key = make_key(url, tenant="a", buckets=(f"s3://{bucket}/tenant-a/",))
+    a = keyed(app, a_key)
     upload = a.post("/v1/images", data={"file": (io.BytesIO(jpeg()), "a.jpg")})
     s3_image = a.post("/v1/images", json={"s3": {"bucket": bucket, "key": "tenant-a/one.png"}})
     batch = a.post("/v1/batches", json={"s3": {"bucket": bucket, "prefix": "tenant-a/"}})
@@ -59,7 +62,11 @@ def world(app_settings, s3):
         "secrets": [CAPTION, image["sha256"], image["source"]],
         # URL parameters of A's objects, by name; a new route's parameter must be added here
         "ids": {"image_id": upload.get_json()["id"], "batch_id": batch.get_json()["id"]},
-        "b": {scope: keyed(app, make_key(url, tenant="b", scope=scope)) for scope in ("read", "write", "admin")},
+        "b_keys": (b_keys := {scope: make_key(url, tenant="b", scope=scope) for scope in ("read", "write", "admin")}),
+        "b": {scope: keyed(app, key) for scope, key in b_keys.items()},
+        # the web interface, signed in with the same keys
+        "a_web": signed_in(app, a_key),
+        "b_web": {scope: signed_in(app, key) for scope, key in b_keys.items()},
     }
 
 
@@ -77,6 +84,10 @@ def _url(rule, ids: dict[str, int]) -> str:
     return re.sub(r"<(?:\w+:)?(\w+)>", lambda m: str(ids[m.group(1)]), rule.rule)
 
 
+WEB_FORMS = [{"state": "approved"}, {"state": "edited", "text": "B was here."}, {"state": "decorative"},
+             {"return_to": "review", "state": "approved"}]  # and an upload, made per request
+
+
 def _bodies(bucket: str) -> list[dict]:
     """Bodies naming A's S3 objects in every shape a route reads them, and valid alt-text decisions."""
     return [{"s3": {"bucket": bucket, "key": "tenant-a/one.png"}}, {"s3": {"bucket": bucket, "prefix": "tenant-a/"}},
@@ -85,16 +96,24 @@ def _bodies(bucket: str) -> list[dict]:
 
 
 def test_tenant_b_reaches_nothing_of_tenant_a(world):
-    app, a = world["app"], world["a"]
+    app = world["app"]
     tried = 0
     for rule, method in _routes(app):
         url = _url(rule, world["ids"])
+        web = rule.endpoint.startswith("web.")
         query = {"q": "zebracorn quokkaflower", "limit": 100}
-        if method == "GET" and rule.arguments:
-            assert a.get(url, query_string=query).status_code == 200, url  # A itself reaches it: the ids are right
-        for scope, b in world["b"].items():
+        owner = world["a_web"] if web else world["a"]
+        if method == "GET" and rule.arguments:  # A itself reaches it: the ids are right
+            assert owner.get(url, query_string=query).status_code == 200, url
+        for scope in world["b"]:
+            b = world["b_web"][scope] if web else world["b"][scope]
             if method in ("GET", "DELETE"):
                 answers = [b.open(url, method=method, query_string=query)]
+            elif web:
+                token = csrf_token(b, "/")
+                answers = [b.open(url, method=method, data={**form, "csrf_token": token}) for form in WEB_FORMS]
+                answers.append(b.open(url, method=method, data={"csrf_token": token,
+                                                                "files": (io.BytesIO(jpeg((0, 0, 90))), "b.jpg")}))
             else:
                 answers = [b.open(url, method=method, json=body) for body in _bodies(world["bucket"])]
             if rule.arguments:  # a body this route does not take may be a 400, but not one answer may succeed
@@ -104,6 +123,8 @@ def test_tenant_b_reaches_nothing_of_tenant_a(world):
                 where = f"{method} {url} as B ({scope}): {r.status_code} {text[:300]}"
                 if rule.arguments:
                     assert r.status_code in (400, 403, 404), where
+                elif web and r.status_code == 303:  # an upload of B's own, going to its page
+                    assert r.headers["Location"].startswith(("/images/", "/batches/")), where
                 else:
                     assert r.status_code in (200, 400, 403, 404), where
                 for secret in world["secrets"]:

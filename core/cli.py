@@ -371,17 +371,6 @@ def _open_db(settings):
     return make_sessionmaker(make_engine(settings.database_url))
 
 
-def _passive_openmp() -> None:
-    """Before torch loads: idle OpenMP threads sleep instead of spinning. A captioning process
-    fetches, decodes and writes between forwards, beside the database and the broker; spinning
-    threads burned half the worker's CPU time (23 s against 47 s for 1,500 photos) and took the
-    cores from the rest (end to end 26.3 against 22.7 captions/s in one comparison on 2 cores).
-    An OMP_WAIT_POLICY set by the operator wins."""
-    import os
-
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-
 def _settings():
     from core.errors import ConfigError
     from core.settings import get_settings
@@ -411,8 +400,6 @@ def caption(paths, limit, queue, wait, samples) -> None:
     import time
 
     from tqdm import tqdm
-
-    _passive_openmp()
 
     from core import captioner, jobs, queries, storage
     from core.errors import CaptioningError
@@ -603,7 +590,6 @@ def worker(queues, concurrency, beat, loglevel, hostname) -> None:
         # prometheus_client's multiprocess mode, chosen when it is imported: the prefork children
         # write their samples to files here and the main process serves their sum
         os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="captioner-metrics-"))
-    _passive_openmp()
     from worker.tasks import app
 
     app.conf.worker_concurrency = concurrency  # also read by the pool processes (their torch threads)

@@ -3,6 +3,7 @@ caption (the API, the CLI's read commands) never load it."""
 import hashlib
 import importlib.util
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -85,6 +86,24 @@ def get(settings: Settings) -> "Captioner":
                 _loaded = inference.load(checkpoint_path(settings), device=settings.device,
                                          bf16=PRECISIONS[settings.precision])
     return _loaded
+
+
+def io_pool(threads: int) -> ThreadPoolExecutor:
+    """The threads that fetch, decode and preprocess a batch's images while this thread runs the
+    model. Their torch ops run on the calling thread only: OpenMP gives every thread that starts a
+    parallel op a team of its own, and the I/O threads' teams, spinning beside the forward's, slowed
+    it by a quarter here (`captioner bench pipeline`); the DataLoader's workers run single-threaded
+    for the same reason. torch fixes a thread's count at its first parallel op, from the last one
+    set anywhere, so this thread takes its own first."""
+    import torch
+    torch.get_num_threads()
+    return ThreadPoolExecutor(max_workers=threads, initializer=_one_torch_thread)
+
+
+def _one_torch_thread() -> None:
+    import torch
+    torch.get_num_threads()  # fix this thread's count now, or its first op would take the global one back
+    torch.set_num_threads(1)
 
 
 def preprocess(settings: Settings, image: "PILImage") -> "Tensor":

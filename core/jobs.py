@@ -4,7 +4,6 @@ import hashlib
 import logging
 import secrets
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from itertools import chain
 from pathlib import Path
@@ -208,7 +207,7 @@ def caption_claimed(sm: sessionmaker, settings: Settings, claimed: list[Claimed]
         return _prepare(settings, c, on_device)
 
     try:
-        with ThreadPoolExecutor(max_workers=min(settings.io_threads, len(claimed))) as pool:
+        with captioner.io_pool(min(settings.io_threads, len(claimed))) as pool:
             # Executor.map submits every image at once and yields them in order as they finish
             prepared, captioned, sizes, model_s = _forwards(settings, pool.map(prepare, claimed))
             for delay in FETCH_RETRY_SECONDS:  # the batch waits out a storage restart together

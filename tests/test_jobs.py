@@ -103,3 +103,38 @@ def test_an_unreachable_store_returns_the_image_to_the_queue(sqlite_url, checkpo
     assert (reports[0].captioned, reports[0].released) == (1, 1)  # a transient error is retried...
     assert (reports[1].failed, reports[1].released) == (1, 0)  # ...until its attempts run out
     assert first.status == "done" and (second.status, second.error_code) == ("failed", "unavailable")
+
+
+def test_io_threads_run_torch_on_one_thread_and_the_forward_keeps_its_own(sqlite_url, checkpoint, photos,
+                                                                           monkeypatch):
+    # each thread that starts a parallel torch op gets an OpenMP team of its own: the I/O threads'
+    # teams spinning beside the forward's cost it a quarter of its speed (`captioner bench pipeline`)
+    import torch
+
+    seen: dict[str, set[int]] = {"preprocess": set(), "forward": set()}
+    preprocess, caption_batch = captioner.preprocess, captioner.caption_batch
+
+    def spy_preprocess(settings, image):
+        seen["preprocess"].add(torch.get_num_threads())
+        return preprocess(settings, image)
+
+    def spy_caption_batch(settings, tensors):
+        seen["forward"].add(torch.get_num_threads())
+        return caption_batch(settings, tensors)
+
+    monkeypatch.setattr(captioner, "preprocess", spy_preprocess)
+    monkeypatch.setattr(captioner, "caption_batch", spy_caption_batch)
+    torch.set_num_threads(2)
+    settings = Settings(database_url=sqlite_url, model_path=str(checkpoint), device="cpu", jpeg_decode="pillow",
+                        forward_size=2)
+    engine = make_engine(sqlite_url)
+    sm = make_sessionmaker(engine)
+    version = captioner.version(settings)
+    jobs.submit_images(sm, [jobs.file_image(p) for p in photos[:4]], version, "backfill", lambda _: None)
+    with sm.begin() as s:
+        claimed = queries.claim(s, version, 60, limit=4)
+    report = jobs.caption_claimed(sm, settings, claimed)
+    engine.dispose()
+    assert report.captioned == 4
+    assert seen == {"preprocess": {1}, "forward": {2}}
+    assert torch.get_num_threads() == 2

@@ -1,11 +1,19 @@
 """Image bytes: S3 (boto3, path-style, any endpoint) or a local folder, addressed by URI
 (s3://bucket/key, file:///abs/path). Uploads are stored under a content-addressed key, so the
-same bytes are stored once."""
+same bytes are stored once.
+
+Workers read objects through obstore (Rust's object_store), configured from the boto3 client so
+both use the same endpoint and credentials. Against SeaweedFS on the 2-core host, a read cost
+0.26-0.41 ms of CPU against boto3's 1.69-1.90 ms, without holding the GIL; batches alternating
+between the two in one process ran 10 % faster with obstore (`bench pipeline`'s photos, 8 I/O
+threads, forwards of 32). boto3 stays the authority on everything else, errors included."""
 import hashlib
 import os
+import re
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterator
@@ -30,12 +38,46 @@ class S3Object:
 def s3_client() -> Any:
     """One client per process (clients are thread-safe; sessions are not). Endpoint and keys come
     from the standard AWS variables; path-style addressing works with every S3-compatible store."""
-    import boto3  # deferred: the embedded CLI on local files never pays for it
-    from botocore.config import Config
-    # a session of its own: boto3's default session keeps the first credentials it ever resolved,
-    # so a client made after the AWS_* variables change would still sign with the old keys
-    return boto3.session.Session().client("s3", config=Config(s3={"addressing_style": "path"}, max_pool_connections=32,
-                                            retries={"max_attempts": 3, "mode": "standard"}))
+    from botocore.config import Config  # deferred: the embedded CLI on local files never pays for boto3
+    return _session().client("s3", config=Config(s3={"addressing_style": "path"}, max_pool_connections=32,
+                                                 retries={"max_attempts": 3, "mode": "standard"}))
+
+
+def _session() -> Any:
+    """A session of its own for each client: boto3's default session keeps the first credentials
+    it ever resolved, so a client made after the AWS_* variables change would sign with the old keys."""
+    import boto3
+    return boto3.session.Session()
+
+
+# What obstore addresses exactly as given. It refuses keys with empty segments or control
+# characters, drops a trailing slash (reading "dir" for "dir/"), and panics on a bucket name with a
+# space: such keys and buckets are read through boto3.
+_PLAIN_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+READ_RETRIES = 2  # obstore's own, quick; a read that still fails is asked again through boto3
+READ_TIMEOUT = timedelta(seconds=30)
+# obstore runs its requests on threads of one runtime per process, started on first use; a process
+# forked after that inherits none of those threads, and its reads would wait forever
+_runtime_pid: int | None = None
+
+
+def _plain_key(key: str) -> bool:
+    return key.isprintable() and all(part not in ("", ".", "..") for part in key.split("/"))
+
+
+@lru_cache(maxsize=64)
+def _reader(client: Any, bucket: str) -> Any:
+    """The obstore reader of one bucket, for one boto3 client (a new client, after the AWS_*
+    variables changed, gets new readers)."""
+    from obstore.auth.boto3 import Boto3CredentialProvider
+    from obstore.store import S3Store
+    endpoint = client.meta.endpoint_url
+    return S3Store(bucket, endpoint=endpoint, region=client.meta.region_name or "us-east-1",
+                   virtual_hosted_style_request=False, credential_provider=Boto3CredentialProvider(_session()),
+                   client_options={"allow_http": endpoint.startswith("http://"), "timeout": READ_TIMEOUT},
+                   retry_config={"max_retries": READ_RETRIES, "retry_timeout": READ_TIMEOUT,
+                                 "backoff": {"init_backoff": timedelta(milliseconds=100),
+                                             "max_backoff": timedelta(seconds=1), "base": 2}})
 
 
 def _status(e: Any) -> int | None:
@@ -132,10 +174,12 @@ def read(uri: str, max_bytes: int) -> bytes:
     """The bytes at `uri`, refusing more than max_bytes (a huge object must not exhaust memory)."""
     if uri.startswith("s3://"):
         bucket, key = split_s3(uri)
-        with _s3_errors(bucket, uri):
-            body = s3_client().get_object(Bucket=bucket, Key=key)["Body"]
-            data = body.read(max_bytes + 1)
-            body.close()
+        data = _read_fast(bucket, key, uri, max_bytes) if _fast_path(bucket, key) else None
+        if data is None:
+            with _s3_errors(bucket, uri):
+                body = s3_client().get_object(Bucket=bucket, Key=key)["Body"]
+                data = body.read(max_bytes + 1)
+                body.close()
     elif uri.startswith("file://"):
         try:
             with open(unquote(urlsplit(uri).path), "rb") as f:
@@ -147,6 +191,27 @@ def read(uri: str, max_bytes: int) -> bytes:
     if len(data) > max_bytes:
         raise TooLarge(f"{uri} is larger than {max_bytes} bytes")
     return data
+
+
+def _fast_path(bucket: str, key: str) -> bool:
+    global _runtime_pid
+    if _runtime_pid is None:
+        _runtime_pid = os.getpid()
+    return _runtime_pid == os.getpid() and _PLAIN_BUCKET.fullmatch(bucket) is not None and _plain_key(key)
+
+
+def _read_fast(bucket: str, key: str, uri: str, max_bytes: int) -> bytes | None:
+    """The object's bytes through obstore, or None when it failed: boto3 then asks again and
+    names what is wrong (a missing key or bucket, denied access, an outage) as the API does."""
+    import obstore
+    from obstore.exceptions import BaseError
+    try:
+        got = obstore.get(_reader(s3_client(), bucket), key)
+        if got.meta["size"] > max_bytes:  # refused before its body is read
+            raise TooLarge(f"{uri} is larger than {max_bytes} bytes")
+        return bytes(got.bytes())
+    except (BaseError, OSError):  # NotFoundError is a FileNotFoundError
+        return None
 
 
 def head(bucket: str, key: str) -> S3Object:

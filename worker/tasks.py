@@ -14,7 +14,7 @@ from celery_batches import SimpleRequest
 from sqlalchemy.orm import sessionmaker
 
 from core import jobs, logs, queries, webhooks
-from core.captioner import batch_size
+from core.captioner import batch_size, warm_up
 from core.captioner import get as get_model
 from core.db import make_engine, make_sessionmaker
 from core.queue import CAPTION_TASK, SWEEP_TASK, WEBHOOK_TASK, create_celery, drained, publish, publish_webhooks
@@ -52,7 +52,7 @@ def _serve_metrics(**_: Any) -> None:
 @signals.worker_process_init.connect
 def _load_model(**_: Any) -> None:
     # in each pool child right after the fork (so CUDA starts there, not in the parent): the
-    # first batch then does not wait for the weights
+    # first batch then waits neither for the weights nor for a first forward's warm-up
     import torch
 
     processes = app.conf.worker_concurrency or 1
@@ -61,6 +61,7 @@ def _load_model(**_: Any) -> None:
         # threads and lose time switching between them, so each gets its share of the cores
         torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // processes))
     model = get_model(settings)
+    warm_up(settings)
     log.info("model %s loaded on %s: %d torch threads, bf16 encoder %s", model.version, model.device,
              torch.get_num_threads(), "on" if model.bf16 else "off")
 

@@ -259,7 +259,9 @@ def bench_backfill_command(bucket, prefix, keys, threads) -> None:
 @click.option("--images", type=click.Path(exists=True, file_okay=False), default=str(DATA / "flickr8k" / "images"), show_default=True)
 @click.option("--count", type=int, default=480, show_default=True, help="Photos measured (4 more warm up).")
 @click.option("--batch-sizes", default=None, help="Tried for the raw ceiling (default: 4,8,16,32 on CPU; 64,128,256,512 on GPU).")
-def bench_pipeline_command(images, count, batch_sizes) -> None:
+@click.option("--rounds", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Runs of each path after the sweep; each row is its path's best run.")
+def bench_pipeline_command(images, count, batch_sizes, rounds) -> None:
     """Captions/s: the model alone (raw), S3 -> API -> Redis -> batching worker -> PostgreSQL
     (end_to_end) and one task per image (naive), on the same photos; the last line is one JSON object.
     Needs CAPTIONER_DATABASE_URL (a PostgreSQL server; fresh databases are created and dropped) and
@@ -275,7 +277,7 @@ def bench_pipeline_command(images, count, batch_sizes) -> None:
     gpu = captioner.batch_size(replace(settings, batch_size=None)) == captioner.GPU_BATCH
     sizes = [int(s) for s in batch_sizes.split(",")] if batch_sizes else ([64, 128, 256, 512] if gpu else [4, 8, 16, 32])
     try:
-        rows = bench_pipeline.bench(settings, paths, sizes, log=lambda m: click.echo(m, err=True))
+        rows = bench_pipeline.bench(settings, paths, sizes, log=lambda m: click.echo(m, err=True), rounds=rounds)
     except ValueError as e:
         raise click.ClickException(str(e))
     model = captioner.get(settings)

@@ -48,7 +48,12 @@ class Image(Base):
     width: Mapped[int | None]  # filled in when a worker decodes it
     height: Mapped[int | None]
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    __table_args__ = (UniqueConstraint("tenant", "fingerprint"),)
+    __table_args__ = (
+        UniqueConstraint("tenant", "fingerprint"),
+        # a tenant's pages, newest first: without it, a tenant whose 1,000 images are older than
+        # another's 199,000 waited 24 ms per gallery page (PostgreSQL), growing with every upload
+        Index("ix_images_tenant_id", "tenant", "id"),
+    )
 
     def __repr__(self) -> str:
         return f"<Image {self.id} {self.uri}>"

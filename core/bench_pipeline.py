@@ -2,7 +2,7 @@
 
 - raw: the model on tensors decoded beforehand, at the best batch size (the ceiling);
 - end_to_end: photos in S3 (SeaweedFS) -> POST /v1/batches on the HTTP API -> Redis -> one batching
-  `captioner worker` -> PostgreSQL, timed from the request until every job is done;
+  `captioner worker` -> PostgreSQL, timed from the request until the last job's finished_at;
 - naive: the same path with worker.naive: one task and one model call per image.
 
 Each distributed run gets a fresh PostgreSQL database on the configured server and a warm worker

@@ -112,11 +112,13 @@ def _s3_errors(bucket: str, what: str) -> Iterator[None]:
 
 
 def split_s3(uri: str) -> tuple[str, str]:
-    """s3://bucket/key -> (bucket, key); the key may be empty (a bucket root or prefix)."""
-    parts = urlsplit(uri)
-    if parts.scheme != "s3" or not parts.netloc:
+    """s3://bucket/key -> (bucket, key); the key may be empty (a bucket root or prefix). An S3 URI
+    is not a URL: everything after the bucket's slash is the key as listed, "#" and "?" included
+    (urlsplit read "photo #1.jpg" as "photo " and a fragment), and nothing is percent-decoded."""
+    bucket, _, key = uri.removeprefix("s3://").partition("/")
+    if not uri.startswith("s3://") or not bucket:
         raise InvalidRequest(f"not an S3 URI: {uri!r}")
-    return parts.netloc, parts.path.lstrip("/")
+    return bucket, key
 
 
 def content_key(sha256: str) -> str:

@@ -96,3 +96,16 @@ def test_s3_reads_in_a_process_forked_after_one_read(s3):
     context = multiprocessing.get_context("fork")
     with context.Pool(1) as pool:
         assert pool.apply_async(storage.read, (uri, 100)).get(timeout=60) == b"forked bytes"
+
+
+def test_s3_keys_with_hash_or_question_marks_are_read_from_their_listing(s3):
+    # S3 URIs are not URLs: "photo #1.jpg" is the whole key, not a path and a fragment
+    bucket = s3["S3_TEST_BUCKET"]
+    keys = ["odd/photo #1.jpg", "odd/why?.jpg", "odd/100%.jpg", "odd/a&b=c.jpg"]
+    for key in keys:
+        storage.s3_client().put_object(Bucket=bucket, Key=key, Body=key.encode())
+    listed = storage.list_prefix(bucket, "odd/", limit=10)
+    assert sorted(o.key for o in listed) == sorted(keys)
+    for obj in listed:
+        assert storage.split_s3(obj.uri) == (bucket, obj.key)
+        assert storage.read(obj.uri, 100) == obj.key.encode()

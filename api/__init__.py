@@ -9,11 +9,11 @@ from flask import Flask, current_app, g
 from sqlalchemy.orm import Session, sessionmaker
 from werkzeug.routing import IntegerConverter
 
-from core import captioner, logs
-from core.auth import web_session_secret
-from core.db import make_engine, make_sessionmaker
-from core.queue import create_celery, publish
-from core.settings import Settings, get_settings
+from captioner.core import captioner, logs
+from captioner.core.auth import web_session_secret
+from captioner.core.db import make_engine, make_sessionmaker
+from captioner.core.queue import create_celery, publish
+from captioner.core.settings import Settings, get_settings
 
 
 @dataclass

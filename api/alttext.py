@@ -1,8 +1,8 @@
 """/v1/images/<id>/alt-text: the alt text a CMS serves, and a person's decision about it."""
 from flask import Blueprint, Response, g, jsonify, request
 
-from core import alttext
-from core.errors import InvalidRequest
+from captioner.core import alttext
+from captioner.core.errors import InvalidRequest
 
 from . import bodies, get_session
 from .auth import require_scope

@@ -12,10 +12,10 @@ from flask_limiter import Limiter, RateLimitExceeded
 from flask_limiter.util import get_remote_address
 from limits import parse_many
 
-from core import auth
-from core.errors import AccessDenied, ConfigError, Unauthenticated
-from core.settings import Settings
-from core.tables import SCOPES
+from captioner.core import auth
+from captioner.core.errors import AccessDenied, ConfigError, Unauthenticated
+from captioner.core.settings import Settings
+from captioner.core.tables import SCOPES
 
 from . import get_session, services
 from .errors import Answer, _response

@@ -3,8 +3,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 from flask import Blueprint, Response, g, jsonify, url_for
 
-from core import backfill, jobs, queries, storage
-from core.errors import InvalidRequest
+from captioner.core import backfill, jobs, queries, storage
+from captioner.core.errors import InvalidRequest
 
 from . import bodies, get_session, services
 from .auth import check_s3, require_scope

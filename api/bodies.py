@@ -8,10 +8,10 @@ from typing import Any
 from flask import request
 from werkzeug.exceptions import BadRequest, UnsupportedMediaType
 
-from core import webhooks
-from core.errors import InvalidRequest
-from core.settings import Settings
-from core.tables import QUEUES
+from captioner.core import webhooks
+from captioner.core.errors import InvalidRequest
+from captioner.core.settings import Settings
+from captioner.core.tables import QUEUES
 
 MAX_LIST = 10_000  # images in one JSON batch; larger sets go by S3 prefix
 # the bucket names boto3 will send (botocore's own check), starting with a letter or digit as S3

@@ -4,8 +4,8 @@ from typing import Any
 
 from flask import Blueprint, Response, jsonify, render_template_string
 
-from core.export import FORMATS
-from core.search import MAX_OFFSET, MAX_QUERY_CHARS
+from captioner.core.export import FORMATS
+from captioner.core.search import MAX_OFFSET, MAX_QUERY_CHARS
 
 from . import MAX_ID
 from .bodies import BUCKET, KEY, PREFIX

@@ -5,7 +5,7 @@ import logging
 from flask import Flask, Response, jsonify, render_template, request
 from werkzeug.exceptions import HTTPException
 
-from core.errors import (
+from captioner.core.errors import (
     AccessDenied,
     CaptioningError,
     ConfigError,

@@ -1,8 +1,8 @@
 "/v1/export: every caption of the tenant as JSON lines or CSV, streamed (nothing to paginate)."
 from flask import Blueprint, Response, g, request, stream_with_context
 
-from core import export
-from core.errors import InvalidRequest
+from captioner.core import export
+from captioner.core.errors import InvalidRequest
 
 from . import get_session
 from .auth import require_scope

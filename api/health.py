@@ -2,8 +2,8 @@
 from flask import Blueprint, Response, jsonify
 from sqlalchemy import text
 
-from core import storage
-from core.errors import CaptioningError
+from captioner.core import storage
+from captioner.core.errors import CaptioningError
 
 from . import get_session, services
 

@@ -2,8 +2,8 @@
 from flask import Blueprint, Response, g, jsonify, request, url_for
 from werkzeug.exceptions import UnsupportedMediaType
 
-from core import jobs, queries, storage
-from core.errors import InvalidRequest
+from captioner.core import jobs, queries, storage
+from captioner.core.errors import InvalidRequest
 
 from . import bodies, get_session, services
 from .auth import check_s3, require_scope

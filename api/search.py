@@ -1,8 +1,8 @@
 "/v1/search: captioned images ranked by how well their caption, alt text and tags match q."
 from flask import Blueprint, Response, g, jsonify, request
 
-from core import search
-from core.errors import InvalidRequest
+from captioner.core import search
+from captioner.core.errors import InvalidRequest
 
 from . import get_session
 from .auth import require_scope

@@ -16,9 +16,9 @@ from flask.sessions import SecureCookieSession, SecureCookieSessionInterface
 from flask_wtf.csrf import CSRFError, CSRFProtect
 from werkzeug.exceptions import HTTPException
 
-from core import alttext, auth, browse, jobs, queries, search, thumbnails
-from core.errors import Conflict, InvalidImage, InvalidRequest, Unauthenticated
-from core.settings import Settings
+from captioner.core import alttext, auth, browse, jobs, queries, search, thumbnails
+from captioner.core.errors import Conflict, InvalidImage, InvalidRequest, Unauthenticated
+from captioner.core.settings import Settings
 
 from . import MAX_ID, get_session, services
 from .auth import SESSION_LIFETIME, require_scope

@@ -16,8 +16,8 @@ if TYPE_CHECKING:
     from PIL.Image import Image as PILImage
     from torch import Tensor
 
-    from model.inference import Caption as ModelCaption
-    from model.inference import Captioner
+    from captioner.model.inference import Caption as ModelCaption
+    from captioner.model.inference import Captioner
 
 GPU_BATCH, CPU_BATCH = 256, 64  # batch 32 runs a GPU at a seventh of batch 256's rate (field notes); a CPU batch holds two forwards
 # `captioner bench pipeline`, 2-core AVX-512 host, bf16, raw captions/s at forwards of 16 and 32, three
@@ -92,7 +92,7 @@ def get(settings: Settings) -> "Captioner":
         with _loading:
             if _loaded is None:
                 _keep_tensors_in_heap()
-                from model import inference  # keeps torch out of processes that never caption
+                from captioner.model import inference  # keeps torch out of processes that never caption
                 _loaded = inference.load(checkpoint_path(settings), device=settings.device,
                                          bf16=PRECISIONS[settings.precision])
     return _loaded

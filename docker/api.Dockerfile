@@ -1,5 +1,5 @@
 # The API image: Flask under gunicorn, also the migration step and Flower (same code, other command).
-# The API never runs the model, so torch comes from the CPU-only index: a few hundred MB, not GBs.
+# It installs captioner[api]: the API never runs the model, so the image carries no torch.
 #   docker build -f docker/api.Dockerfile -t captioner-api .
 FROM python:3.11-slim
 
@@ -8,16 +8,16 @@ WORKDIR /app
 
 # dependencies first: this layer is reused while only our code changes
 COPY pyproject.toml README.md ./
-RUN pip install --index-url https://download.pytorch.org/whl/cpu torch==2.14.1 torchvision==0.29.1 \
- && mkdir -p core api worker migrations model \
- && touch core/__init__.py api/__init__.py worker/__init__.py migrations/__init__.py model/__init__.py \
- && pip install . && pip uninstall -y captioner
+RUN for d in model core api worker migrations cli bench; do mkdir -p $d && touch $d/__init__.py; done \
+ && pip install '.[api]' && pip uninstall -y captioner
 
+COPY model model
 COPY core core
 COPY api api
 COPY worker worker
 COPY migrations migrations
-COPY model model
+COPY cli cli
+COPY bench bench
 RUN pip install --no-deps . && useradd --create-home captioner
 USER captioner
 

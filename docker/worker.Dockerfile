@@ -8,16 +8,18 @@ RUN apt-get update && apt-get install -y --no-install-recommends python3 python3
  && rm -rf /var/lib/apt/lists/* && python3 -m venv /venv
 WORKDIR /app
 
+# dependencies first: this layer is reused while only our code changes
 COPY pyproject.toml README.md ./
-RUN mkdir -p core api worker migrations model \
- && touch core/__init__.py api/__init__.py worker/__init__.py migrations/__init__.py model/__init__.py \
- && pip install . && pip uninstall -y captioner
+RUN for d in model core api worker migrations cli bench; do mkdir -p $d && touch $d/__init__.py; done \
+ && pip install '.[worker]' && pip uninstall -y captioner
 
+COPY model model
 COPY core core
 COPY api api
 COPY worker worker
 COPY migrations migrations
-COPY model model
+COPY cli cli
+COPY bench bench
 RUN pip install --no-deps . && useradd --create-home captioner
 USER captioner
 

@@ -1,9 +1,9 @@
 """Alembic environment: the metadata from core.tables, the URL from our settings (never Flask's)."""
 from alembic import context
 
-from core import tables  # registers the tables on Base.metadata
-from core.db import Base, make_engine
-from core.settings import get_settings
+from captioner.core import tables  # registers the tables on Base.metadata
+from captioner.core.db import Base, make_engine
+from captioner.core.settings import get_settings
 
 config = context.config
 url = config.get_main_option("sqlalchemy.url") or get_settings().database_url

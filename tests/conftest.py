@@ -31,8 +31,8 @@ def photos() -> list[Path]:
 @pytest.fixture(scope="session")
 def checkpoint() -> Path:
     """The model checkpoint the pipeline tests caption with: the shipped one unless overridden."""
-    from core.captioner import checkpoint_path
-    from core.settings import Settings
+    from captioner.core.captioner import checkpoint_path
+    from captioner.core.settings import Settings
 
     path = Path(os.environ.get("CAPTIONER_TEST_MODEL_PATH") or checkpoint_path(Settings()))
     if not path.is_file():
@@ -45,7 +45,7 @@ def _fresh_postgres_database() -> Iterator[str]:
     """A new PostgreSQL database migrated with Alembic, dropped afterwards."""
     from sqlalchemy import create_engine, text
 
-    from migrations import upgrade
+    from captioner.migrations import upgrade
 
     base = urlsplit(POSTGRES_URL)
     name = f"captioner_test_{secrets.token_hex(4)}"
@@ -58,7 +58,7 @@ def _fresh_postgres_database() -> Iterator[str]:
     url = urlunsplit(base._replace(path=f"/{name}"))
     upgrade(url)
     yield url
-    from core.db import make_engine
+    from captioner.core.db import make_engine
     make_engine(url).dispose()
     with admin.connect() as conn:
         conn.execute(text(f'DROP DATABASE "{name}" WITH (FORCE)'))
@@ -99,7 +99,7 @@ def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     """An S3 server with a fresh bucket: the SeaweedFS that .ci/run started (CAPTIONER_TEST_S3_*),
     or one started here on loopback with its own ports and keys. Yields the AWS_* variables that
     point boto3 at it; they are also set in this process while the session runs."""
-    from core.seaweed import SeaweedFS
+    from captioner.bench.seaweed import SeaweedFS
 
     server = None
     if os.environ.get("CAPTIONER_TEST_S3_ENDPOINT"):
@@ -114,7 +114,7 @@ def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
         endpoint, key, secret = server.endpoint, server.key, server.secret
     env = {"AWS_ACCESS_KEY_ID": key, "AWS_SECRET_ACCESS_KEY": secret, "AWS_DEFAULT_REGION": "us-east-1",
            "AWS_ENDPOINT_URL_S3": endpoint, "S3_TEST_BUCKET": f"captioner-test-{secrets.token_hex(4)}"}
-    from core import storage
+    from captioner.core import storage
     environment = mock.patch.dict(os.environ, env)
     environment.start()
     storage.s3_client.cache_clear()  # a client made before this fixture would point elsewhere
@@ -138,7 +138,7 @@ def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
 
 @pytest.fixture
 def sqlite_url(tmp_path: Path) -> str:
-    from migrations import upgrade
+    from captioner.migrations import upgrade
 
     url = f"sqlite:///{tmp_path / 'captioner.db'}"
     upgrade(url)
@@ -155,7 +155,7 @@ def fake_checkpoint(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def app_settings(sqlite_url: str, tmp_path: Path, fake_checkpoint: Path):
-    from core.settings import Settings
+    from captioner.core.settings import Settings
 
     return Settings(database_url=sqlite_url, storage=str(tmp_path / "store"), model_path=str(fake_checkpoint))
 
@@ -164,8 +164,8 @@ def make_key(database_url: str, tenant: str = "default", scope: str = "write",
              buckets: tuple[str, ...] = ()) -> str:
     """An API key made as `captioner keys create` makes one, and S3 locations (s3://bucket/prefix)
     the tenant may read, as `captioner tenants allow-bucket` allows them."""
-    from core import auth, storage
-    from core.db import make_engine, make_sessionmaker
+    from captioner.core import auth, storage
+    from captioner.core.db import make_engine, make_sessionmaker
 
     engine = make_engine(database_url)
     with make_sessionmaker(engine).begin() as s:
@@ -204,7 +204,7 @@ def api_key(app_settings) -> str:
 
 @pytest.fixture
 def client(app_settings, api_key):
-    from api import create_app
+    from captioner.api import create_app
 
     app = create_app(app_settings)
     app.config["TESTING"] = True
@@ -215,6 +215,6 @@ def client(app_settings, api_key):
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """model.train's tiny random-weight model: for pipeline tests where the captions' quality is
     irrelevant (tests/test_faults.py). `fake_checkpoint` is not loadable at all."""
-    from model.train import export_tiny_checkpoint
+    from captioner.model.train import export_tiny_checkpoint
 
     return export_tiny_checkpoint(tmp_path_factory.mktemp("tiny-model"))

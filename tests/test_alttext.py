@@ -4,11 +4,11 @@ import pytest
 from conftest import keyed, make_key  # siblings: tests/ is on sys.path
 from test_api import assert_error
 
-from api import create_app
-from core import queries
-from core.alttext import lint
-from core.queries import NewImage, Result
-from core.settings import Settings
+from captioner.api import create_app
+from captioner.core import queries
+from captioner.core.alttext import lint
+from captioner.core.queries import NewImage, Result
+from captioner.core.settings import Settings
 
 OLD, NEW = "oldmodel0001", "newmodel0002"
 

@@ -66,7 +66,7 @@ def test_a_file_that_is_not_an_image_is_a_422(client):
 def test_an_upload_over_the_limit_is_a_413(app_settings, api_key):
     from dataclasses import replace
 
-    from api import create_app
+    from captioner.api import create_app
 
     small = keyed(create_app(replace(app_settings, max_upload_bytes=1000)), api_key)
     assert_error(small.post("/v1/images", data={"file": (io.BytesIO(jpeg(size=(800, 600))), "a.jpg")}), 413,
@@ -100,7 +100,7 @@ def test_health_and_readiness(client):
 def test_readiness_fails_without_a_checkpoint(app_settings, tmp_path):
     from dataclasses import replace
 
-    from api import create_app
+    from captioner.api import create_app
 
     app = create_app(replace(app_settings, model_path=str(tmp_path / "missing.pt")))
     ready = app.test_client().get("/readyz")
@@ -108,7 +108,7 @@ def test_readiness_fails_without_a_checkpoint(app_settings, tmp_path):
 
 
 def test_openapi_documents_every_route(client):
-    from api.docs import SPEC
+    from captioner.api.docs import SPEC
 
     spec = client.get("/openapi.json").get_json()
     assert spec == json.loads(json.dumps(SPEC))  # what test_api_fuzz.py fuzzes is what clients get
@@ -128,18 +128,18 @@ def test_search_needs_words(client):
 
 def test_the_api_never_imports_torch(app_settings):
     # a fresh interpreter: this test process may already have torch from other tests
-    code = ("import sys, json; from core.settings import Settings; from api import create_app; "
+    code = ("import sys, json; from captioner.core.settings import Settings; from captioner.api import create_app; "
             f"app = create_app(Settings(**json.loads({json.dumps(json.dumps(app_settings.__dict__))}))); "
             "app.test_client().get('/readyz'); "
             "assert 'torch' not in sys.modules, 'torch was imported'; "
-            "assert not any(m == 'worker' or m.startswith('worker.') for m in sys.modules)")
+            "assert not any(m.startswith('captioner.worker') for m in sys.modules)")
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_a_broker_outage_still_accepts_uploads_for_the_sweep(app_settings, api_key):
     from dataclasses import replace
 
-    from api import create_app
+    from captioner.api import create_app
 
     closed = socket.socket()
     closed.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused

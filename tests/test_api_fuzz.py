@@ -11,7 +11,7 @@ import schemathesis
 from hypothesis import HealthCheck, settings
 from PIL import Image
 
-from api.docs import SPEC
+from captioner.api.docs import SPEC
 from conftest import keyed, make_key
 
 # The key is sent with every call (headers=): left to the fuzzer, a missing Authorization header
@@ -33,9 +33,9 @@ schema = schemathesis.openapi.from_dict(SPEC, config=CONFIG)
 
 @pytest.fixture(scope="module")
 def fuzz_app(own_pg_url, s3, tmp_path_factory):
-    from api import create_app
-    from core import storage
-    from core.settings import Settings
+    from captioner.api import create_app
+    from captioner.core import storage
+    from captioner.core.settings import Settings
 
     checkpoint = tmp_path_factory.mktemp("fuzz") / "fake.pt"
     checkpoint.write_bytes(b"not really a checkpoint")  # only its hash (the model version) is read

@@ -8,9 +8,9 @@ from dataclasses import replace
 import pytest
 from click.testing import CliRunner
 
-from api import create_app
+from captioner.api import create_app
 from conftest import keyed, make_key
-from core.errors import ConfigError
+from captioner.core.errors import ConfigError
 from test_api import assert_error, jpeg
 
 OPEN = ("/healthz", "/readyz", "/openapi.json", "/docs")
@@ -23,7 +23,7 @@ def app(app_settings):
 
 @pytest.fixture
 def cli_env(app_settings, monkeypatch):
-    from core.settings import get_settings
+    from captioner.core.settings import get_settings
 
     monkeypatch.setenv("CAPTIONER_DATABASE_URL", app_settings.database_url)
     get_settings.cache_clear()
@@ -32,7 +32,7 @@ def cli_env(app_settings, monkeypatch):
 
 
 def test_keys_cli_creates_lists_and_revokes(app, cli_env):
-    from core.cli import cli
+    from captioner.cli import cli
 
     created = cli_env.invoke(cli, ["keys", "create", "--tenant", "acme", "--scope", "read", "--name", "ci"])
     assert created.exit_code == 0, created.output
@@ -77,7 +77,7 @@ def test_probes_and_documentation_need_no_key(app):
 
 def test_every_route_declares_its_scope(app):
     """GET routes read, the others write; only the probes and the documentation are open."""
-    from api.auth import OPEN as open_endpoints
+    from captioner.api.auth import OPEN as open_endpoints
 
     for rule in app.url_map.iter_rules():
         if rule.endpoint == "static":
@@ -106,7 +106,7 @@ def test_scopes_include_the_ones_below(app_settings):
 
 
 def test_a_route_without_a_scope_is_closed_to_all_but_admin(app_settings):
-    from api.auth import require_scope
+    from captioner.api.auth import require_scope
 
     app = create_app(app_settings)
     app.add_url_rule("/v1/forgotten", "forgotten", lambda: {"secret": 1})
@@ -124,8 +124,8 @@ def test_last_use_is_recorded_once_a_minute(app, app_settings, api_key):
 
     from sqlalchemy import select, update
 
-    from core.db import make_engine
-    from core.tables import ApiKey
+    from captioner.core.db import make_engine
+    from captioner.core.tables import ApiKey
 
     client = keyed(app, api_key)
     engine = make_engine(app_settings.database_url)
@@ -161,7 +161,7 @@ def test_auth_off_is_one_user_with_every_scope(app_settings):
 
 
 def test_settings_refuse_unknown_auth_modes_and_malformed_limits(app_settings):
-    from core.settings import load_settings
+    from captioner.core.settings import load_settings
 
     assert load_settings({"CAPTIONER_AUTH": "off"}).auth == "off"
     with pytest.raises(ConfigError, match="CAPTIONER_AUTH"):
@@ -210,15 +210,15 @@ def test_rate_limits_fall_back_to_memory_when_redis_is_down(app_settings, api_ke
 def test_keys_never_reach_the_logs(app_settings, caplog):
     """Every logger at DEBUG (SQLAlchemy's statements and parameters included) while keys are used,
     refused, revoked and while a handler fails with a traceback."""
-    from core import auth
-    from core.db import make_engine, make_sessionmaker
+    from captioner.core import auth
+    from captioner.core.db import make_engine, make_sessionmaker
 
     app = create_app(app_settings)
 
     def boom():
         raise RuntimeError("the handler failed")
 
-    from api.auth import require_scope
+    from captioner.api.auth import require_scope
     app.add_url_rule("/v1/boom", "boom", require_scope("read")(boom))
     key, revoked = make_key(app_settings.database_url), make_key(app_settings.database_url)
     engine = make_engine(app_settings.database_url)

@@ -9,12 +9,12 @@ import pytest
 import redis
 from sqlalchemy import event, func, select
 
-from api import create_app
-from core import queries, storage
-from core.db import make_engine
-from core.queries import Result
-from core.settings import Settings
-from core.tables import Job
+from captioner.api import create_app
+from captioner.core import queries, storage
+from captioner.core.db import make_engine
+from captioner.core.queries import Result
+from captioner.core.settings import Settings
+from captioner.core.tables import Job
 from conftest import keyed, make_key  # a sibling: tests/ is on sys.path
 
 KEYS = 3000
@@ -114,8 +114,8 @@ def test_a_prefix_over_the_limit_takes_the_first_images(settings, library, broke
 @pytest.mark.parametrize("database", ["sqlite_url", "own_pg_url"])
 def test_enqueue_page_makes_each_job_once(database, request):
     """Both implementations (arrays on PostgreSQL, chunked multi-row statements on SQLite) agree."""
-    from core.db import make_sessionmaker
-    from core.tables import Batch
+    from captioner.core.db import make_sessionmaker
+    from captioner.core.tables import Batch
 
     sm = make_sessionmaker(make_engine(request.getfixturevalue(database)))
     images = [queries.NewImage(f"s3://b/page/{n}.jpg", f"s3:b/page/{n}.jpg@e{n}", None, n) for n in range(1200)]
@@ -138,8 +138,8 @@ def test_bench_backfill_uploads_the_missing_keys_and_reports_the_rate(settings, 
     comes from the same command, run by hand: uploading 100,000 objects alone takes minutes)."""
     from click.testing import CliRunner
 
-    from core.cli import cli
-    from core.settings import get_settings
+    from captioner.cli import cli
+    from captioner.core.settings import get_settings
 
     for key, value in {"CAPTIONER_DATABASE_URL": settings.database_url, "CAPTIONER_BROKER_URL": settings.broker_url,
                        "CAPTIONER_MODEL_PATH": settings.model_path, "CAPTIONER_BATCH_SIZE": "32"}.items():

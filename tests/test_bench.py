@@ -5,9 +5,9 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import POSTGRES_URL  # a sibling: tests/ is on sys.path
-from core.bench_pipeline import Row, summary
-from core.cli import cli
-from core.settings import Settings
+from captioner.bench.pipeline import Row, summary
+from captioner.cli import cli
+from captioner.core.settings import Settings
 
 
 def test_bench_decode_prints_both_paths_and_draft_mode_is_cheaper(photos):
@@ -29,7 +29,7 @@ def test_pipeline_summary_has_the_rates_and_both_ratios():
 @pytest.mark.slow
 def test_scaleout_shares_a_backfill_between_workers_and_captions_each_photo_once(photos, tiny_checkpoint, redis_url):
     """Two real workers on one broker and one database, as the command runs them."""
-    from core import bench_scaleout
+    from captioner.bench import scaleout as bench_scaleout
 
     settings = Settings(database_url=POSTGRES_URL, broker_url=redis_url, model_path=str(tiny_checkpoint), device="cpu")
     [row] = bench_scaleout.bench(settings, photos[:4 + 160], [2], 96, 16, log=lambda _: None)

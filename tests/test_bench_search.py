@@ -4,9 +4,9 @@ from pathlib import Path
 
 from sqlalchemy import func, select
 
-from core import bench_search
-from core.db import make_engine, make_sessionmaker
-from core.tables import Caption
+from captioner.bench import search as bench_search
+from captioner.core.db import make_engine, make_sessionmaker
+from captioner.core.tables import Caption
 from tests.test_search import CORPUS, seed
 
 

@@ -1,10 +1,10 @@
 """core/captioner.py is the only door to model/: it must agree with the model on versions."""
-from core import captioner
-from core.settings import Settings
+from captioner.core import captioner
+from captioner.core.settings import Settings
 
 
 def test_version_matches_the_model_without_loading_it(tmp_path):
-    from model import inference
+    from captioner.model import inference
 
     path = tmp_path / "weights.pt"
     path.write_bytes(b"some checkpoint bytes" * 1000)
@@ -12,7 +12,7 @@ def test_version_matches_the_model_without_loading_it(tmp_path):
 
 
 def test_shipped_checkpoint_is_found_without_importing_the_model():
-    from model import inference
+    from captioner.model import inference
 
     assert captioner.checkpoint_path(Settings()) == inference.DEFAULT_CHECKPOINT
 
@@ -27,7 +27,7 @@ def test_the_worker_parent_never_imports_torch():
     import subprocess
     import sys
 
-    code = "import sys, worker.tasks; assert 'torch' not in sys.modules, 'torch imported before the fork'"
+    code = "import sys, captioner.worker.tasks; assert 'torch' not in sys.modules, 'torch imported before the fork'"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -35,7 +35,7 @@ def test_threads_asking_at_once_load_the_model_once(tiny_checkpoint, monkeypatch
     """The first batch's I/O threads all preprocess at once: each used to load its own copy."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from model import inference
+    from captioner.model import inference
 
     loads = []
     real_load = inference.load

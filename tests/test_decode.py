@@ -3,8 +3,8 @@ import io
 import pytest
 from PIL import Image
 
-from core.decode import decode, sniff
-from core.errors import InvalidImage
+from captioner.core.decode import decode, sniff
+from captioner.core.errors import InvalidImage
 
 LIMIT = 50_000_000
 

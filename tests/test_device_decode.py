@@ -8,9 +8,9 @@ import torch
 from PIL import Image, ImageOps
 from test_hostile_images import HOSTILE, ODD, encode, quadrant, with_orientation  # a sibling: tests/ is on sys.path
 
-from core import decode
-from core.errors import InvalidImage
-from model import inference
+from captioner.core import decode
+from captioner.core.errors import InvalidImage
+from captioner.model import inference
 
 
 @pytest.fixture(scope="module")

@@ -14,13 +14,13 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from sqlalchemy import func, select, update
 
-from api import create_app
+from captioner.api import create_app
 from conftest import keyed, make_key
-from core import storage
-from core.db import make_engine
-from core.queue import CAPTION_TASK, create_celery
-from core.settings import Settings
-from core.tables import Caption, Job
+from captioner.core import storage
+from captioner.core.db import make_engine
+from captioner.core.queue import CAPTION_TASK, create_celery
+from captioner.core.settings import Settings
+from captioner.core.tables import Caption, Job
 
 UPLOADS, PREFIX_KEYS = 20, 100
 BATCH_SIZE, BATCH_WAIT_MS = 16, 1500
@@ -44,7 +44,7 @@ def worker_process(settings, s3, tmp_path_factory):
            "CAPTIONER_BATCH_WAIT_MS": str(BATCH_WAIT_MS)}
     log_path = tmp_path_factory.mktemp("worker") / "worker.log"
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "core.cli", "worker", "--no-beat"], env=env,
+        proc = subprocess.Popen([sys.executable, "-m", "captioner.cli", "worker", "--no-beat"], env=env,
                                 stdout=log, stderr=subprocess.STDOUT)
     yield proc, log_path
     proc.terminate()  # warm shutdown: the batch in hand finishes, then the process exits
@@ -151,8 +151,8 @@ def test_cli_with_a_broker_hands_local_files_to_the_workers(settings, s3, photos
                                                             monkeypatch):
     from click.testing import CliRunner
 
-    from core.cli import cli
-    from core.settings import get_settings
+    from captioner.cli import cli
+    from captioner.core.settings import get_settings
 
     folder = tmp_path / "photos"
     folder.mkdir()
@@ -184,9 +184,9 @@ def test_the_sweep_recovers_a_job_whose_message_was_lost(settings, s3, photos, w
     publishes it again and the worker captions it."""
     from datetime import timedelta
 
-    from core import captioner, queries
-    from core.db import make_sessionmaker
-    from core.tables import utcnow
+    from captioner.core import captioner, queries
+    from captioner.core.db import make_sessionmaker
+    from captioner.core.tables import utcnow
 
     data = photos[190].read_bytes()
     uri, digest = storage.store(settings.storage, data)
@@ -198,7 +198,7 @@ def test_the_sweep_recovers_a_job_whose_message_was_lost(settings, s3, photos, w
         s.execute(update(Job).where(Job.id == sub.job_id).values(updated_at=utcnow() - timedelta(hours=1)))
     env = {**os.environ, **s3, "CAPTIONER_DATABASE_URL": settings.database_url,
            "CAPTIONER_BROKER_URL": settings.broker_url, "CAPTIONER_MODEL_PATH": settings.model_path}
-    swept = subprocess.run([sys.executable, "-c", "from worker.tasks import sweep; print(sweep())"], env=env,
+    swept = subprocess.run([sys.executable, "-c", "from captioner.worker.tasks import sweep; print(sweep())"], env=env,
                            capture_output=True, text=True, check=True)
     assert swept.stdout.strip() == "1"
     deadline = time.monotonic() + DEADLINE_S

@@ -6,7 +6,7 @@ import click
 import pytest
 import yaml
 
-from core.cli import cli
+from captioner.cli import cli
 
 DOCKER = Path(__file__).resolve().parent.parent / "docker"
 INSTRUCTIONS = {"FROM", "ENV", "WORKDIR", "COPY", "RUN", "USER", "EXPOSE", "CMD", "ARG", "LABEL"}

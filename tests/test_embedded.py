@@ -8,9 +8,9 @@ import pytest
 from click.testing import CliRunner
 from sqlalchemy import create_engine, select
 
-from core.cli import cli
-from core.settings import get_settings
-from core.tables import Caption, Job
+from captioner.cli import cli
+from captioner.core.settings import get_settings
+from captioner.core.tables import Caption, Job
 
 
 @pytest.fixture
@@ -81,7 +81,7 @@ def test_caption_reports_a_missing_path(run, tmp_path):
 
 
 def test_caption_an_s3_prefix_in_process(run, s3, photos):
-    from core import storage
+    from captioner.core import storage
 
     bucket = s3["S3_TEST_BUCKET"]
     for photo in photos[170:174]:

@@ -11,13 +11,13 @@ from click.testing import CliRunner
 from conftest import keyed, make_key  # a sibling: tests/ is on sys.path
 from sqlalchemy import delete
 
-from core import export, queries
-from core.cli import cli
-from core.db import make_engine, make_sessionmaker
-from core.queries import NewImage, Result
-from core.settings import Settings, get_settings
-from core.tables import AltTextDecision, Caption
-from migrations import upgrade
+from captioner.core import export, queries
+from captioner.cli import cli
+from captioner.core.db import make_engine, make_sessionmaker
+from captioner.core.queries import NewImage, Result
+from captioner.core.settings import Settings, get_settings
+from captioner.core.tables import AltTextDecision, Caption
+from captioner.migrations import upgrade
 
 VERSION = "export-test"
 # key, caption, alt text, needs review, tenant
@@ -59,7 +59,7 @@ def picked(rows: list[dict]) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def client(database, tmp_path_factory):
-    from api import create_app
+    from captioner.api import create_app
 
     checkpoint = tmp_path_factory.mktemp("ckpt") / "fake.pt"
     checkpoint.write_bytes(b"not really a checkpoint")
@@ -127,7 +127,7 @@ def test_cli_export(database, fmt, monkeypatch, tmp_path):
 def test_one_record_per_image_newest_caption_and_a_persons_decision_first(database):
     """A re-caption adds a caption beside the old one: the export has the image once, with the
     newest caption; a person's alt-text decision is exported instead of the model's suggestion."""
-    from core import alttext
+    from captioner.core import alttext
 
     engine = make_engine(database)
     sm = make_sessionmaker(engine)

@@ -29,12 +29,12 @@ import redis
 from PIL import Image
 from sqlalchemy import func, select
 
-from core import captioner, jobs, storage
-from core.db import make_engine, make_sessionmaker
-from core.queue import create_celery, publish
-from core.seaweed import SeaweedFS
-from core.settings import Settings
-from core.tables import Caption, Job
+from captioner.core import captioner, jobs, storage
+from captioner.core.db import make_engine, make_sessionmaker
+from captioner.core.queue import create_celery, publish
+from captioner.bench.seaweed import SeaweedFS
+from captioner.core.settings import Settings
+from captioner.core.tables import Caption, Job
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow]
 
@@ -107,7 +107,7 @@ class Worker:
         offset = self.log.stat().st_size if self.log.exists() else 0
         with open(self.log, "ab") as out:
             # its own process group: kill -9 takes the main process, the pool child and the beat at once
-            self.proc = subprocess.Popen([sys.executable, "-m", "core.cli", "worker"], env=self.env,
+            self.proc = subprocess.Popen([sys.executable, "-m", "captioner.cli", "worker"], env=self.env,
                                          stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         wait_for(lambda: "ready." in self.log.read_text(errors="replace")[offset:] or self.proc.poll() is not None,
                  "the worker to start", DEADLINE_S)
@@ -362,7 +362,7 @@ class PrivatePostgres:
 
 @pytest.fixture
 def own_postgres() -> Iterator[PrivatePostgres]:
-    from migrations import upgrade
+    from captioner.migrations import upgrade
 
     pg = PrivatePostgres()
     pg.start()

@@ -15,8 +15,8 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from api import create_app
-from core.settings import Settings
+from captioner.api import create_app
+from captioner.core.settings import Settings
 from conftest import keyed, make_key  # a sibling: tests/ is on sys.path
 
 AUTH = "ops:flower-test-pass"
@@ -45,7 +45,7 @@ def _get(url: str, auth: str | None = None) -> tuple[int, bytes]:
 
 def _start(args: list[str], env: dict[str, str], log_path) -> subprocess.Popen:
     with open(log_path, "wb") as log:
-        return subprocess.Popen([sys.executable, "-m", "core.cli", *args], env=env, stdout=log, stderr=subprocess.STDOUT)
+        return subprocess.Popen([sys.executable, "-m", "captioner.cli", *args], env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
 def _stop(proc: subprocess.Popen) -> None:

@@ -11,9 +11,9 @@ from collections.abc import Callable
 import pytest
 from PIL import Image, ImageChops, ImageStat
 
-from core.decode import decode, sniff
-from core.errors import InvalidImage
-from core.settings import Settings
+from captioner.core.decode import decode, sniff
+from captioner.core.errors import InvalidImage
+from captioner.core.settings import Settings
 
 LIMIT = Settings().max_pixels
 RED, BLUE, WHITE = (255, 0, 0), (0, 0, 255), (255, 255, 255)
@@ -136,7 +136,7 @@ HOSTILE: dict[str, Callable[[], tuple[bytes, str, str]]] = {
 
 @pytest.mark.parametrize("name", ODD)
 def test_odd_formats_decode_to_rgb_and_reach_the_model_input(name):
-    from model.encoder import preprocess
+    from captioner.model.encoder import preprocess
 
     data, xy, colour = ODD[name]()
     im = decode(data, LIMIT)
@@ -177,7 +177,7 @@ def photo_12mp() -> bytes:
 
 
 def test_a_12_megapixel_jpeg_is_drafted_down_and_reaches_the_tensor_fast(photo_12mp):
-    from model.encoder import preprocess
+    from captioner.model.encoder import preprocess
 
     started = time.perf_counter()
     im = decode(photo_12mp, LIMIT)

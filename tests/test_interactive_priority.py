@@ -14,9 +14,9 @@ import redis
 from PIL import Image
 from test_webhooks import Receiver, verify  # a sibling: tests/ is on sys.path
 
-from api import create_app
-from core import storage
-from core.settings import Settings
+from captioner.api import create_app
+from captioner.core import storage
+from captioner.core.settings import Settings
 from conftest import keyed, make_key  # a sibling: tests/ is on sys.path
 
 BACKFILL_KEYS = 300
@@ -42,7 +42,7 @@ def worker(settings, s3, tmp_path_factory):
            "CAPTIONER_WEBHOOK_ALLOW": "127.0.0.1"}
     log_path = tmp_path_factory.mktemp("worker") / "worker.log"
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "core.cli", "worker", "--no-beat"], env=env,
+        proc = subprocess.Popen([sys.executable, "-m", "captioner.cli", "worker", "--no-beat"], env=env,
                                 stdout=log, stderr=subprocess.STDOUT)
     yield proc, log_path
     proc.terminate()  # warm shutdown: the batch in hand finishes

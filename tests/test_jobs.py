@@ -6,10 +6,10 @@ from PIL import Image
 from sqlalchemy import select
 from test_hostile_images import HOSTILE, ODD, encode, with_orientation  # a sibling: tests/ is on sys.path
 
-from core import captioner, jobs, queries
-from core.db import make_engine, make_sessionmaker
-from core.settings import Settings
-from core.tables import Caption, Job
+from captioner.core import captioner, jobs, queries
+from captioner.core.db import make_engine, make_sessionmaker
+from captioner.core.settings import Settings
+from captioner.core.tables import Caption, Job
 
 # odd files that the real model captions in the same forward as the photos (the rest of ODD
 # reaches the model input in tests/test_hostile_images.py); every hostile file fails alone
@@ -75,7 +75,7 @@ def test_one_bad_image_never_fails_its_neighbours(sqlite_url, tmp_path, checkpoi
 def test_an_unreachable_store_returns_the_image_to_the_queue(sqlite_url, checkpoint, photos, monkeypatch):
     import socket
 
-    from core import storage
+    from captioner.core import storage
 
     closed = socket.socket()
     closed.bind(("127.0.0.1", 0))  # bound, never listening: S3 connections are refused

@@ -8,10 +8,10 @@ import pytest
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
-from api import create_app
-from core.errors import ConfigError
-from core.logs import JsonFormatter
-from core.settings import Settings, load_settings
+from captioner.api import create_app
+from captioner.core.errors import ConfigError
+from captioner.core.logs import JsonFormatter
+from captioner.core.settings import Settings, load_settings
 from conftest import keyed, make_key  # a sibling: tests/ is on sys.path
 
 
@@ -63,9 +63,9 @@ def _value(name: str, labels: dict[str, str] | None = None) -> float:
 
 
 def test_a_batch_observes_every_stage_and_logs_json_with_its_ids(sqlite_url, tmp_path, checkpoint, photos, caplog):
-    from core import captioner, jobs, queries
-    from core.db import make_engine, make_sessionmaker
-    from worker import metrics
+    from captioner.core import captioner, jobs, queries
+    from captioner.core.db import make_engine, make_sessionmaker
+    from captioner.worker import metrics
 
     settings = Settings(database_url=sqlite_url, storage=str(tmp_path / "store"), model_path=str(checkpoint),
                         batch_size=8)
@@ -80,7 +80,7 @@ def test_a_batch_observes_every_stage_and_logs_json_with_its_ids(sqlite_url, tmp
     invalid = _value("captioner_image_failures_total", {"code": "invalid_image"})
     with sm.begin() as s:
         claimed = queries.claim(s, version, settings.lease_seconds, 8)
-    with caplog.at_level(logging.INFO, logger="core.jobs"):
+    with caplog.at_level(logging.INFO, logger="captioner.core.jobs"):
         report = jobs.caption_claimed(sm, settings, claimed)
     metrics.observe(report)
 

@@ -3,9 +3,9 @@ import pytest
 from alembic import command
 from click.testing import CliRunner
 
-from core.cli import cli
-from core.settings import get_settings
-from migrations import alembic_config
+from captioner.cli import cli
+from captioner.core.settings import get_settings
+from captioner.migrations import alembic_config
 
 
 @pytest.mark.parametrize("database", ["sqlite_url", "pg_url"])

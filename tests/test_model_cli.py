@@ -6,7 +6,7 @@ import torch
 from click.testing import CliRunner
 from PIL import Image, ImageDraw
 
-from core.cli import cli
+from captioner.cli import cli
 
 COLOURS = {"red": (220, 30, 30), "blue": (30, 60, 220), "green": (30, 180, 60)}
 SHAPES = ["square", "circle"]
@@ -70,8 +70,8 @@ def test_training_is_deterministic_for_a_seed(tiny_set, tmp_path):
 
 
 def test_fine_tuning_the_top_stage_ships_its_weights(tiny_set, tmp_path):
-    from model import inference
-    from model.encoder import Encoder, EncoderConfig
+    from captioner.model import inference
+    from captioner.model.encoder import Encoder, EncoderConfig
 
     result = CliRunner().invoke(cli, ["train", "--captions", str(tiny_set / "tokens.txt"), "--images",
                                       str(tiny_set / "images"), "--run-dir", str(tmp_path / "run"), "--epochs", "1",
@@ -91,8 +91,8 @@ def test_fine_tuning_the_top_stage_ships_its_weights(tiny_set, tmp_path):
 def test_mirror_cache_holds_the_trunk_of_each_photo_mirrored(tiny_set, tmp_path):
     from PIL import ImageOps
 
-    from model.data import cached_features
-    from model.encoder import Encoder, EncoderConfig, preprocess
+    from captioner.model.data import cached_features
+    from captioner.model.encoder import Encoder, EncoderConfig, preprocess
 
     encoder = Encoder(EncoderConfig(tuned_stages=1))
     names = ["photo00.jpg", "photo04.jpg"]

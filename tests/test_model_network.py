@@ -2,10 +2,10 @@
 import torch
 import torch.nn.functional as F
 
-from model.beam_search import beam_search
-from model.network import Decoder, DecoderConfig
-from model.train import TrainConfig, export_checkpoint, loss_fn
-from model.vocab import Vocab
+from captioner.model.beam_search import beam_search
+from captioner.model.network import Decoder, DecoderConfig
+from captioner.model.train import TrainConfig, export_checkpoint, loss_fn
+from captioner.model.vocab import Vocab
 
 WORDS = ["a", "dog", "cat", "runs", "sits", "on", "the", "grass", "mat", "red", "ball", "with"]
 VOCAB = Vocab.build([WORDS], min_count=1)
@@ -123,7 +123,7 @@ def test_n_best_scores_are_sorted_and_length_normalised():
 
 
 def test_checkpoint_round_trip_gives_identical_outputs(tmp_path):
-    from model import inference
+    from captioner.model import inference
 
     decoder = tiny_decoder(feature_dim=1280).eval()
     state = {"config": {**decoder.cfg.__dict__}, "encoder": {"backbone": "tf_efficientnet_lite0", "weights": None, "grid": 7},
@@ -143,7 +143,7 @@ def test_checkpoint_round_trip_gives_identical_outputs(tmp_path):
 
 
 def test_checkpoint_without_model_keys_is_refused(tmp_path):
-    from model import inference
+    from captioner.model import inference
 
     torch.save({"weights": torch.zeros(1)}, tmp_path / "bad.pt")
     try:
@@ -168,7 +168,7 @@ def test_loss_masks_padding():
 def test_self_critical_training_raises_the_cider_reward():
     import random
 
-    from model.scst import CiderD, scst_epoch
+    from captioner.model.scst import CiderD, scst_epoch
 
     decoder = tiny_decoder(seed=11)
     feats, _ = synthetic_batch()
@@ -185,7 +185,7 @@ def test_self_critical_training_raises_the_cider_reward():
 def test_preprocess_puts_transparency_on_white_and_scales_16_bit_grey():
     from PIL import Image
 
-    from model.encoder import preprocess
+    from captioner.model.encoder import preprocess
 
     clear = preprocess(Image.new("RGBA", (32, 32), (0, 0, 0, 0)))
     assert torch.allclose(clear, torch.ones_like(clear), atol=1e-3)  # white is +1 after normalising

@@ -16,7 +16,7 @@ DOG_PHOTOS = ["3695064885_a6922f06b2.jpg", "1679557684_50a206e4a9.jpg", "2490687
 
 @pytest.fixture(scope="module")
 def shipped():
-    from model import inference
+    from captioner.model import inference
 
     return inference.load(device="cpu")
 
@@ -24,7 +24,7 @@ def shipped():
 @needs_data
 @pytest.mark.parametrize("backbone", ["tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2"])
 def test_encoder_weights_classify_imagenet_samples(backbone):
-    from model.encoder import Encoder, EncoderConfig, preprocess
+    from captioner.model.encoder import Encoder, EncoderConfig, preprocess
 
     rows = list(csv.DictReader(open(DATA / "imagenet-samples" / "labels.tsv"), delimiter="\t"))[::25]  # 40 classes
     encoder = Encoder(EncoderConfig(backbone))
@@ -40,7 +40,7 @@ def test_encoder_weights_classify_imagenet_samples(backbone):
 
 
 def test_missing_encoder_wheel_is_named():
-    from model.encoder import lite_wheel_weights
+    from captioner.model.encoder import lite_wheel_weights
 
     with pytest.raises(FileNotFoundError, match="efficientnet-lite4-pytorch-model"):
         lite_wheel_weights("tf_efficientnet_lite4")
@@ -61,8 +61,8 @@ def test_shipped_checkpoint_captions_dogs_as_dogs(shipped):
 
 @needs_data
 def test_shipped_captions_never_stutter_on_real_photos(shipped):
-    from model.data import read_split, tokenize
-    from model.evaluate import stutters
+    from captioner.model.data import read_split, tokenize
+    from captioner.model.evaluate import stutters
 
     names = read_split(DATA / "flickr8k" / "Flickr_8k.devImages.txt")[:48]
     batch = torch.stack([shipped.preprocess(Image.open(DATA / "flickr8k" / "images" / n)) for n in names])
@@ -73,7 +73,7 @@ def test_shipped_captions_never_stutter_on_real_photos(shipped):
 
 
 def test_shipped_checkpoint_is_small_and_self_describing():
-    from model import inference
+    from captioner.model import inference
 
     path = inference.DEFAULT_CHECKPOINT
     assert path.stat().st_size <= 25 * 1024 * 1024

@@ -5,9 +5,9 @@ import shutil
 import pytest
 from hypothesis import given, strategies as st
 
-from model.alt_text import HARD_LIMIT, SOFT_LIMIT, alt_text, sentence
-from model.data import read_coco_captions, read_flickr8k_tokens, tokenize
-from model.evaluate import score, stutters
+from captioner.model.alt_text import HARD_LIMIT, SOFT_LIMIT, alt_text, sentence
+from captioner.model.data import read_coco_captions, read_flickr8k_tokens, tokenize
+from captioner.model.evaluate import score, stutters
 
 words = st.lists(st.text(alphabet="abcdefghijklmnopqrstuvwxyz", min_size=1, max_size=12), min_size=1, max_size=40)
 
@@ -94,7 +94,7 @@ def test_scores_of_known_captions():
 def test_cider_d_reward_matches_pycocoevalcap():
     from pycocoevalcap.cider.cider import Cider
 
-    from model.scst import CiderD
+    from captioner.model.scst import CiderD
 
     refs = {i: [r.split() for r in REFS[k]] for i, k in enumerate(REFS)}
     cands = {0: "a dog running on grass", 1: "a man rides a bicycle down the road", 2: "children in the snow"}

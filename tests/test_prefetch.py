@@ -11,10 +11,10 @@ from pathlib import Path
 
 import redis
 
-from core import captioner, jobs
-from core.db import make_engine, make_sessionmaker
-from core.queue import create_celery, publish
-from core.settings import Settings
+from captioner.core import captioner, jobs
+from captioner.core.db import make_engine, make_sessionmaker
+from captioner.core.queue import create_celery, publish
+from captioner.core.settings import Settings
 
 BATCH, MESSAGES = 10, 20  # the shared photos fixture holds 200
 
@@ -37,7 +37,7 @@ def test_a_busy_worker_holds_two_backfill_messages_not_twenty(own_pg_url, redis_
            "CAPTIONER_BATCH_SIZE": str(BATCH), "CAPTIONER_MODEL_PATH": str(tiny_checkpoint), "CAPTIONER_DEVICE": "cpu"}
     log_path = tmp_path / "worker.log"
     with open(log_path, "wb") as log:
-        worker = subprocess.Popen([sys.executable, "-m", "core.cli", "worker", "--no-beat"], env=env, stdout=log,
+        worker = subprocess.Popen([sys.executable, "-m", "captioner.cli", "worker", "--no-beat"], env=env, stdout=log,
                                   stderr=subprocess.STDOUT)
     try:
         held_most, deadline = 0, time.monotonic() + 300
@@ -56,6 +56,6 @@ def test_a_busy_worker_holds_two_backfill_messages_not_twenty(own_pg_url, redis_
     with engine.connect() as conn:
         from sqlalchemy import func, select
 
-        from core.tables import Job
+        from captioner.core.tables import Job
         assert conn.scalar(select(func.count()).where(Job.status == "done")) == BATCH * MESSAGES
     engine.dispose()

@@ -4,10 +4,10 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import func, select, update
 
-from core import queries
-from core.db import make_engine, make_sessionmaker
-from core.queries import Claimed, Failure, NewImage, Result
-from core.tables import Caption, Job, utcnow
+from captioner.core import queries
+from captioner.core.db import make_engine, make_sessionmaker
+from captioner.core.queries import Claimed, Failure, NewImage, Result
+from captioner.core.tables import Caption, Job, utcnow
 
 VERSION = "abc123def456"
 

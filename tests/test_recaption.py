@@ -3,13 +3,13 @@ model get a new caption beside the old one, the newest is served, people's alt t
 from click.testing import CliRunner
 from sqlalchemy import func, select
 
-from api import create_app
-from core import alttext, captioner, jobs, queries
-from core.cli import cli
-from core.db import make_engine, make_sessionmaker
-from core.queries import Result
-from core.settings import Settings, get_settings
-from core.tables import Caption
+from captioner.api import create_app
+from captioner.core import alttext, captioner, jobs, queries
+from captioner.cli import cli
+from captioner.core.db import make_engine, make_sessionmaker
+from captioner.core.queries import Result
+from captioner.core.settings import Settings, get_settings
+from captioner.core.tables import Caption
 from conftest import keyed, make_key  # a sibling: tests/ is on sys.path
 
 OLD = "oldmodel0001"

@@ -8,13 +8,13 @@ import pytest
 from click.testing import CliRunner
 from sqlalchemy import text
 
-from core import queries, search
-from core.cli import cli
-from core.db import make_engine, make_sessionmaker
-from core.errors import InvalidRequest
-from core.queries import NewImage, Result
-from core.settings import Settings, get_settings
-from migrations import upgrade
+from captioner.core import queries, search
+from captioner.cli import cli
+from captioner.core.db import make_engine, make_sessionmaker
+from captioner.core.errors import InvalidRequest
+from captioner.core.queries import NewImage, Result
+from captioner.core.settings import Settings, get_settings
+from captioner.migrations import upgrade
 from conftest import keyed, make_key  # a sibling: tests/ is on sys.path
 
 VERSION = "search-test"
@@ -153,7 +153,7 @@ def test_parse():
 
 @pytest.fixture(scope="module")
 def api(backend, tmp_path_factory):
-    from api import create_app
+    from captioner.api import create_app
 
     url, _, ids = backend
     checkpoint = tmp_path_factory.mktemp("ckpt") / "fake.pt"
@@ -233,7 +233,7 @@ def test_migration_indexes_existing_captions_and_downgrades(tmp_path: Path):
         assert {r["source"] for r in search.query_index(s, "retriever", 10)} == {"file:///photos/dog-grass.jpg"}
     from alembic import command
 
-    from migrations import alembic_config
+    from captioner.migrations import alembic_config
     command.downgrade(alembic_config(url), "5c12d53081cc")
     with engine.connect() as conn:
         assert conn.execute(text("SELECT count(*) FROM sqlite_master WHERE name LIKE 'captions_fts%'")).scalar() == 0

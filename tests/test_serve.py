@@ -20,7 +20,7 @@ def test_serve_answers_health_and_json_errors(sqlite_url, tmp_path, fake_checkpo
     env = {**os.environ, "CAPTIONER_DATABASE_URL": sqlite_url, "CAPTIONER_STORAGE": str(tmp_path / "store"),
            "CAPTIONER_MODEL_PATH": str(fake_checkpoint)}
     env.pop("CAPTIONER_BROKER_URL", None)
-    proc = subprocess.Popen([sys.executable, "-m", "core.cli", "serve", "--port", str(port), "--workers", "1"],
+    proc = subprocess.Popen([sys.executable, "-m", "captioner.cli", "serve", "--port", str(port), "--workers", "1"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 30
@@ -32,7 +32,7 @@ def test_serve_answers_health_and_json_errors(sqlite_url, tmp_path, fake_checkpo
             except (urllib.error.URLError, ConnectionError, TimeoutError):  # TimeoutError: the worker still booting
                 assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read().decode()
                 time.sleep(0.3)
-        created = subprocess.run([sys.executable, "-m", "core.cli", "keys", "create", "--tenant", "default"], env=env,
+        created = subprocess.run([sys.executable, "-m", "captioner.cli", "keys", "create", "--tenant", "default"], env=env,
                                  capture_output=True, text=True, check=True)
         key = created.stdout.strip().splitlines()[-1].split()[-1]
         for headers, status, code in (({}, 401, "missing_api_key"), ({"Authorization": f"Bearer {key}"}, 404, "not_found")):

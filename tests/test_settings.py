@@ -1,7 +1,7 @@
 import pytest
 
-from core.errors import ConfigError
-from core.settings import Settings, load_settings
+from captioner.core.errors import ConfigError
+from captioner.core.settings import Settings, load_settings
 
 
 def test_defaults_are_the_embedded_mode():
@@ -20,7 +20,7 @@ def test_reads_captioner_variables_and_ignores_others():
 
 
 def test_batch_size_suits_the_device_unless_set():
-    from core.captioner import CPU_BATCH, GPU_BATCH, batch_size
+    from captioner.core.captioner import CPU_BATCH, GPU_BATCH, batch_size
 
     assert batch_size(load_settings({"CAPTIONER_DEVICE": "cuda:0"})) == GPU_BATCH
     assert batch_size(load_settings({"CAPTIONER_DEVICE": "cpu"})) == CPU_BATCH
@@ -28,7 +28,7 @@ def test_batch_size_suits_the_device_unless_set():
 
 
 def test_forwards_fill_a_gpu_batch_and_split_a_cpu_one():
-    from core.captioner import CPU_BATCH, CPU_FORWARD, GPU_BATCH, forward_size
+    from captioner.core.captioner import CPU_BATCH, CPU_FORWARD, GPU_BATCH, forward_size
 
     assert forward_size(load_settings({"CAPTIONER_DEVICE": "cuda"})) == GPU_BATCH
     assert forward_size(load_settings({"CAPTIONER_DEVICE": "cpu"})) == CPU_FORWARD < CPU_BATCH

@@ -1,8 +1,8 @@
 """Storage against a real S3 server (SeaweedFS) and a local folder."""
 import pytest
 
-from core import storage
-from core.errors import AccessDenied, InvalidRequest, NotFound, TooLarge
+from captioner.core import storage
+from captioner.core.errors import AccessDenied, InvalidRequest, NotFound, TooLarge
 
 
 def test_local_store_is_content_addressed(tmp_path):

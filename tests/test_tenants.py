@@ -11,12 +11,12 @@ import pytest
 from PIL import Image
 from sqlalchemy import select
 
-from api import create_app
-from api.auth import OPEN
+from captioner.api import create_app
+from captioner.api.auth import OPEN
 from conftest import csrf_token, keyed, make_key, signed_in
-from core import queries
-from core.db import make_engine, make_sessionmaker
-from core.tables import Job
+from captioner.core import queries
+from captioner.core.db import make_engine, make_sessionmaker
+from captioner.core.tables import Job
 from test_api import assert_error, jpeg
 
 CAPTION = "a zebracorn grazing beside a quokkaflower"  # words no other caption holds
@@ -37,7 +37,7 @@ def _caption_everything(database_url: str) -> None:
 @pytest.fixture
 def world(app_settings, s3):
     """Tenant A with an upload, an S3 image, a batch of a prefix, all captioned; tenant B with keys."""
-    from core import storage
+    from captioner.core import storage
 
     bucket = s3["S3_TEST_BUCKET"]
     for name in ("one.png", "two.png"):
@@ -171,8 +171,8 @@ def test_urls_are_never_fetched(world):
 def test_tenants_cli_allows_and_denies_buckets(app_settings, monkeypatch):
     from click.testing import CliRunner
 
-    from core.cli import cli
-    from core.settings import get_settings
+    from captioner.cli import cli
+    from captioner.core.settings import get_settings
 
     monkeypatch.setenv("CAPTIONER_DATABASE_URL", app_settings.database_url)
     get_settings.cache_clear()
@@ -192,8 +192,8 @@ def test_tenants_cli_allows_and_denies_buckets(app_settings, monkeypatch):
 def test_cli_search_is_per_tenant(world, app_settings, monkeypatch):
     from click.testing import CliRunner
 
-    from core.cli import cli
-    from core.settings import get_settings
+    from captioner.cli import cli
+    from captioner.core.settings import get_settings
 
     monkeypatch.setenv("CAPTIONER_DATABASE_URL", app_settings.database_url)
     get_settings.cache_clear()

@@ -13,11 +13,11 @@ import pytest
 from PIL import Image
 from sqlalchemy import select
 
-from api import create_app
+from captioner.api import create_app
 from conftest import csrf_token, keyed, make_key, signed_in
-from core import auth, queries
-from core.db import make_engine, make_sessionmaker
-from core.tables import ApiKey, Job
+from captioner.core import auth, queries
+from captioner.core.db import make_engine, make_sessionmaker
+from captioner.core.tables import ApiKey, Job
 from test_api import assert_error, jpeg
 
 UNSURE = "A dog runs through the tall grass."
@@ -414,7 +414,7 @@ def test_a_thumbnail_is_upright(app, api_key):
 
 
 def test_thumbnails_are_kept_in_s3_storage(app_settings, api_key, s3):
-    from core import storage
+    from captioner.core import storage
 
     bucket = s3["S3_TEST_BUCKET"]
     app = create_app(replace(app_settings, storage=f"s3://{bucket}/web-uploads"))

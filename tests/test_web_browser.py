@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, make_key
-from core import queries, storage
-from core.db import make_engine, make_sessionmaker
+from captioner.core import queries, storage
+from captioner.core.db import make_engine, make_sessionmaker
 from test_flower import _port, _start, _stop
 
 CHROMIUM = Path(os.environ.get("CAPTIONER_TEST_CHROMIUM", "/usr/bin/chromium"))

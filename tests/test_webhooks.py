@@ -14,12 +14,12 @@ from sqlalchemy import select
 from conftest import keyed, make_key  # siblings: tests/ is on sys.path
 from test_api import assert_error, jpeg
 
-from api import create_app
-from core import captioner, jobs, webhooks
-from core.db import make_engine, make_sessionmaker
-from core.errors import InvalidRequest
-from core.settings import Settings
-from core.tables import WebhookDelivery
+from captioner.api import create_app
+from captioner.core import captioner, jobs, webhooks
+from captioner.core.db import make_engine, make_sessionmaker
+from captioner.core.errors import InvalidRequest
+from captioner.core.settings import Settings
+from captioner.core.tables import WebhookDelivery
 
 SECRET = "s3cret-for-tests"
 TOLERANCE_S = 300

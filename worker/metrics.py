@@ -13,8 +13,8 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
-from core.jobs import BatchReport
-from core.tables import QUEUES
+from captioner.core.jobs import BatchReport
+from captioner.core.tables import QUEUES
 
 BATCH_SIZE = Histogram("captioner_batch_size", "Images per model forward",
                        buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024))

@@ -13,12 +13,12 @@ from celery import signals
 from celery_batches import SimpleRequest
 from sqlalchemy.orm import sessionmaker
 
-from core import jobs, logs, queries, webhooks
-from core.captioner import batch_size, warm_up
-from core.captioner import get as get_model
-from core.db import make_engine, make_sessionmaker
-from core.queue import CAPTION_TASK, SWEEP_TASK, WEBHOOK_TASK, create_celery, drained, publish, publish_webhooks
-from core.settings import get_settings
+from captioner.core import jobs, logs, queries, webhooks
+from captioner.core.captioner import batch_size, warm_up
+from captioner.core.captioner import get as get_model
+from captioner.core.db import make_engine, make_sessionmaker
+from captioner.core.queue import CAPTION_TASK, SWEEP_TASK, WEBHOOK_TASK, create_celery, drained, publish, publish_webhooks
+from captioner.core.settings import get_settings
 
 from . import metrics
 from .batching import Batches, request_ids

@@ -3,7 +3,7 @@
 - raw: the model on tensors decoded beforehand, at the best batch size (the ceiling);
 - end_to_end: photos in S3 (SeaweedFS) -> POST /v1/batches on the HTTP API -> Redis -> one batching
   `captioner worker` -> PostgreSQL, timed from the request until the last job's finished_at;
-- naive: the same path with worker.naive: one task and one model call per image.
+- naive: the same path with captioner.bench.naive_worker: one task and one model call per image.
 
 Each distributed run gets a fresh PostgreSQL database on the configured server and a warm worker
 (its first batch is run before the clock starts), so only steady-state throughput is compared."""
@@ -26,9 +26,10 @@ from typing import Callable, Iterator
 from unittest import mock
 from urllib.parse import urlsplit, urlunsplit
 
-from . import captioner, decode, seaweed, storage
-from .queue import create_celery
-from .settings import Settings
+from captioner.core import captioner, decode, storage
+from . import seaweed
+from captioner.core.queue import create_celery
+from captioner.core.settings import Settings
 
 WARMUP = 4  # photos captioned before the clock starts: loads the model, warms the first forward
 DEADLINE_S = 1800
@@ -73,7 +74,7 @@ def _database(server_url: str) -> Iterator[str]:
     """A fresh, migrated database on the configured PostgreSQL server, dropped afterwards."""
     from sqlalchemy import create_engine, text
 
-    from migrations import upgrade
+    from captioner.migrations import upgrade
 
     base = urlsplit(server_url)
     name = f"captioner_bench_{secrets.token_hex(4)}"
@@ -121,7 +122,7 @@ def _api(settings: Settings) -> Iterator[str]:
     """The Flask app under werkzeug's threaded server, in this process -> its base URL."""
     from werkzeug.serving import make_server
 
-    from api import create_app
+    from captioner.api import create_app
 
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one access-log line per poll would drown the table
     server = make_server("127.0.0.1", 0, create_app(settings), threaded=True)
@@ -161,8 +162,8 @@ def _run_batch(base: str, key: str, bucket: str, prefix: str, expected: int, wor
 
 def _client_key(db_url: str, bucket: str) -> str:
     """A write key for a tenant allowed to read the bucket: the API checks both as in production."""
-    from .auth import allow_bucket, create_key
-    from .db import make_engine, make_sessionmaker
+    from captioner.core.auth import allow_bucket, create_key
+    from captioner.core.db import make_engine, make_sessionmaker
 
     engine = make_engine(db_url)
     try:
@@ -192,8 +193,8 @@ def distributed(settings: Settings, bucket: str, count: int, worker_argv: list[s
     under warmup/, on a fresh database."""
     from sqlalchemy import func, select, text
 
-    from .db import make_engine
-    from .tables import Caption, Job, utcnow
+    from captioner.core.db import make_engine
+    from captioner.core.tables import Caption, Job, utcnow
 
     with _database(settings.database_url) as db_url:
         phase = replace(settings, database_url=db_url, storage=f"s3://{bucket}/uploads", batch_size=batch_size,
@@ -261,8 +262,8 @@ def bench(settings: Settings, photos: list[Path], batch_sizes: list[int], log: C
                 client.put_object(Bucket=bucket, Key=prefix + p.name, Body=p.read_bytes())
         # two forwards per batch at least: the second's photos are fetched and decoded while the first runs
         size = max(captioner.batch_size(settings), 2 * best)
-        runs = {"end_to_end": (["-m", "core.cli", "worker", "--no-beat", "--loglevel", "warning"], size, best),
-                "naive": (["-m", "celery", "-A", "worker.naive", "worker", "--pool", "prefork", "--concurrency", "1",
+        runs = {"end_to_end": (["-m", "captioner.cli", "worker", "--no-beat", "--loglevel", "warning"], size, best),
+                "naive": (["-m", "celery", "-A", "captioner.bench.naive_worker", "worker", "--pool", "prefork", "--concurrency", "1",
                            "--queues", "interactive,backfill", "--loglevel", "warning"], 1, 1)}
         for _ in range(rounds):
             for name, (argv, bs, forward) in runs.items():

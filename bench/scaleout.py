@@ -20,9 +20,9 @@ from typing import Callable
 
 from PIL import Image
 
-from . import storage
-from .bench_pipeline import WARMUP, distributed, s3_bucket
-from .settings import Settings
+from captioner.core import storage
+from .pipeline import WARMUP, distributed, s3_bucket
+from captioner.core.settings import Settings
 
 
 @dataclass(frozen=True)
@@ -80,7 +80,7 @@ def bench(settings: Settings, photos: list[Path], counts: list[int], side: int |
                 client.put_object(Bucket=bucket, Key=prefix + p.name, Body=shrink(data, side) if side else data)
         for n in counts:
             threads = max(1, cores // n)  # this host's cores shared out between its workers
-            argv = ["-m", "core.cli", "worker", "--no-beat", "--loglevel", "info", "--hostname", "scaleout{n}@%h"]
+            argv = ["-m", "captioner.cli", "worker", "--no-beat", "--loglevel", "info", "--hostname", "scaleout{n}@%h"]
             run = distributed(settings, bucket, len(measured), argv, batch_size, batch_size, Path(tmp),
                               workers=n, threads=threads)
             per_worker = [_captioned(p) for p in run.logs]

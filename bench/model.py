@@ -5,7 +5,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from .inference import Captioner
+from captioner.model.inference import Captioner
 
 
 def _time(fn, repeats: int) -> float:

@@ -9,8 +9,8 @@ from typing import Callable
 
 from PIL import Image
 
-from . import captioner, decode
-from .settings import Settings
+from captioner.core import captioner, decode
+from captioner.core.settings import Settings
 
 TWELVE_MP = (4000, 3000)
 

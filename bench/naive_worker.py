@@ -2,7 +2,7 @@
 one message and one model call per image, Celery's default prefetch. It consumes the same queues
 and the same task name as worker.tasks, so only the batching differs. Not for production.
 
-    celery -A worker.naive worker --pool prefork --concurrency 1 --queues interactive,backfill
+    celery -A captioner.bench.naive_worker worker --pool prefork --concurrency 1 --queues interactive,backfill
 """
 from functools import lru_cache
 from typing import Any
@@ -10,11 +10,11 @@ from typing import Any
 from celery import signals
 from sqlalchemy.orm import sessionmaker
 
-from core import jobs, queries
-from core.captioner import get as get_model
-from core.db import make_engine, make_sessionmaker
-from core.queue import CAPTION_TASK, create_celery
-from core.settings import get_settings
+from captioner.core import jobs, queries
+from captioner.core.captioner import get as get_model
+from captioner.core.db import make_engine, make_sessionmaker
+from captioner.core.queue import CAPTION_TASK, create_celery
+from captioner.core.settings import get_settings
 
 settings = get_settings()
 app = create_celery(settings)

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from core.settings import PRECISIONS
+from captioner.core.settings import PRECISIONS
 
 DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"  # ../shared/data beside the checkout
 
@@ -46,7 +46,7 @@ def train(captions, images, train_split, dev_split, run_dir, export, fresh, **ov
 
     import torch
 
-    from model.train import TrainConfig, train as run_training
+    from captioner.model.train import TrainConfig, train as run_training
 
     if train_split is None and dev_split is None:
         folder = Path(captions).parent
@@ -82,8 +82,8 @@ def train(captions, images, train_split, dev_split, run_dir, export, fresh, **ov
               help="The encoder's arithmetic (auto = bf16 where the device has bf16 units).")
 def evaluate(images, captions, checkpoint, split, output, beam, batch_size, device, precision) -> None:
     """Caption every listed image and print COCO metrics; the last line is one JSON object."""
-    from model import inference
-    from model.evaluate import evaluate_folder
+    from captioner.model import inference
+    from captioner.model.evaluate import evaluate_folder
 
     try:
         captioner = inference.load(checkpoint, device=device, bf16=PRECISIONS[precision])
@@ -103,9 +103,9 @@ def evaluate(images, captions, checkpoint, split, output, beam, batch_size, devi
 @click.option("--output", type=click.Path(dir_okay=False), default="baseline.json", show_default=True)
 def baseline(captions, images, k, output) -> None:
     """Score the retrieval baseline (nearest photos' captions, consensus re-ranked) on the dev split."""
-    from model.evaluate import rounded, write_results
-    from model.retrieval import evaluate_baseline
-    from model.train import TrainConfig
+    from captioner.model.evaluate import rounded, write_results
+    from captioner.model.retrieval import evaluate_baseline
+    from captioner.model.train import TrainConfig
 
     folder = Path(captions).parent
     splits = [folder / "Flickr_8k.trainImages.txt", folder / "Flickr_8k.devImages.txt"]
@@ -128,7 +128,7 @@ def describe(images, checkpoint, beam, as_json) -> None:
 
     from PIL import Image, UnidentifiedImageError
 
-    from model import inference
+    from captioner.model import inference
 
     captioner = inference.load(checkpoint)
     for path in images:
@@ -161,8 +161,8 @@ def bench() -> None:
 @click.option("--beam", type=int, default=3, show_default=True)
 def bench_model_command(images, batch_sizes, checkpoint, device, beam) -> None:
     """Images/s of the encoder and of encoder + beam search per batch size."""
-    from model import inference
-    from model.bench import bench_model
+    from captioner.model import inference
+    from captioner.bench.model import bench_model
 
     captioner = inference.load(checkpoint, device=device)
     gpu = captioner.device.type == "cuda"
@@ -194,7 +194,7 @@ def bench_search_command(imagenet, flickr, queries, cache_dir, k, postgres_url) 
     """Search relevance: recall@k of ImageNet class names, precision@k of COCO-written queries."""
     from tqdm import tqdm
 
-    from core import bench_search
+    from captioner.bench import search as bench_search
 
     with tqdm(unit="img", desc="captioning") as bar:
         result = bench_search.run(_settings(), Path(imagenet), Path(flickr),
@@ -229,9 +229,9 @@ def bench_backfill_command(bucket, prefix, keys, threads) -> None:
     import time
     from concurrent.futures import ThreadPoolExecutor
 
-    from core import backfill, captioner, storage
-    from core.errors import CaptioningError
-    from core.queue import create_celery, publish
+    from captioner.core import backfill, captioner, storage
+    from captioner.core.errors import CaptioningError
+    from captioner.core.queue import create_celery, publish
 
     settings = _settings()
     client = storage.s3_client()
@@ -268,7 +268,8 @@ def bench_pipeline_command(images, count, batch_sizes, rounds) -> None:
     CAPTIONER_BROKER_URL (Redis); starts its own SeaweedFS."""
     from dataclasses import replace
 
-    from core import bench_pipeline, captioner
+    from captioner.bench import pipeline as bench_pipeline
+    from captioner.core import captioner
 
     settings = _settings()
     paths = sorted(Path(images).glob("*.jpg"))[:count + bench_pipeline.WARMUP]
@@ -304,8 +305,8 @@ def bench_scaleout_command(images, count, workers, side, checkpoint, batch_size)
     import tempfile
     from dataclasses import replace
 
-    from core import bench_scaleout
-    from model.train import export_tiny_checkpoint
+    from captioner.bench import scaleout as bench_scaleout
+    from captioner.model.train import export_tiny_checkpoint
 
     paths = sorted(Path(images).glob("*.jpg"))[:count + 4]
     if len(paths) < count + 4:
@@ -335,7 +336,7 @@ def bench_decode_command(image, repeats) -> None:
     (draft mode) and a plain full decode + resize; the last line is one JSON object."""
     import tempfile
 
-    from core import bench_decode
+    from captioner.bench import decode as bench_decode
 
     photo = Path(image) if image else next(iter(sorted((DATA / "flickr8k" / "images").glob("*.jpg"))), None)
     if photo is None:
@@ -365,17 +366,17 @@ def torch_device_name(device) -> str:
 def _open_db(settings):
     """Sessions for the configured database. A SQLite file (the embedded default) is created and
     migrated on first use, so a new user needs no setup step; PostgreSQL waits for `db upgrade`."""
-    from core.db import make_engine, make_sessionmaker
+    from captioner.core.db import make_engine, make_sessionmaker
 
     if settings.database_url.startswith("sqlite"):
-        from migrations import upgrade
+        from captioner.migrations import upgrade
         upgrade(settings.database_url)
     return make_sessionmaker(make_engine(settings.database_url))
 
 
 def _settings():
-    from core.errors import ConfigError
-    from core.settings import get_settings
+    from captioner.core.errors import ConfigError
+    from captioner.core.settings import get_settings
 
     try:
         return get_settings()
@@ -403,9 +404,9 @@ def caption(paths, limit, queue, wait, samples) -> None:
 
     from tqdm import tqdm
 
-    from core import captioner, jobs, queries, storage
-    from core.errors import CaptioningError
-    from core.tables import Image
+    from captioner.core import captioner, jobs, queries, storage
+    from captioner.core.errors import CaptioningError
+    from captioner.core.tables import Image
 
     settings = _settings()
     try:
@@ -419,7 +420,7 @@ def caption(paths, limit, queue, wait, samples) -> None:
             batch_id, submitted = jobs.submit_images(sm, images, version, queue, lambda _: None,
                                                      batch_source=" ".join(paths))
         else:
-            from core.queue import create_celery, publish
+            from captioner.core.queue import create_celery, publish
 
             # workers elsewhere cannot read this machine's files: put them in the shared store
             images = [jobs.NewImage(storage.store(settings.storage, storage.read(i.uri, settings.max_upload_bytes))[0],
@@ -476,8 +477,8 @@ def recaption(from_version, every_image) -> None:
     """
     from tqdm import tqdm
 
-    from core import backfill, captioner, jobs, queries
-    from core.errors import CaptioningError
+    from captioner.core import backfill, captioner, jobs, queries
+    from captioner.core.errors import CaptioningError
 
     settings = _settings()
     try:
@@ -486,7 +487,7 @@ def recaption(from_version, every_image) -> None:
         if settings.embedded:
             done = backfill.recaption(sm, version, lambda _: None, from_version, every_image)
         else:
-            from core.queue import create_celery, publish
+            from captioner.core.queue import create_celery, publish
 
             app, group = create_celery(settings), captioner.batch_size(settings)
             done = backfill.recaption(sm, version, lambda j: publish(app, j, group), from_version, every_image)
@@ -509,7 +510,7 @@ def _follow(sm, batch_id: int, todo: int, bar) -> None:
     """Poll a batch's counts until none is queued or processing (Ctrl-C stops watching, not the work)."""
     import time
 
-    from core import queries
+    from captioner.core import queries
 
     while True:
         with sm() as s:
@@ -533,8 +534,8 @@ def search(words, limit, offset, tenant, as_json) -> None:
     Words are stemmed (dogs finds dog); "quoted phrases" must match as written; -word excludes.
     Put -- before a query that starts with an exclusion: captioner search -- -cat dog
     """
-    from core import search as search_index
-    from core.errors import CaptioningError
+    from captioner.core import search as search_index
+    from captioner.core.errors import CaptioningError
 
     settings = _settings()
     try:
@@ -556,7 +557,7 @@ def search(words, limit, offset, tenant, as_json) -> None:
 @click.option("--tenant", default="default", show_default=True)
 def export(fmt, output, model_version, tenant) -> None:
     """Write every caption with its image key, alt text, state, candidates and tags (for CMS imports)."""
-    from core import export as exporter
+    from captioner.core import export as exporter
 
     settings = _settings()
     with _open_db(settings)() as s:
@@ -575,8 +576,8 @@ def export(fmt, output, model_version, tenant) -> None:
 @click.option("--hostname", default=None, help="Celery node name, e.g. gpu1@%h: unique per worker on one host.")
 def worker(queues, concurrency, beat, loglevel, hostname) -> None:
     """Start a Celery worker that captions batches (needs CAPTIONER_BROKER_URL)."""
-    from core import captioner
-    from core.errors import CaptioningError
+    from captioner.core import captioner
+    from captioner.core.errors import CaptioningError
 
     settings = _settings()
     if settings.embedded:
@@ -592,7 +593,7 @@ def worker(queues, concurrency, beat, loglevel, hostname) -> None:
         # prometheus_client's multiprocess mode, chosen when it is imported: the prefork children
         # write their samples to files here and the main process serves their sum
         os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="captioner-metrics-"))
-    from worker.tasks import app
+    from captioner.worker.tasks import app
 
     app.conf.worker_concurrency = concurrency  # also read by the pool processes (their torch threads)
     argv = ["worker", "--queues", queues, "--concurrency", str(concurrency), "--pool", "prefork",
@@ -615,7 +616,7 @@ def flower(host, port) -> None:
     on 127.0.0.1 only: Flower's pages and API can revoke tasks and shut workers down."""
     import os
 
-    from core.queue import create_celery
+    from captioner.core.queue import create_celery
 
     settings = _settings()
     if settings.embedded:
@@ -645,7 +646,7 @@ def serve(host, port, workers, threads) -> None:
     os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="captioner-api-metrics-"))
     gunicorn = Path(sys.executable).with_name("gunicorn")
     os.execv(str(gunicorn), [str(gunicorn), "--bind", f"{host}:{port}", "--workers", str(workers),
-                             "--threads", str(threads), "--access-logfile", "-", "api:create_app()"])
+                             "--threads", str(threads), "--access-logfile", "-", "captioner.api:create_app()"])
 
 
 @cli.group()
@@ -657,7 +658,7 @@ def db() -> None:
 @click.option("--revision", default="head", show_default=True)
 def db_upgrade(revision) -> None:
     """Apply migrations to CAPTIONER_DATABASE_URL (PostgreSQL or SQLite)."""
-    from migrations import upgrade
+    from captioner.migrations import upgrade
 
     settings = _settings()
     upgrade(settings.database_url, revision)
@@ -679,8 +680,8 @@ def keys() -> None:
 @click.option("--name", default="", help="A note to tell keys apart in `keys list`.")
 def keys_create(tenant, scope, name) -> None:
     """Create a key; it is printed once, as the last word of the last line, and only its hash is kept."""
-    from core import auth
-    from core.errors import CaptioningError
+    from captioner.core import auth
+    from captioner.core.errors import CaptioningError
 
     settings = _settings()
     try:
@@ -697,8 +698,8 @@ def keys_create(tenant, scope, name) -> None:
 @click.argument("key_id", type=int)
 def keys_revoke(key_id) -> None:
     """Revoke key KEY_ID: requests with it get 401 from now on."""
-    from core import auth
-    from core.errors import CaptioningError
+    from captioner.core import auth
+    from captioner.core.errors import CaptioningError
 
     try:
         with _open_db(_settings()).begin() as s:
@@ -712,7 +713,7 @@ def keys_revoke(key_id) -> None:
 @click.option("--tenant", default=None)
 def keys_list(tenant) -> None:
     """Keys with their tenant, public prefix, scopes and last use (never the keys themselves)."""
-    from core import auth
+    from captioner.core import auth
 
     with _open_db(_settings())() as s:
         rows = auth.list_keys(s, tenant)
@@ -733,8 +734,8 @@ def tenants() -> None:
 def tenants_allow_bucket(tenant, location) -> None:
     """Let TENANT submit objects under LOCATION (s3://bucket or s3://bucket/prefix; the prefix is
     matched as a string, so end it with / to mean a folder)."""
-    from core import auth, storage
-    from core.errors import CaptioningError
+    from captioner.core import auth, storage
+    from captioner.core.errors import CaptioningError
 
     try:
         bucket, prefix = storage.split_s3(location)
@@ -750,8 +751,8 @@ def tenants_allow_bucket(tenant, location) -> None:
 @click.argument("location")
 def tenants_deny_bucket(tenant, location) -> None:
     """Remove an allowance made with allow-bucket (images already submitted stay)."""
-    from core import auth, storage
-    from core.errors import CaptioningError
+    from captioner.core import auth, storage
+    from captioner.core.errors import CaptioningError
 
     try:
         bucket, prefix = storage.split_s3(location)
@@ -765,7 +766,7 @@ def tenants_deny_bucket(tenant, location) -> None:
 @tenants.command("list")
 def tenants_list() -> None:
     """Every tenant's allowed S3 locations."""
-    from core import auth
+    from captioner.core import auth
 
     with _open_db(_settings())() as s:
         for row in auth.allowed_buckets(s):

@@ -18,10 +18,10 @@ from typing import Any, Callable
 from sqlalchemy import select
 from sqlalchemy.orm import sessionmaker
 
-from . import captioner, jobs, queries, search
-from .db import make_engine, make_sessionmaker
-from .settings import Settings
-from .tables import Caption, Image
+from captioner.core import captioner, jobs, queries, search
+from captioner.core.db import make_engine, make_sessionmaker
+from captioner.core.settings import Settings
+from captioner.core.tables import Caption, Image
 
 QUERIES = Path(__file__).with_name("search_queries.txt")
 Log = Callable[[str], None]
@@ -30,7 +30,7 @@ Log = Callable[[str], None]
 def caption_corpus(settings: Settings, database: Path, photos: list[Path],
                    on_batch: Callable[[jobs.BatchReport], None]) -> sessionmaker:
     """`photos` captioned into the SQLite file `database` (only those not yet captioned)."""
-    from migrations import upgrade
+    from captioner.migrations import upgrade
 
     url = f"sqlite:///{database.resolve()}"
     upgrade(url)

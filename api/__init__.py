@@ -2,6 +2,7 @@
 JSON error shape (HTML pages for the web interface). Never imports torch or worker/: it stores
 bytes, writes rows and publishes job ids."""
 import logging
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,7 +13,7 @@ from werkzeug.routing import IntegerConverter
 from captioner.core import captioner, logs
 from captioner.core.auth import web_session_secret
 from captioner.core.db import make_engine, make_sessionmaker
-from captioner.core.queue import create_celery, publish
+from captioner.core.queue import Publish, create_celery, publisher
 from captioner.core.settings import Settings, get_settings
 
 
@@ -22,6 +23,7 @@ class Services:
     settings: Settings
     sessionmaker: sessionmaker
     celery: Any | None  # None in embedded mode: jobs wait for `captioner caption` to drain them
+    publish: Publish
     # read lazily: the API can start, and say why it is not ready, without a checkpoint
     model_version: str | None = None
     # read lazily too: without a database the API starts and /readyz says why it is not ready
@@ -41,10 +43,6 @@ class Services:
                 with self.sessionmaker.begin() as s:
                     self.session_key = web_session_secret(s)
         return self.session_key
-
-    def publish(self, jobs: list[tuple[int, str]]) -> None:
-        if self.celery is not None:
-            publish(self.celery, jobs, group=captioner.batch_size(self.settings))
 
 
 MAX_ID = 2**31 - 1  # row ids are PostgreSQL INTEGER columns
@@ -90,13 +88,16 @@ def _close_session(_exc: BaseException | None) -> None:
 
 def create_app(settings: Settings | None = None) -> Flask:
     settings = settings or get_settings()
-    app = CaptionerFlask(__name__)
+    # instance_path given: Flask's search for it fails on the captioner.* namespace of an editable
+    # install, and the API keeps nothing there
+    app = CaptionerFlask(__name__, instance_path=str(Path(__file__).parent / "instance"))
     app.url_map.converters["id"] = RowId
     app.config["MAX_CONTENT_LENGTH"] = settings.max_upload_bytes  # Flask answers 413 before reading more
     # keep fields in the documented order
     app.json.sort_keys = False  # type: ignore[attr-defined]
     celery = create_celery(settings) if settings.broker_url else None
-    app.extensions["captioner"] = Services(settings, make_sessionmaker(make_engine(settings.database_url)), celery)
+    app.extensions["captioner"] = Services(settings, make_sessionmaker(make_engine(settings.database_url)), celery,
+                                           publisher(settings, celery))
     app.teardown_appcontext(_close_session)
 
     from . import alttext, auth, batches, docs, errors, export, health, images, metrics, search, web

@@ -3,6 +3,7 @@ tensor on one core, the serving path (core.decode: JPEG draft mode, EXIF orienta
 plain full decode and resize, in the same run."""
 import io
 import statistics
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -56,3 +57,10 @@ def bench(settings: Settings, data: bytes, repeats: int) -> dict[str, float]:
             "full_cpu": _median_ms(full, repeats, time.thread_time),
             "draft_wall": _median_ms(served, repeats, time.perf_counter),
             "full_wall": _median_ms(full, repeats, time.perf_counter)}
+
+
+def run(settings: Settings, photo: Path, repeats: int) -> tuple[bytes, dict[str, float]]:
+    """The 12 MP JPEG made from `photo`, and its timings."""
+    with tempfile.TemporaryDirectory(prefix="captioner-decode-") as tmp:
+        data = twelve_megapixel_jpeg(photo, Path(tmp))
+    return data, bench(settings, data, repeats)

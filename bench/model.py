@@ -38,3 +38,10 @@ def bench_model(captioner: Captioner, image_paths: list[Path], batch_sizes: list
         cap_s = _time(lambda: captioner.caption(batch, beam=beam), repeats)
         rows.append({"batch": bs, "encoder_img_s": bs / enc_s, "captions_img_s": bs / cap_s})
     return rows
+
+
+def device_name(device: torch.device) -> str:
+    """The card's name, or the CPU threads torch uses: every table says what it was measured on."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{torch.get_num_threads()} CPU threads"

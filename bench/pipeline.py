@@ -23,7 +23,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator
-from unittest import mock
 from urllib.parse import urlsplit, urlunsplit
 
 from captioner.core import captioner, decode, storage
@@ -96,8 +95,8 @@ def s3_bucket(root: Path) -> Iterator[str]:
     """A SeaweedFS on loopback with one bucket; the AWS_* variables point boto3 at it meanwhile."""
     server = seaweed.SeaweedFS(root)
     server.start()
-    environment = mock.patch.dict(os.environ, server.env)
-    environment.start()
+    saved = {name: os.environ.get(name) for name in server.env}
+    os.environ.update(server.env)  # boto3, obstore and the worker processes started later read them
     storage.s3_client.cache_clear()
     bucket = "bench"
     try:
@@ -113,7 +112,11 @@ def s3_bucket(root: Path) -> Iterator[str]:
         yield bucket
     finally:
         server.stop()
-        environment.stop()
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
         storage.s3_client.cache_clear()
 
 

@@ -14,15 +14,16 @@ import io
 import os
 import re
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
 from PIL import Image
 
 from captioner.core import storage
-from .pipeline import WARMUP, distributed, s3_bucket
 from captioner.core.settings import Settings
+
+from .pipeline import WARMUP, distributed, s3_bucket
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,17 @@ def bench(settings: Settings, photos: list[Path], counts: list[int], side: int |
                             run.redelivered, run.captions - len(measured), run.peak_connections, _stages(run.logs)))
             log(f"{n} workers: {rows[-1].captions_s:.1f} captions/s")
     return rows
+
+
+def run(settings: Settings, photos: list[Path], counts: list[int], side: int | None, batch_size: int,
+        checkpoint: str | None, log: Callable[[str], None]) -> list[Row]:
+    """`bench` with `checkpoint`, or by default the tiny random-weight model: then the shared
+    services, not the model, are what the rows measure."""
+    from captioner.model.train import export_tiny_checkpoint
+
+    with tempfile.TemporaryDirectory(prefix="captioner-tiny-") as tmp:
+        model_path = checkpoint or str(export_tiny_checkpoint(Path(tmp)))
+        return bench(replace(settings, model_path=model_path), photos, counts, side, batch_size, log)
 
 
 def table(rows: list[Row]) -> list[str]:

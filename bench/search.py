@@ -20,6 +20,7 @@ from sqlalchemy.orm import sessionmaker
 
 from captioner.core import captioner, jobs, queries, search
 from captioner.core.db import make_engine, make_sessionmaker
+from captioner.migrations import open_database
 from captioner.core.settings import Settings
 from captioner.core.tables import Caption, Image
 
@@ -30,11 +31,8 @@ Log = Callable[[str], None]
 def caption_corpus(settings: Settings, database: Path, photos: list[Path],
                    on_batch: Callable[[jobs.BatchReport], None]) -> sessionmaker:
     """`photos` captioned into the SQLite file `database` (only those not yet captioned)."""
-    from captioner.migrations import upgrade
-
     url = f"sqlite:///{database.resolve()}"
-    upgrade(url)
-    sm = make_sessionmaker(make_engine(url))
+    sm = open_database(url)
     embedded = dataclasses.replace(settings, database_url=url, broker_url=None)
     version = captioner.version(embedded)
     jobs.submit_images(sm, [jobs.file_image(p) for p in photos], version, "backfill", lambda _: None)

@@ -11,7 +11,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from . import queries, storage
 from .errors import InvalidRequest
-from .jobs import Publish, s3_image
+from .jobs import s3_image
+from .queue import Publish
 from .tables import Batch, Caption, Image, Job, utcnow
 
 PAGE = 1000  # images per transaction when re-captioning (S3 lists 1,000 keys a page)

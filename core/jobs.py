@@ -14,6 +14,7 @@ from sqlalchemy.orm import sessionmaker
 from . import captioner, decode, queries, storage, webhooks
 from .errors import CaptioningError, InvalidRequest, TransientError
 from .queries import Claimed, Failure, NewImage, Result, Submitted
+from .queue import Publish
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -21,7 +22,6 @@ log = logging.getLogger(__name__)
 # all, on top of boto3's own quick retries): without them a storage restart of a few seconds
 # burns one attempt per batch until max_attempts fails every job in flight.
 FETCH_RETRY_SECONDS = (1.0, 2.0, 4.0, 8.0)
-Publish = Callable[[list[tuple[int, str]]], None]  # (job id, queue) pairs; a no-op in embedded mode
 
 
 @dataclass(frozen=True)

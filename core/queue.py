@@ -1,5 +1,6 @@
 """The Celery app object and task names, so the API can publish without importing worker/ or torch."""
 import logging
+from typing import Callable
 
 from celery import Celery
 from kombu import Exchange, Queue
@@ -17,6 +18,7 @@ EXCHANGE = Exchange("captioner", type="direct")
 VISIBILITY_TIMEOUT = 3600  # seconds; far above flush interval + the worst batch, or Redis redelivers mid-run
 
 log = logging.getLogger(__name__)
+Publish = Callable[[list[tuple[int, str]]], None]  # (job id, queue) pairs, after their rows are committed
 
 
 def create_celery(settings: Settings) -> Celery:
@@ -99,3 +101,14 @@ def publish_webhooks(app: Celery, targets: list[tuple[int, str]]) -> None:
         for job_id, url in targets:
             app.send_task(WEBHOOK_TASK, kwargs={"job_id": job_id, "url": url}, queue="interactive",
                           producer=producer)
+
+
+def publisher(settings: Settings, app: Celery | None = None) -> Publish:
+    """How every submitter (API, CLI, sweep, benchmarks) tells workers about new jobs: doorbells on
+    the broker, backfills grouped by the worker's batch size. Without a broker (embedded mode)
+    nothing is rung: `captioner caption` drains the database queue in its own process."""
+    if settings.embedded:
+        return lambda _jobs: None
+    app = app or create_celery(settings)
+    group = batch_size(settings)
+    return lambda jobs: publish(app, jobs, group)

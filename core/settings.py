@@ -37,6 +37,9 @@ class Settings:
     # "device": baseline JPEGs are decoded on the model's device (nvJPEG on a GPU, a batch at a
     # time, before each forward); "pillow": on the I/O threads, draft mode; "auto": device on CUDA
     jpeg_decode: str = "auto"
+    # a folder holding flickr8k/ and imagenet-samples/: where `captioner train`, `baseline` and
+    # `bench` look for data when no option names it; None = those options are required
+    data_dir: str | None = None
     model_path: str | None = None  # checkpoint file; None = the shipped model/checkpoints/default.pt
     beam: int = 3  # beam width for decoding
     n_best: int = 3  # candidates kept per image

@@ -101,3 +101,9 @@ def cached_features(encoder: Encoder, folder: Path, names: list[str], cache_dir:
     cache.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"key": key, "names": list(names), "features": feats}, cache)
     return {n: i for i, n in enumerate(names)}, feats
+
+
+def official_splits(captions: Path) -> tuple[Path, Path] | None:
+    """Flickr8k's own train and dev name lists beside its token file, when they are there."""
+    train, dev = captions.parent / "Flickr_8k.trainImages.txt", captions.parent / "Flickr_8k.devImages.txt"
+    return (train, dev) if train.exists() and dev.exists() else None

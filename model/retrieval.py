@@ -5,6 +5,7 @@ re-ranking with tf-idf n-gram cosine, CIDEr's similarity without its length pena
 """
 import math
 from collections import Counter
+from pathlib import Path
 
 import torch
 
@@ -64,13 +65,12 @@ def dev_baseline(captions: dict[str, list[str]], train_names: list[str], dev_nam
     return dict(zip(dev_names, out))
 
 
-def evaluate_baseline(cfg, k: int = 40) -> tuple[dict[str, float], dict[str, str]]:
-    """Score the retrieval baseline on the dev photos of a training config (`train.TrainConfig`)."""
-    from pathlib import Path
-
+def score_baseline(cfg, k: int, output: Path) -> dict[str, float]:
+    """Score the retrieval baseline on the dev photos of a training config (`train.TrainConfig`);
+    its captions and metrics go to `output` (the `evaluate` command's format)."""
     from .data import cached_features, read_captions
     from .encoder import Encoder, EncoderConfig
-    from .evaluate import score
+    from .evaluate import rounded, score, write_results
     from .train import split_names
 
     captions = read_captions(Path(cfg.captions))
@@ -81,4 +81,6 @@ def evaluate_baseline(cfg, k: int = 40) -> tuple[dict[str, float], dict[str, str
     predictions = dev_baseline(captions, train_names, dev_names, index, feats, k)
     metrics = score({n: captions[n] for n in dev_names}, predictions)
     metrics["images"] = len(dev_names)
-    return metrics, predictions
+    metrics = rounded(metrics)
+    write_results(output, predictions, metrics)
+    return metrics

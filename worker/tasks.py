@@ -17,7 +17,8 @@ from captioner.core import jobs, logs, queries, webhooks
 from captioner.core.captioner import batch_size, warm_up
 from captioner.core.captioner import get as get_model
 from captioner.core.db import make_engine, make_sessionmaker
-from captioner.core.queue import CAPTION_TASK, SWEEP_TASK, WEBHOOK_TASK, create_celery, drained, publish, publish_webhooks
+from captioner.core.queue import (CAPTION_TASK, SWEEP_TASK, WEBHOOK_TASK, create_celery, drained, publish_webhooks,
+                                    publisher)
 from captioner.core.settings import get_settings
 
 from . import metrics
@@ -26,6 +27,7 @@ from .batching import Batches, request_ids
 log = logging.getLogger(__name__)
 settings = get_settings()
 app = create_celery(settings)
+publish = publisher(settings, app)
 
 
 @lru_cache(maxsize=1)
@@ -116,7 +118,7 @@ def sweep() -> int:
     idle = drained(app)  # asked before the transaction: no broker round trip while rows are locked
     with _sessionmaker().begin() as s:
         republish = queries.sweep(s, settings.max_attempts, settings.requeue_after_seconds, idle)
-    publish(app, republish, group=batch_size(settings))
+    publish(republish)
     if republish:
         log.info("sweep: re-published %d jobs", len(republish))
     return len(republish)

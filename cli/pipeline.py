@@ -1,0 +1,129 @@
+"""The library commands: caption, recaption, search, export."""
+import json
+
+import click
+
+from . import context
+
+
+@click.command()
+@click.argument("paths", nargs=-1, required=True)
+@click.option("--limit", type=int, default=None, help="Caption at most this many images.")
+@click.option("--queue", type=click.Choice(["interactive", "backfill"]), default="backfill", show_default=True,
+              help="Broker queue (distributed mode only).")
+@click.option("--wait/--no-wait", default=False, help="Distributed mode: follow the batch until it is done.")
+@click.option("--samples", type=int, default=5, show_default=True, help="Captions to show at the end.")
+def caption(paths, limit, queue, wait, samples) -> None:
+    """Caption image files, folders and s3://bucket/prefix locations.
+
+    With no broker configured (CAPTIONER_BROKER_URL unset) this runs the whole pipeline in this
+    process on the SQLite database, skipping images this model already captioned, so a second run
+    is quick and an interrupted run resumes. With a broker it submits the images for the workers
+    (uploading local files to CAPTIONER_STORAGE first), prints the batch id and, with --wait,
+    follows the batch to the end.
+    """
+    import time
+
+    from tqdm import tqdm
+
+    from captioner.core import caption_runs, captioner
+    from captioner.core.queue import publisher
+
+    settings = context.settings()
+    with context.reported():
+        sm = context.database(settings)
+        version = captioner.version(settings)
+        started = time.perf_counter()
+        batch_id, submitted = caption_runs.submit(sm, settings, paths, limit, queue, version, publisher(settings))
+        if not settings.embedded:
+            click.echo(f"batch {batch_id}: {len({x.image_id for x in submitted})} images submitted to the workers")
+            if not wait:
+                return
+        already, todo = caption_runs.pending(submitted)
+        with tqdm(total=todo, unit="img", desc="captioning", disable=todo == 0) as bar:
+            caption_runs.finish(sm, settings, version, batch_id, todo, bar.update)
+        elapsed = time.perf_counter() - started
+        done = caption_runs.summary(sm, batch_id, version, submitted, already, samples)
+    rate = f", {done.captioned_now / elapsed:.1f} captions/s" if done.captioned_now else ""
+    click.echo(f"{done.total} images: {done.counts['done']} done ({done.captioned_now} captioned now, "
+               f"{done.already} already), {done.counts['failed']} failed, {done.left} left; "
+               f"{elapsed:.1f}s{rate}; model {version}")
+    for code, n in sorted(done.failures.items()):
+        click.echo(f"  failed: {n} x {code}")
+    for name, text in done.samples:
+        click.echo(f"  {name}: {text}")
+    click.echo(f"database: {settings.database_url}  (try: captioner search WORDS, captioner export)")
+
+
+@click.command()
+@click.option("--from-version", default=None,
+              help="Only images captioned by this model version (default: by any version but the current one).")
+@click.option("--all", "every_image", is_flag=True,
+              help="Every image without a job for the current model, captioned before or not.")
+def recaption(from_version, every_image) -> None:
+    """Re-queue images captioned by an older model as backfill jobs for the current model.
+
+    The new caption is stored beside the old one and served from then on; alt text a person
+    approved, edited or marked decorative stays. With a broker the workers do the work (the batch
+    id is printed: follow it with GET /v1/batches/<id>); without one it runs here.
+    """
+    from tqdm import tqdm
+
+    from captioner.core import backfill, caption_runs, captioner, queries
+    from captioner.core.queue import publisher
+
+    settings = context.settings()
+    with context.reported():
+        sm = context.database(settings)
+        version = captioner.version(settings)
+        done = backfill.recaption(sm, version, publisher(settings), from_version, every_image)
+        if done.batch_id is None:
+            click.echo(f"nothing to re-caption: every image has a job for model {version}")
+            return
+        click.echo(f"batch {done.batch_id}: {done.total} images queued for model {version}")
+        if settings.embedded:
+            with tqdm(total=done.new_jobs, unit="img", desc="re-captioning") as bar:
+                caption_runs.finish(sm, settings, version, done.batch_id, done.new_jobs, bar.update)
+            with sm() as s:
+                counts = queries.batch_view(s, done.batch_id)["counts"]
+            click.echo(f"{counts['done']} done, {counts['failed']} failed")
+
+
+@click.command()
+@click.argument("words", nargs=-1, required=True)
+@click.option("--limit", type=click.IntRange(1, 100), default=20, show_default=True)
+@click.option("--offset", type=click.IntRange(0), default=0, show_default=True, help="Skip this many matches (paging).")
+@click.option("--tenant", default="default", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per match.")
+def search(words, limit, offset, tenant, as_json) -> None:
+    """Captioned images ranked by how well caption, alt text and tags match WORDS.
+
+    Words are stemmed (dogs finds dog); "quoted phrases" must match as written; -word excludes.
+    Put -- before a query that starts with an exclusion: captioner search -- -cat dog
+    """
+    from captioner.core import search as search_index
+
+    with context.reported(), context.database(context.settings())() as s:
+        rows = search_index.query_index(s, " ".join(words), limit, offset, tenant)
+    for row in rows:
+        click.echo(json.dumps(row) if as_json else
+                   f"{row['id']:>7}  {row['score']:.3f}  {row['caption']}  {row['source']}")
+    if not rows and not as_json:
+        click.echo("no matches", err=True)
+
+
+@click.command()
+@click.option("--format", "fmt", type=click.Choice(["jsonl", "csv"]), default="jsonl", show_default=True)
+@click.option("--output", type=click.File("w", encoding="utf-8"), default="-", show_default=True)
+@click.option("--model-version", default=None, help="Only captions of this model version.")
+@click.option("--tenant", default="default", show_default=True)
+def export(fmt, output, model_version, tenant) -> None:
+    """Write every caption with its image key, alt text, state, candidates and tags (for CMS imports)."""
+    from captioner.core import export as exporter
+
+    with context.database(context.settings())() as s:
+        for chunk in exporter.lines(fmt, exporter.records(s, tenant, model_version)):
+            output.write(chunk)
+
+
+COMMANDS = [caption, recaption, search, export]

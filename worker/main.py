@@ -1,0 +1,28 @@
+"""Starting a worker process: Celery's prefork worker with the batching task, and the sweep's beat."""
+import os
+import tempfile
+
+from captioner.core import captioner
+from captioner.core.errors import ConfigError
+from captioner.core.settings import Settings
+
+
+def start(settings: Settings, queues: str, concurrency: int, beat: bool, loglevel: str, hostname: str | None) -> None:
+    if settings.embedded:
+        raise ConfigError("CAPTIONER_BROKER_URL is not set; without a broker use `captioner caption PATH`")
+    captioner.version(settings)  # a missing checkpoint stops here, not in every pool child
+    if settings.worker_metrics_port:
+        # prometheus_client's multiprocess mode, chosen when it is imported: the prefork children
+        # write their samples to files here and the main process serves their sum
+        os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="captioner-metrics-"))
+    from .tasks import app
+
+    app.conf.worker_concurrency = concurrency  # also read by the pool processes (their torch threads)
+    argv = ["worker", "--queues", queues, "--concurrency", str(concurrency), "--pool", "prefork",
+            "--loglevel", loglevel, "--task-events"]
+    if hostname:
+        argv += ["--hostname", hostname]
+    if beat:
+        # the in-memory scheduler: no schedule file for two workers on one host to fight over
+        argv += ["--beat", "--scheduler", "celery.beat:Scheduler"]
+    app.worker_main(argv)

@@ -60,6 +60,9 @@ def serve(host, port, workers, threads) -> None:
     # /metrics sums them (a fresh folder: counters restart with the server, as Prometheus expects)
     os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="captioner-api-metrics-"))
     gunicorn = Path(sys.executable).with_name("gunicorn")
+    if not gunicorn.exists():
+        raise click.ClickException("the API runs under gunicorn, which this installation lacks: "
+                                   "pip install 'captioner[api]'")
     os.execv(str(gunicorn), [str(gunicorn), "--bind", f"{host}:{port}", "--workers", str(workers),
                              "--threads", str(threads), "--access-logfile", "-", "captioner.api:create_app()"])
 

@@ -1,0 +1,28 @@
+"""The command line without a part of the install: a clear error naming the extra, not a traceback."""
+import subprocess
+import sys
+
+import pytest
+
+
+@pytest.mark.parametrize(("blocked", "argv", "extra"), [
+    ("torch", ["describe", "photo.jpg"], "worker"),
+    ("pycocoevalcap", ["evaluate", "--images", ".", "--captions", "photo.jpg"], "train"),
+])
+def test_a_command_without_its_extra_names_the_extra(tmp_path, blocked, argv, extra):
+    (tmp_path / "photo.jpg").write_bytes(b"not read")
+    # None in sys.modules makes `import torch` fail as if it were not installed
+    code = (f"import sys; sys.modules[{blocked!r}] = None; from captioner.cli import cli; "
+            f"cli({argv!r}, prog_name='captioner')")
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.strip() == (f"Error: this command needs {blocked}, which this installation lacks: "
+                                   f"pip install 'captioner[{extra}]'")
+
+
+def test_an_unrelated_missing_module_is_not_blamed_on_an_extra(tmp_path):
+    code = ("import sys; sys.modules['PIL'] = None; from captioner.cli import cli; "
+            "cli(['describe', 'photo.jpg'], prog_name='captioner')")
+    (tmp_path / "photo.jpg").write_bytes(b"not read")
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 1 and "ModuleNotFoundError" in done.stderr and "captioner[" not in done.stderr

@@ -5,7 +5,7 @@ caption, complete: what `captioner caption` runs) into SQLite files under a cach
 a second run skips every photo already captioned.
 - ImageNet samples (one photo per class): each class name is a query; recall@k is how often that
   class's photo is among the first k results.
-- Flickr8k dev photos: queries written from COCO captions (core/search_queries.txt); a result is
+- Flickr8k dev photos: queries written from COCO captions (bench/search_queries.txt); a result is
   relevant when one of the photo's five human captions contains every query word, stemmed the
   way the SQLite index stems (FTS5 porter). Reports precision@k and how many queries found a
   relevant photo in their first k results.

@@ -39,7 +39,7 @@ def checkpoint_path(settings: Settings) -> Path:
     """The configured checkpoint, else the shipped one, found without importing model/ (and torch)."""
     if settings.model_path:
         return Path(settings.model_path)
-    spec = importlib.util.find_spec("model")
+    spec = importlib.util.find_spec("captioner.model")
     if spec is None or spec.origin is None:
         raise ConfigError("the model package is not installed")
     return Path(spec.origin).parent / "checkpoints" / "default.pt"

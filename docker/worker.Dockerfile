@@ -1,5 +1,5 @@
 # The worker image, on a CUDA runtime base: one container (one `captioner worker` process) per GPU.
-# The same image runs on a CPU-only host (torch falls back to the CPU, batches of 32).
+# The same image runs on a CPU-only host (torch falls back to the CPU, batches of 64 in forwards of 32).
 #   docker build -f docker/worker.Dockerfile -t captioner-worker .
 FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
 

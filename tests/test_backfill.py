@@ -134,7 +134,7 @@ def test_enqueue_page_makes_each_job_once(database, request):
 
 @pytest.mark.slow
 def test_bench_backfill_uploads_the_missing_keys_and_reports_the_rate(settings, s3, broker, monkeypatch):
-    """`captioner bench backfill` end to end on 2,000 keys (the 100,000-key figure in the README
+    """`captioner bench backfill` end to end on 2,000 keys (the 100,000-key figure in docs/benchmarks.md
     comes from the same command, run by hand: uploading 100,000 objects alone takes minutes)."""
     from click.testing import CliRunner
 

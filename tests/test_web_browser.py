@@ -168,7 +168,7 @@ def test_sign_in_upload_search_and_approve(browser, deployment, photos):
     expect(page.get_by_role("status").filter(has_text="alt text approved")).to_be_visible()
     expect(page.locator(".badge-approved").first).to_be_visible()
     assert_accessible(page, "image-approved")
-    page.screenshot(path=str(ARTIFACTS / "web-ui.png"))  # the one shown in the README
+    page.screenshot(path=str(ARTIFACTS / "web-ui.png"))  # the one docs/web-ui.md shows
     for name, path in (("gallery", "/"), ("review", "/review"), ("batches", "/batches")):
         page.goto(base + path)
         assert_accessible(page, name)

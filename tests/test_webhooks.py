@@ -26,7 +26,7 @@ TOLERANCE_S = 300
 
 
 def verify(secret: str, headers, body: bytes) -> dict:
-    """The receiver's side, as the README shows it."""
+    """The receiver's side, as docs/http-api.md shows it."""
     timestamp = headers["X-Captioner-Timestamp"]
     if abs(time.time() - int(timestamp)) > TOLERANCE_S:
         raise ValueError("stale event")

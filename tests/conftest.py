@@ -18,6 +18,38 @@ DATA = Path(os.environ.get("CAPTIONER_TEST_DATA", REPO / ".." / "shared" / "data
 POSTGRES_URL = os.environ.get("CAPTIONER_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 REDIS_URL = os.environ.get("CAPTIONER_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
+# The fixtures that reach a service. A test is an integration test when any of them is in its
+# fixture closure (so a module fixture built on them counts too), or when one of its parameters
+# names one: fixtures that pick a back-end per parameter fetch it with
+# request.getfixturevalue(request.param), which no collection-time closure can see. Tests that start
+# processes of their own (gunicorn, workers, Chromium, Java) carry the mark explicitly.
+SERVICE_FIXTURES = frozenset({"pg_url", "own_pg_url", "redis_url", "s3"})
+
+
+def _services(item: pytest.Item) -> set[str]:
+    names = set(getattr(item, "fixturenames", ()))
+    callspec = getattr(item, "callspec", None)
+    if callspec is not None:
+        names.update(value for value in callspec.params.values() if isinstance(value, str))
+    return names & SERVICE_FIXTURES
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if _services(item):
+            item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture(autouse=True)
+def _services_only_in_integration_tests(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Fails a test that reached a service in a way the rule above did not see (a fixture fetched
+    by a literal name inside another fixture, say): `-m "not integration"` must never need one."""
+    yield
+    used = SERVICE_FIXTURES.intersection(request.fixturenames)  # every fixture the test set up
+    if used and request.node.get_closest_marker("integration") is None:
+        pytest.fail(f"{request.node.nodeid} used {', '.join(sorted(used))} but is not marked integration: "
+                    "fetch the fixture through a parameter that names it, or mark the test", pytrace=False)
+
 
 @pytest.fixture(scope="session")
 def photos() -> list[Path]:

@@ -27,6 +27,7 @@ def test_pipeline_summary_has_the_rates_and_both_ratios():
 
 
 @pytest.mark.slow
+@pytest.mark.integration  # starts workers
 def test_scaleout_shares_a_backfill_between_workers_and_captions_each_photo_once(photos, tiny_checkpoint, redis_url):
     """Two real workers on one broker and one database, as the command runs them."""
     from captioner.bench import scaleout as bench_scaleout

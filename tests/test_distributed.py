@@ -22,6 +22,8 @@ from captioner.core.queue import CAPTION_TASK, create_celery
 from captioner.core.settings import Settings
 from captioner.core.tables import Caption, Job
 
+pytestmark = pytest.mark.integration  # starts workers
+
 UPLOADS, PREFIX_KEYS = 20, 100
 BATCH_SIZE, BATCH_WAIT_MS = 16, 1500
 DEADLINE_S = 420  # 120 captions on a shared 2-core CPU, with room to spare

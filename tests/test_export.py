@@ -28,13 +28,13 @@ ROWS = [
 ]
 
 
-@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+@pytest.fixture(scope="module", params=["sqlite", "own_pg_url"], ids=["sqlite", "postgresql"])  # see conftest
 def database(request, tmp_path_factory):
     if request.param == "sqlite":
         url = f"sqlite:///{tmp_path_factory.mktemp('export') / 'captioner.db'}"
         upgrade(url)
     else:
-        url = request.getfixturevalue("own_pg_url")
+        url = request.getfixturevalue(request.param)
     engine = make_engine(url)
     sm = make_sessionmaker(engine)
     for key, caption, alt, review, tenant in ROWS:

@@ -36,7 +36,7 @@ from captioner.bench.seaweed import SeaweedFS
 from captioner.core.settings import Settings
 from captioner.core.tables import Caption, Job
 
-pytestmark = [pytest.mark.faults, pytest.mark.slow]
+pytestmark = [pytest.mark.faults, pytest.mark.slow, pytest.mark.integration]
 
 BATCH = 32
 # recovery within seconds: a killed batch's lease expires after 15 s (a batch of the tiny model

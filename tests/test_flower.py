@@ -19,6 +19,8 @@ from captioner.api import create_app
 from captioner.core.settings import Settings
 from conftest import keyed, make_key  # a sibling: tests/ is on sys.path
 
+pytestmark = pytest.mark.integration  # starts Flower and a worker
+
 AUTH = "ops:flower-test-pass"
 PHOTOS, BATCH_SIZE = 6, 4
 DEADLINE_S = 600  # 7 captions and a model load on a shared 2-core CPU under heavy load took 6 min

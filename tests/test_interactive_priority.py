@@ -19,6 +19,8 @@ from captioner.core import storage
 from captioner.core.settings import Settings
 from conftest import keyed, make_key  # a sibling: tests/ is on sys.path
 
+pytestmark = pytest.mark.integration  # starts a worker
+
 BACKFILL_KEYS = 300
 BATCH_SIZE, BATCH_WAIT_MS = 8, 500
 SECRET = "priority-test-secret"

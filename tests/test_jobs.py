@@ -72,6 +72,8 @@ def test_one_bad_image_never_fails_its_neighbours(sqlite_url, tmp_path, checkpoi
     assert len(captions) == good
 
 
+@pytest.mark.integration  # waits out the S3 clients' real retry backoff against a refused port: 35 s
+@pytest.mark.slow
 def test_an_unreachable_store_returns_the_image_to_the_queue(sqlite_url, checkpoint, photos, monkeypatch):
     import socket
 

@@ -37,6 +37,7 @@ def tiny_set(tmp_path_factory):
     return root
 
 
+@pytest.mark.integration  # the real encoder's training runs: 10 s
 def test_train_writes_a_resumable_run_and_a_loadable_checkpoint(tiny_set, tmp_path):
     run = tmp_path / "run"
     args = ["train", "--captions", str(tiny_set / "tokens.txt"), "--images", str(tiny_set / "images"),
@@ -55,6 +56,7 @@ def test_train_writes_a_resumable_run_and_a_loadable_checkpoint(tiny_set, tmp_pa
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 3
 
 
+@pytest.mark.integration  # three training runs
 def test_training_is_deterministic_for_a_seed(tiny_set, tmp_path):
     def run(folder: str, seed: str) -> dict:
         args = ["train", "--captions", str(tiny_set / "tokens.txt"), "--images", str(tiny_set / "images"),
@@ -69,6 +71,7 @@ def test_training_is_deterministic_for_a_seed(tiny_set, tmp_path):
     assert not all(torch.equal(first[k], other[k]) for k in first)
 
 
+@pytest.mark.integration  # a training run that backpropagates through the encoder
 def test_fine_tuning_the_top_stage_ships_its_weights(tiny_set, tmp_path):
     from captioner.model import inference
     from captioner.model.encoder import Encoder, EncoderConfig
@@ -107,6 +110,7 @@ def test_mirror_cache_holds_the_trunk_of_each_photo_mirrored(tiny_set, tmp_path)
     assert not torch.allclose(plain.float(), expected, atol=2e-2)  # the shapes are off-centre
 
 
+@pytest.mark.integration  # METEOR and the tokenizer run in Java
 def test_evaluate_prints_metrics_as_json_on_its_last_line(tiny_set, tmp_path):
     out = tmp_path / "captions.json"
     result = CliRunner().invoke(cli, ["evaluate", "--images", str(tiny_set / "images"), "--captions",

@@ -22,6 +22,7 @@ def shipped():
 
 
 @needs_data
+@pytest.mark.integration  # three encoders, the larger two loaded for this test alone
 @pytest.mark.parametrize("backbone", ["tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2"])
 def test_encoder_weights_classify_imagenet_samples(backbone):
     from captioner.model.encoder import Encoder, EncoderConfig, preprocess
@@ -60,6 +61,7 @@ def test_shipped_checkpoint_captions_dogs_as_dogs(shipped):
 
 
 @needs_data
+@pytest.mark.integration  # the shipped model on 48 photos at once
 def test_shipped_captions_never_stutter_on_real_photos(shipped):
     from captioner.model.data import read_split, tokenize
     from captioner.model.evaluate import stutters

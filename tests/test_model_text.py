@@ -76,6 +76,8 @@ REFS = {
 }
 
 
+@pytest.mark.integration  # Java
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("java") is None, reason="pycocoevalcap's tokenizer and METEOR need Java")
 def test_scores_of_known_captions():
     perfect = score(REFS, {k: v[0] for k, v in REFS.items()})

@@ -9,12 +9,15 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import redis
 
 from captioner.core import captioner, jobs
 from captioner.core.db import make_engine, make_sessionmaker
 from captioner.core.queue import create_celery, publish
 from captioner.core.settings import Settings
+
+pytestmark = pytest.mark.integration  # starts a worker
 
 BATCH, MESSAGES = 10, 20  # the shared photos fixture holds 200
 

@@ -12,12 +12,12 @@ from captioner.core.tables import Caption, Job, utcnow
 VERSION = "abc123def456"
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=["sqlite_url", "pg_url"], ids=["sqlite", "postgresql"])  # a fixture's name: see conftest
 def sm(request):
-    url = request.getfixturevalue("sqlite_url" if request.param == "sqlite" else "pg_url")
+    url = request.getfixturevalue(request.param)
     engine = make_engine(url)
     yield make_sessionmaker(engine)
-    if request.param == "postgresql":  # one database for the session: leave it empty for the next test
+    if request.param == "pg_url":  # one database for the session: leave it empty for the next test
         with engine.begin() as conn:
             for table in ("captions", "batch_images", "batches", "jobs", "images"):
                 conn.exec_driver_sql(f"DELETE FROM {table}")

@@ -51,14 +51,14 @@ def seed(sm) -> dict[str, int]:
     return out
 
 
-@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+@pytest.fixture(scope="module", params=["sqlite", "own_pg_url"], ids=["sqlite", "postgresql"])  # see conftest
 def backend(request, tmp_path_factory):
     """(database url, sessionmaker, ids by key) with the corpus written once per back-end."""
     if request.param == "sqlite":
         url = f"sqlite:///{tmp_path_factory.mktemp('search') / 'captioner.db'}"
         upgrade(url)
     else:
-        url = request.getfixturevalue("own_pg_url")
+        url = request.getfixturevalue(request.param)
     engine = make_engine(url)
     sm = make_sessionmaker(engine)
     yield url, sm, seed(sm)

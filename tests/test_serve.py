@@ -8,6 +8,10 @@ import time
 import urllib.error
 import urllib.request
 
+import pytest
+
+pytestmark = pytest.mark.integration  # starts gunicorn
+
 
 def free_port() -> int:
     with socket.socket() as s:

@@ -32,7 +32,7 @@ CAPTION_DEADLINE_S = 600  # the worker's first batch loads the model: minutes on
 STOP_WORDS = {"through", "there", "their", "other", "about", "above", "below", "under", "over", "into", "from",
               "with", "while", "after", "before", "against", "between", "very", "some", "each", "both"}
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.integration]  # Chromium, gunicorn, a worker
 
 
 @pytest.fixture(scope="module")

@@ -157,3 +157,11 @@ def test_the_wheel_holds_captioner_alone_and_runs_outside_the_checkout(tmp_path)
     [line] = described.stdout.splitlines()
     result = json.loads(line)
     assert result["image"] == "photo.jpg" and result["text"].strip() and result["candidates"], result
+
+    # the main job, embedded: the shipped checkpoint found as captioner.model's, the migrations as
+    # captioner.migrations' package data, a SQLite file made in the working directory
+    captioned = subprocess.run([venv / "bin" / "captioner", "caption", photo.name], cwd=cwd, env=env,
+                               capture_output=True, text=True, timeout=300)
+    assert captioned.returncode == 0, captioned.stdout + captioned.stderr
+    assert "1 images: 1 done (1 captioned now, 0 already), 0 failed, 0 left" in captioned.stdout, captioned.stdout
+    assert (cwd / "captioner.db").is_file()

@@ -7,13 +7,13 @@ from dataclasses import dataclass
 from typing import Iterator, TypeVar
 
 from sqlalchemy import exists, select
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import sessionmaker
 
 from . import queries, storage
 from .errors import InvalidRequest
 from .jobs import s3_image
 from .queue import Publish
-from .tables import Batch, Caption, Image, Job, utcnow
+from .tables import Caption, Image, Job, utcnow
 
 PAGE = 1000  # images per transaction when re-captioning (S3 lists 1,000 keys a page)
 T = TypeVar("T")
@@ -38,14 +38,6 @@ def _prefetched(pages: Iterator[T]) -> Iterator[T]:
             yield page
 
 
-def _new_batch(session: Session, source: str, model_version: str, tenant: str, callback_url: str | None) -> int:
-    batch = Batch(tenant=tenant, source=source, model_version=model_version, total=0, callback_url=callback_url,
-                  created_at=utcnow())
-    session.add(batch)
-    session.flush()
-    return batch.id
-
-
 def enqueue_prefix(sm: sessionmaker, bucket: str, prefix: str, model_version: str, queue: str, publish: Publish,
                    limit: int, tenant: str = "default", callback_url: str | None = None) -> Enqueued:
     """Every image under s3://bucket/prefix as a batch: one transaction and one doorbell per listed
@@ -61,7 +53,7 @@ def enqueue_prefix(sm: sessionmaker, bucket: str, prefix: str, model_version: st
         listed += len(page)
         with sm.begin() as s:
             if batch_id is None:
-                batch_id = _new_batch(s, f"s3://{bucket}/{prefix}", model_version, tenant, callback_url)
+                batch_id = queries.create_batch(s, f"s3://{bucket}/{prefix}", model_version, [], tenant, callback_url).id
             added, created = queries.enqueue_page(s, batch_id, [s3_image(o) for o in page], model_version, queue,
                                                   tenant)
         publish(created)  # after the commit: a worker must find the rows
@@ -94,8 +86,9 @@ def recaption(sm: sessionmaker, model_version: str, publish: Publish, from_versi
             if not ids:
                 break
             if batch_id is None:
-                batch_id = _new_batch(s, source, model_version, tenant, None)
-            added, created = queries.queue_images(s, batch_id, ids, model_version, "backfill", utcnow())
+                batch_id = queries.create_batch(s, source, model_version, [], tenant).id
+            created = queries.add_jobs(s, ids, model_version, "backfill", utcnow())
+            added = queries.add_to_batch(s, batch_id, ids)
         publish(created)
         total, new, after = total + added, new + len(created), ids[-1]
     return Enqueued(batch_id, total, new, False, time.perf_counter() - started)

@@ -49,11 +49,16 @@ class Decoder(nn.Module):
         mean = feats.mean(1)  # (B, F)
         return self.attention.enc(feats), torch.tanh(self.init_h(mean)), torch.tanh(self.init_c(mean))
 
-    def step(self, feats, keys, words, h, c):
-        """One word for every row: words (B,) -> logits (B, V), h, c, alpha (B, P)."""
+    def advance(self, feats, keys, embedded, h, c):
+        """The recurrence, one step for every row: embedded words (B, E) -> h, c (B, D), alpha (B, P)."""
         context, alpha = self.attention(feats, keys, h)
         context = torch.sigmoid(self.gate(h)) * context  # (B, F)
-        h, c = self.lstm(torch.cat([self.embed(words), context], dim=1), (h, c))
+        h, c = self.lstm(torch.cat([embedded, context], dim=1), (h, c))
+        return h, c, alpha
+
+    def step(self, feats, keys, words, h, c):
+        """One word for every row: words (B,) -> logits (B, V), h, c, alpha (B, P)."""
+        h, c, alpha = self.advance(feats, keys, self.embed(words), h, c)
         return self.out(self.dropout(h)), h, c, alpha
 
     def forward(self, feats: torch.Tensor, captions: torch.Tensor):
@@ -64,12 +69,10 @@ class Decoder(nn.Module):
         nothing; unsorted rows waste the padded steps, which the loss masks out).
         """
         keys, h, c = self.start(feats)
-        embedded = self.embed(captions)  # (B, T, E)
+        embedded = self.embed(captions)  # (B, T, E): one lookup for every step
         hs, alphas = [], []
         for t in range(captions.size(1) - 1):
-            context, alpha = self.attention(feats, keys, h)
-            context = torch.sigmoid(self.gate(h)) * context
-            h, c = self.lstm(torch.cat([embedded[:, t], context], dim=1), (h, c))
+            h, c, alpha = self.advance(feats, keys, embedded[:, t], h, c)
             hs.append(h)
             alphas.append(alpha)
         # one big projection to the vocabulary instead of one per step

@@ -73,7 +73,7 @@ def test_a_prefix_is_enqueued_page_by_page_with_bulk_inserts(settings, library, 
     tables = [table for table, _ in inserts]
     assert {t: tables.count(t) for t in set(tables)} == {"batches": 1, "images": KEYS // PAGE,
                                                          "jobs": KEYS // PAGE, "batch_images": KEYS // PAGE}
-    assert all(len(params["uris"]) == PAGE for table, params in inserts if table == "images")
+    assert all(len(params["page_uri"]) == PAGE for table, params in inserts if table == "images")
     # doorbells carry job ids in groups of a batch: a library is not 100,000 broker round trips
     messages = (KEYS // PAGE) * -(-PAGE // settings.batch_size)  # one page's ids never share a message with another's
     assert broker.llen("backfill") == messages

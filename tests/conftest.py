@@ -111,6 +111,23 @@ def own_pg_url() -> Iterator[str]:
         yield url
 
 
+@pytest.fixture(scope="module", params=["sqlite", "own_pg_url"], ids=["sqlite", "postgresql"])
+def each_database(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    """(url, sessionmaker) of a migrated database of each dialect, one per module: a SQLite file,
+    then a PostgreSQL database fetched by the parameter's name (which the integration rule sees)."""
+    from captioner.core.db import make_engine, make_sessionmaker
+    from captioner.migrations import upgrade
+
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path_factory.mktemp('database') / 'captioner.db'}"
+        upgrade(url)
+    else:
+        url = request.getfixturevalue(request.param)
+    engine = make_engine(url)
+    yield url, make_sessionmaker(engine)
+    engine.dispose()
+
+
 @pytest.fixture(scope="session")
 def redis_url() -> str:
     """The Redis broker, with our queues emptied: stale messages from an aborted run would only

@@ -17,7 +17,6 @@ from captioner.core.db import make_engine, make_sessionmaker
 from captioner.core.queries import NewImage, Result
 from captioner.core.settings import Settings, get_settings
 from captioner.core.tables import AltTextDecision, Caption
-from captioner.migrations import upgrade
 
 VERSION = "export-test"
 # key, caption, alt text, needs review, tenant
@@ -28,15 +27,9 @@ ROWS = [
 ]
 
 
-@pytest.fixture(scope="module", params=["sqlite", "own_pg_url"], ids=["sqlite", "postgresql"])  # see conftest
-def database(request, tmp_path_factory):
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path_factory.mktemp('export') / 'captioner.db'}"
-        upgrade(url)
-    else:
-        url = request.getfixturevalue(request.param)
-    engine = make_engine(url)
-    sm = make_sessionmaker(engine)
+@pytest.fixture(scope="module")
+def database(each_database):
+    url, sm = each_database
     for key, caption, alt, review, tenant in ROWS:
         with sm.begin() as s:
             [sub] = queries.submit(s, [NewImage(key, f"fp:{key}", "ab" * 32, 123)], VERSION, "interactive",
@@ -44,8 +37,7 @@ def database(request, tmp_path_factory):
             [claimed] = queries.claim(s, VERSION, 60, 1, job_ids=[sub.job_id])
             queries.complete(s, [Result(claimed, caption, alt, [(caption, 0.5), ("a dog", 0.25)],
                                         [("dog, \"good\"", 0.75)], 0.5, review, 640, 480)], [], VERSION, 1)
-    yield url
-    engine.dispose()
+    return url
 
 
 def expected(tenant: str = "default") -> list[dict]:

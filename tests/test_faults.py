@@ -375,17 +375,23 @@ def own_postgres() -> Iterator[PrivatePostgres]:
 
 def test_a_postgres_restart_mid_run(settings, own_postgres, tmp_path):
     run = start_run(replace(settings, database_url=own_postgres.url), images(128, seed=4), tmp_path / "worker.log")
+    stopped_mid_run(run, own_postgres, 3.0, "PostgreSQL restart mid-run")
+
+
+def stopped_mid_run(run: Run, server: PrivatePostgres | SeaweedFS, seconds: float, label: str) -> None:
+    """Stop a server of the run's once a batch is done, start it again `seconds` later, and check
+    that the jobs unfinished at the stop still end once each."""
     try:
         wait_mid_batch(run, done_at_least=32)
         unfinished = run.ids_in("queued") + run.ids_in("processing")
-        own_postgres.stop()
-        time.sleep(3.0)
-        own_postgres.start()
+        server.stop()
+        time.sleep(seconds)
+        server.start()
         back = utc()
         run.wait_settled()
     finally:
         run.worker.stop()
-    run.finish("PostgreSQL restart mid-run", [(back, unfinished)])
+    run.finish(label, [(back, unfinished)])
 
 
 @pytest.fixture
@@ -417,17 +423,7 @@ def test_s3_stopped_for_10_seconds_mid_run(settings, own_s3, tmp_path):
     # a batch may now wait out the outage (core/jobs.py FETCH_RETRY_SECONDS): its lease must outlast that
     run = start_run(replace(settings, storage="s3://faults/uploads", lease_seconds=60), images(128, seed=5),
                     tmp_path / "worker.log", extra_env=aws)
-    try:
-        wait_mid_batch(run, done_at_least=32)
-        unfinished = run.ids_in("queued") + run.ids_in("processing")
-        own_s3.stop()
-        time.sleep(10.0)
-        own_s3.start()
-        back = utc()
-        run.wait_settled()
-    finally:
-        run.worker.stop()
-    run.finish("S3 stopped 10 s mid-run", [(back, unfinished)])
+    stopped_mid_run(run, own_s3, 10.0, "S3 stopped 10 s mid-run")
 
 
 def test_one_poison_image_fails_alone_in_its_batch(settings, tmp_path):

@@ -51,18 +51,11 @@ def seed(sm) -> dict[str, int]:
     return out
 
 
-@pytest.fixture(scope="module", params=["sqlite", "own_pg_url"], ids=["sqlite", "postgresql"])  # see conftest
-def backend(request, tmp_path_factory):
+@pytest.fixture(scope="module")
+def backend(each_database):
     """(database url, sessionmaker, ids by key) with the corpus written once per back-end."""
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path_factory.mktemp('search') / 'captioner.db'}"
-        upgrade(url)
-    else:
-        url = request.getfixturevalue(request.param)
-    engine = make_engine(url)
-    sm = make_sessionmaker(engine)
-    yield url, sm, seed(sm)
-    engine.dispose()
+    url, sm = each_database
+    return url, sm, seed(sm)
 
 
 def found(backend, query: str, limit: int = 50, offset: int = 0, tenant: str = "default") -> list[str]:

@@ -1,8 +1,10 @@
 """The job life-cycle's data functions on both databases we support."""
+import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 
 import pytest
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select, text, update
 
 from captioner.core import queries
 from captioner.core.db import make_engine, make_sessionmaker
@@ -159,6 +161,43 @@ def test_concurrent_claims_never_share_a_job(pg_url):
         assert not {c.job_id for c in a} & {c.job_id for c in b}
         first.close()
         second.close()
+    finally:
+        with engine.begin() as conn:
+            for table in ("captions", "batch_images", "batches", "jobs", "images"):
+                conn.exec_driver_sql(f"DELETE FROM {table}")
+        engine.dispose()
+
+
+def waiting_on_a_lock(engine) -> bool:
+    with engine.connect() as conn:  # a connection of its own: pg_stat_activity is fixed for a transaction
+        return bool(conn.scalar(text("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                                     " AND datname = current_database()")))
+
+
+def test_a_page_racing_another_for_the_same_image_still_gets_its_row(pg_url):
+    """Two backfills of overlapping prefixes at once: the second's insert waits on the first's
+    uncommitted image row, then skips it (ON CONFLICT DO NOTHING); its lookup must still find the
+    row once the first commits, or the second batch silently lacks that image."""
+    engine = make_engine(pg_url)
+    sm = make_sessionmaker(engine)
+
+    def second_page() -> tuple[int, list[tuple[int, str]]]:
+        with sm.begin() as s:
+            batch = queries.create_batch(s, "second", VERSION, [])
+            return queries.enqueue_page(s, batch.id, images(1, "race"), VERSION, "backfill")
+
+    try:
+        with sm() as first, ThreadPoolExecutor(1) as pool:
+            with first.begin():
+                batch = queries.create_batch(first, "first", VERSION, [])
+                assert queries.enqueue_page(first, batch.id, images(1, "race"), VERSION, "backfill")[0] == 1
+                racing = pool.submit(second_page)
+                deadline = time.monotonic() + 30
+                while not waiting_on_a_lock(engine):
+                    assert time.monotonic() < deadline and not racing.done(), "the second page never waited"
+                    time.sleep(0.05)
+            added, created = racing.result(timeout=30)
+        assert (added, created) == (1, [])  # a member of the second batch; the first's job serves it
     finally:
         with engine.begin() as conn:
             for table in ("captions", "batch_images", "batches", "jobs", "images"):

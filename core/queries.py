@@ -61,10 +61,13 @@ class Failure:
     message: str
 
 
+def _postgresql(session: Session) -> bool:
+    return session.get_bind().dialect.name == "postgresql"
+
+
 def _insert(session: Session, table: type) -> Any:
     """INSERT with ON CONFLICT support; both our dialects have it, under different imports."""
-    dialect = session.get_bind().dialect.name
-    return (postgresql.insert if dialect == "postgresql" else sqlite.insert)(table)
+    return (postgresql.insert if _postgresql(session) else sqlite.insert)(table)
 
 
 def _chunks(items: list, size: int = CHUNK) -> Iterator[list]:
@@ -91,10 +94,6 @@ def submit(session: Session, images: list[NewImage], model_version: str, queue: 
 
 # The one way images, jobs and batch memberships are inserted, for uploads, folders, S3 prefixes
 # and re-captioning alike: bulk INSERT ... ON CONFLICT DO NOTHING, never a statement per row.
-
-def _postgresql(session: Session) -> bool:
-    return session.get_bind().dialect.name == "postgresql"
-
 
 def _insert_new(session: Session, table: Table, columns: dict[str, list], same: dict[str, Any],
                 conflict: list[str] | None, returning: list[Column]) -> list[Row]:

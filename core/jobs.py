@@ -82,9 +82,8 @@ def submit_images(sm: sessionmaker, images: list[NewImage], model_version: str, 
         submitted = queries.submit(s, images, model_version, queue, tenant)
         batch_id = None
         if batch_source is not None:
-            batch = queries.create_batch(s, batch_source, model_version, (x.image_id for x in submitted), tenant)
-            batch.callback_url = callback_url
-            batch_id = batch.id
+            batch_id = queries.create_batch(s, batch_source, model_version, (x.image_id for x in submitted), tenant,
+                                            callback_url).id
         elif callback_url:
             queries.set_callback(s, [x.job_id for x in submitted], callback_url)
     publish(to_publish(submitted))

@@ -75,6 +75,28 @@ def test_tiny_model_overfits_and_reproduces_captions():
     assert got == CAPTIONS
 
 
+def test_teacher_forcing_runs_the_recurrence_that_decoding_steps_through():
+    """Training (forward) and beam search (step) share one recurrence: fed the same words, step by
+    step gives forward's hidden states and attention to the bit. Only the vocabulary projection
+    differs in shape (all steps at once against one at a time), so the logits are compared closely."""
+    decoder = tiny_decoder(seed=11).eval()
+    feats, caps = synthetic_batch()
+    projected: list[torch.Tensor] = []  # what reaches decoder.out: the hidden states, dropout off
+    hook = decoder.out.register_forward_hook(lambda _module, inputs, _output: projected.append(inputs[0]))
+    with torch.no_grad():
+        logits, alphas = decoder(feats, caps)  # (B, T-1, V), (B, T-1, P)
+        keys, h, c = decoder.start(feats)
+        stepped, stepped_alphas = [], []
+        for t in range(caps.size(1) - 1):
+            step_logits, h, c, alpha = decoder.step(feats, keys, caps[:, t], h, c)
+            stepped.append(step_logits)
+            stepped_alphas.append(alpha)
+    hook.remove()
+    assert torch.equal(projected[0], torch.stack(projected[1:], 1))  # (B, T-1, D)
+    assert torch.equal(alphas, torch.stack(stepped_alphas, 1))
+    torch.testing.assert_close(logits, torch.stack(stepped, 1))
+
+
 def test_batched_beam_search_equals_one_image_at_a_time():
     decoder = tiny_decoder(seed=3).eval()
     feats = torch.randn(6, 9, 16)

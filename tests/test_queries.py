@@ -1,8 +1,10 @@
 """The job life-cycle's data functions on both databases we support."""
+import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 
 import pytest
-from sqlalchemy import func, select, update
+from sqlalchemy import Engine, func, select, text, update
 
 from captioner.core import queries
 from captioner.core.db import make_engine, make_sessionmaker
@@ -12,15 +14,29 @@ from captioner.core.tables import Caption, Job, utcnow
 VERSION = "abc123def456"
 
 
+def emptied(engine: Engine) -> None:
+    """pg_url is one database for the session: each test leaves it empty for the next."""
+    with engine.begin() as conn:
+        for table in ("captions", "batch_images", "batches", "jobs", "images"):
+            conn.exec_driver_sql(f"DELETE FROM {table}")
+
+
 @pytest.fixture(params=["sqlite_url", "pg_url"], ids=["sqlite", "postgresql"])  # a fixture's name: see conftest
 def sm(request):
     url = request.getfixturevalue(request.param)
     engine = make_engine(url)
     yield make_sessionmaker(engine)
-    if request.param == "pg_url":  # one database for the session: leave it empty for the next test
-        with engine.begin() as conn:
-            for table in ("captions", "batch_images", "batches", "jobs", "images"):
-                conn.exec_driver_sql(f"DELETE FROM {table}")
+    if request.param == "pg_url":
+        emptied(engine)
+    engine.dispose()
+
+
+@pytest.fixture
+def pg_sm(pg_url):
+    """PostgreSQL alone, for transactions that run at once (SQLite has one writer at a time)."""
+    engine = make_engine(pg_url)
+    yield make_sessionmaker(engine)
+    emptied(engine)
     engine.dispose()
 
 
@@ -144,23 +160,40 @@ def test_release_gives_claims_back(sm):
     assert [c.attempts for c in again] == [1, 1]
 
 
-def test_concurrent_claims_never_share_a_job(pg_url):
+def test_concurrent_claims_never_share_a_job(pg_sm):
     """Two open transactions claim at once: SKIP LOCKED hands each its own rows, without waiting."""
-    engine = make_engine(pg_url)
-    sm = make_sessionmaker(engine)
-    try:
-        with sm.begin() as s:
-            queries.submit(s, images(10, "c"), VERSION, "backfill")
-        first, second = sm(), sm()
-        with first.begin(), second.begin():
-            a = queries.claim(first, VERSION, 60, limit=6)
-            b = queries.claim(second, VERSION, 60, limit=6)
-        assert len(a) == 6 and len(b) == 4
-        assert not {c.job_id for c in a} & {c.job_id for c in b}
-        first.close()
-        second.close()
-    finally:
-        with engine.begin() as conn:
-            for table in ("captions", "batch_images", "batches", "jobs", "images"):
-                conn.exec_driver_sql(f"DELETE FROM {table}")
-        engine.dispose()
+    with pg_sm.begin() as s:
+        queries.submit(s, images(10, "c"), VERSION, "backfill")
+    with pg_sm() as first, pg_sm() as second, first.begin(), second.begin():
+        a = queries.claim(first, VERSION, 60, limit=6)
+        b = queries.claim(second, VERSION, 60, limit=6)
+    assert len(a) == 6 and len(b) == 4
+    assert not {c.job_id for c in a} & {c.job_id for c in b}
+
+
+def waiting_on_a_lock(engine: Engine) -> bool:
+    with engine.connect() as conn:  # a connection of its own: pg_stat_activity is fixed for a transaction
+        return bool(conn.scalar(text("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                                     " AND datname = current_database()")))
+
+
+def test_a_page_racing_another_for_the_same_image_still_gets_its_row(pg_sm):
+    """Two backfills of overlapping prefixes at once: the second's insert waits on the first's
+    uncommitted image row, then skips it (ON CONFLICT DO NOTHING); its lookup must still find the
+    row once the first commits, or the second batch silently lacks that image."""
+    def second_page() -> tuple[int, list[tuple[int, str]]]:
+        with pg_sm.begin() as s:
+            batch = queries.create_batch(s, "second", VERSION, [])
+            return queries.enqueue_page(s, batch.id, images(1, "race"), VERSION, "backfill")
+
+    with pg_sm() as first, ThreadPoolExecutor(1) as pool:
+        with first.begin():
+            batch = queries.create_batch(first, "first", VERSION, [])
+            assert queries.enqueue_page(first, batch.id, images(1, "race"), VERSION, "backfill")[0] == 1
+            racing = pool.submit(second_page)
+            deadline = time.monotonic() + 30
+            while not waiting_on_a_lock(pg_sm.kw["bind"]):
+                assert time.monotonic() < deadline and not racing.done(), "the second page never waited"
+                time.sleep(0.05)
+        added, created = racing.result(timeout=30)
+    assert (added, created) == (1, [])  # a member of the second batch; the first's job serves it

@@ -18,8 +18,11 @@ def start(settings: Settings, queues: str, concurrency: int, beat: bool, logleve
     from .tasks import app
 
     app.conf.worker_concurrency = concurrency  # also read by the pool processes (their torch threads)
+    # --without-mingle: after a Redis restart the worker reconnected, logged "mingle: searching for
+    # neighbors" and never consumed again (celery/celery#8030; seen in the fault suite's Redis
+    # restart). Mingle only syncs revoked ids between workers; the database is our truth.
     argv = ["worker", "--queues", queues, "--concurrency", str(concurrency), "--pool", "prefork",
-            "--loglevel", loglevel, "--task-events"]
+            "--loglevel", loglevel, "--task-events", "--without-mingle"]
     if hostname:
         argv += ["--hostname", hostname]
     if beat:

@@ -1,4 +1,5 @@
 """Batched beam search: every image's beams advance together as one (B*K) tensor on the device."""
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -30,21 +31,52 @@ def _banned(seq: torch.Tensor, vocab_size: int) -> torch.Tensor:
     return ban > 0
 
 
+# One decoding step. live: indices (L,) of the images still searching, into the B images the
+# search started with; words (L*K,), h, c (L*K, D), K rows per live image, in the order of `live`
+# -> log-probabilities (L*K, V), h, c. `live` only shrinks, and is a new tensor when it does.
+Step = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+                tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+def decoder_step(decoder: Decoder, feats: torch.Tensor) -> tuple[Step, torch.Tensor, torch.Tensor]:
+    """The torch decoder over feats (B, P, F) as a Step, with its initial state h, c (B, D)."""
+    keys, h, c = decoder.start(feats)
+    rows = {"live": None, "feats": feats, "keys": keys}
+
+    def step(live, words, h, c):
+        if rows["live"] is not live:  # some images finished: drop their features once
+            rows.update(live=live, feats=feats[live], keys=keys[live])
+        logits, h, c, _ = decoder.step(rows["feats"], rows["keys"], words, h, c)
+        return logits.float().log_softmax(-1), h, c
+    return step, h, c
+
+
 @torch.no_grad()
 def beam_search(decoder: Decoder, feats: torch.Tensor, start: int, end: int, banned_words: list[int],
-                beam: int = 3, n_best: int = 3, max_len: int = 20, alpha: float = 1.0,
-                block_repeats: bool = True) -> list[list[Hypothesis]]:
-    """feats (B, P, F) -> for each image the `n_best` hypotheses, best first.
+                **options) -> list[list[Hypothesis]]:
+    """feats (B, P, F) -> for each image the `n_best` hypotheses of the torch decoder, best first."""
+    step, h, c = decoder_step(decoder, feats)
+    return search(step, h, c, start, end, banned_words, **options)
+
+
+@torch.no_grad()
+def search(step: Step, h: torch.Tensor, c: torch.Tensor, start: int, end: int, banned_words: list[int],
+           beam: int = 3, n_best: int = 3, max_len: int = 20, alpha: float = 1.0,
+           block_repeats: bool = True) -> list[list[Hypothesis]]:
+    """From the initial state h, c (B, D) of B images -> for each image the `n_best` hypotheses, best
+    first. `step` may run in any runtime: the search itself is a few small tensor operations.
 
     Scores are log-probability / length**alpha, both while searching and for the final ranking,
     so short captions are not favoured just for being short. `beam=1` is greedy decoding.
+    An image whose K beams have all ended leaves the batch: the step, most of the time, then runs
+    on the images still searching only (a batch ran all max_len steps for its longest caption,
+    while the average image needed two thirds of them).
     """
     assert n_best <= beam, f"n_best ({n_best}) cannot exceed the beam ({beam})"
-    B, P, F = feats.shape
-    K, V = beam, decoder.cfg.vocab_size
-    device = feats.device
-    feats = feats.repeat_interleave(K, 0)  # (B*K, P, F)
-    keys, h, c = decoder.start(feats)
+    B, K = h.shape[0], beam
+    device = h.device
+    live = torch.arange(B, device=device)
+    h, c = h.repeat_interleave(K, 0), c.repeat_interleave(K, 0)  # (B*K, D): K rows per image
     words = torch.full((B * K,), start, dtype=torch.long, device=device)
     seq = torch.zeros(B * K, 0, dtype=torch.long, device=device)
     logp_sum = torch.zeros(B * K, device=device)
@@ -53,10 +85,12 @@ def beam_search(decoder: Decoder, feats: torch.Tensor, start: int, end: int, ban
     done = torch.zeros(B * K, dtype=torch.bool, device=device)
     length = torch.zeros(B * K, device=device)
     never = torch.tensor(banned_words, dtype=torch.long, device=device)
+    results: list[list[Hypothesis]] = [[] for _ in range(B)]
 
     for t in range(max_len):
-        logits, h, c, _ = decoder.step(feats, keys, words, h, c)
-        logp = logits.float().log_softmax(-1)  # (B*K, V)
+        L = len(live)
+        logp, h, c = step(live, words, h, c)  # (L*K, V)
+        V = logp.shape[1]
         logp[:, never] = float("-inf")
         if block_repeats:
             logp = logp.masked_fill(_banned(seq, V), float("-inf"))
@@ -67,29 +101,37 @@ def beam_search(decoder: Decoder, feats: torch.Tensor, start: int, end: int, ban
         # a finished beam continues only as itself, with <end> repeated at no cost
         logp[done] = float("-inf")
         logp[done, end] = 0.0
-        cand_sum = logp_sum.unsqueeze(1) + logp  # (B*K, V)
-        cand_len = (length + (~done).float()).unsqueeze(1).clamp(min=1)  # (B*K, 1)
+        cand_sum = logp_sum.unsqueeze(1) + logp  # (L*K, V)
+        cand_len = (length + (~done).float()).unsqueeze(1).clamp(min=1)  # (L*K, 1)
         cand_score = cand_sum / cand_len.pow(alpha)
-        top_score, top_idx = cand_score.view(B, K * V).topk(K, dim=1)  # (B, K)
-        origin = (top_idx // V + torch.arange(B, device=device).unsqueeze(1) * K).view(-1)  # (B*K,)
+        top_score, top_idx = cand_score.view(L, K * V).topk(K, dim=1)  # (L, K)
+        origin = (top_idx // V + torch.arange(L, device=device).unsqueeze(1) * K).view(-1)  # (L*K,)
         words = (top_idx % V).view(-1)
-        logp_sum = cand_sum.view(B, K * V).gather(1, top_idx).view(-1)
+        logp_sum = cand_sum.view(L, K * V).gather(1, top_idx).view(-1)
         length = (length + (~done).float())[origin]
         prev_done = done[origin]
         seq = torch.cat([seq[origin], words.unsqueeze(1)], dim=1)
         done = prev_done | (words == end)
         h, c = h[origin], c[origin]
-        if bool(done.all()):
-            break
-
-    score = (logp_sum / length.clamp(min=1).pow(alpha)).view(B, K)
-    order = score.argsort(dim=1, descending=True)
-    results = []
-    for b in range(B):
-        hyps = []
-        for k in order[b, :n_best].tolist():
-            row = seq[b * K + k].tolist()
-            tokens = row[: row.index(end)] if end in row else row
-            hyps.append(Hypothesis(tokens, float(score[b, k])))
-        results.append(hyps)
+        finished = done.view(L, K).all(1)  # (L,)
+        if bool(finished.any()):
+            score = (logp_sum / length.clamp(min=1).pow(alpha)).view(L, K)
+            for i in finished.nonzero().flatten().tolist():
+                results[int(live[i])] = _best(seq[i * K:(i + 1) * K], score[i], end, n_best)
+            keep = ~finished
+            if not bool(keep.any()):
+                break
+            rows = keep.repeat_interleave(K)
+            live = live[keep]
+            words, h, c, seq, logp_sum, length, done = (
+                x[rows] for x in (words, h, c, seq, logp_sum, length, done))
     return results
+
+
+def _best(seq: torch.Tensor, score: torch.Tensor, end: int, n_best: int) -> list[Hypothesis]:
+    """One image's K finished beams, seq (K, t) and score (K,) -> its n_best hypotheses, best first."""
+    hyps = []
+    for k in score.argsort(descending=True)[:n_best].tolist():
+        row = seq[k].tolist()
+        hyps.append(Hypothesis(row[: row.index(end)] if end in row else row, float(score[k])))
+    return hyps

@@ -25,10 +25,17 @@ class Attention(nn.Module):
         self.score = nn.Linear(attention_dim, 1)
 
     def forward(self, feats: torch.Tensor, keys: torch.Tensor, h: torch.Tensor):
-        """feats (B, P, F), keys = self.enc(feats) (B, P, A), h (B, D) -> context (B, F), alpha (B, P)."""
-        e = self.score(torch.tanh(keys + self.dec(h).unsqueeze(1))).squeeze(2)  # (B, P)
-        alpha = e.softmax(dim=1)  # (B, P), one weight per position
-        return (feats * alpha.unsqueeze(2)).sum(1), alpha
+        """feats (B, P, F), keys = self.enc(feats) (B, P, A), h (B*K, D): K consecutive rows per image
+        (a beam search's hypotheses; K = 1 in training) -> context (B*K, F), alpha (B*K, P).
+
+        The K rows of an image share its features, which are never repeated: one batched matrix
+        product per image weighs them, where a repeated (B*K, P, F) tensor multiplied and summed
+        read K times the memory (a beam of 3 spent a quarter of its time there)."""
+        B, P, A = keys.shape
+        query = self.dec(h).view(B, -1, 1, A)  # (B, K, 1, A)
+        e = self.score(torch.tanh(keys.unsqueeze(1) + query)).squeeze(3)  # (B, K, P)
+        alpha = e.softmax(dim=2)  # one weight per position
+        return torch.bmm(alpha, feats).flatten(0, 1), alpha.flatten(0, 1)
 
 
 class Decoder(nn.Module):
@@ -50,14 +57,15 @@ class Decoder(nn.Module):
         return self.attention.enc(feats), torch.tanh(self.init_h(mean)), torch.tanh(self.init_c(mean))
 
     def advance(self, feats, keys, embedded, h, c):
-        """The recurrence, one step for every row: embedded words (B, E) -> h, c (B, D), alpha (B, P)."""
+        """The recurrence, one step for every row: embedded words (B*K, E) -> h, c (B*K, D), alpha (B*K, P),
+        K rows per image as in Attention."""
         context, alpha = self.attention(feats, keys, h)
         context = torch.sigmoid(self.gate(h)) * context  # (B, F)
         h, c = self.lstm(torch.cat([embedded, context], dim=1), (h, c))
         return h, c, alpha
 
     def step(self, feats, keys, words, h, c):
-        """One word for every row: words (B,) -> logits (B, V), h, c, alpha (B, P)."""
+        """One word for every row: words (B*K,) -> logits (B*K, V), h, c, alpha (B*K, P)."""
         h, c, alpha = self.advance(feats, keys, self.embed(words), h, c)
         return self.out(self.dropout(h)), h, c, alpha
 

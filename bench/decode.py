@@ -43,12 +43,12 @@ def bench(settings: Settings, data: bytes, repeats: int) -> dict[str, float]:
     torch.set_num_threads(1)  # the goal is per core; the worker decodes on several threads at once
 
     def served():
-        return captioner.preprocess(settings, decode.decode(data, settings.max_pixels))
+        return captioner.preprocess(decode.decode(data, settings.max_pixels))
 
     def full():
         with Image.open(io.BytesIO(data)) as im:
             im.load()  # no draft: every one of the 12 million pixels is decoded
-            return captioner.preprocess(settings, im.convert("RGB"))
+            return captioner.preprocess(im.convert("RGB"))
 
     assert served().shape == full().shape == (3, 224, 224)
     # this thread's CPU time is the cost on one core even on a shared machine; wall time also

@@ -57,7 +57,7 @@ def raw(settings: Settings, photos: list[Path], batch_sizes: list[int], log: Cal
 
 
 def _rates(settings: Settings, photos: list[Path], batch_sizes: list[int]) -> dict[int, float]:
-    tensors = [captioner.preprocess(settings, decode.decode(p.read_bytes(), settings.max_pixels)) for p in photos]
+    tensors = [captioner.preprocess(decode.decode(p.read_bytes(), settings.max_pixels)) for p in photos]
     captioner.caption_batch(settings, tensors[:WARMUP])  # allocations, kernels, caches
     rates = {}
     for bs in batch_sizes:
@@ -207,7 +207,8 @@ def distributed(settings: Settings, bucket: str, count: int, worker_argv: list[s
         env = {**os.environ, "CAPTIONER_DATABASE_URL": db_url, "CAPTIONER_BROKER_URL": phase.broker_url or "",
                "CAPTIONER_STORAGE": phase.storage, "CAPTIONER_BATCH_SIZE": str(batch_size),
                "CAPTIONER_FORWARD_SIZE": str(forward_size),
-               "CAPTIONER_MODEL_PATH": str(captioner.checkpoint_path(settings)), "CAPTIONER_WORKER_METRICS_PORT": ""}
+               "CAPTIONER_MODEL_PATH": str(captioner.checkpoint_path(settings)), "CAPTIONER_WORKER_METRICS_PORT": "",
+               "CAPTIONER_RUNTIME": settings.runtime}
         if threads:
             env["OMP_NUM_THREADS"] = str(threads)  # torch's intra-op threads in each worker
         logs = [workdir / f"worker-{secrets.token_hex(3)}.log" for _ in range(workers)]
@@ -244,6 +245,22 @@ def distributed(settings: Settings, bucket: str, count: int, worker_argv: list[s
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
+
+
+def resized(photos: list[Path], megapixels: float, folder: Path) -> list[Path]:
+    """The photos re-encoded as 4:3 JPEGs of `megapixels` (12: 4000x3000, as phones make them), in `folder`."""
+    with ProcessPoolExecutor() as pool:
+        return list(pool.map(_resize, photos, [megapixels] * len(photos), [folder] * len(photos), chunksize=8))
+
+
+def _resize(photo: Path, megapixels: float, folder: Path) -> Path:
+    from PIL import Image
+
+    height = round((megapixels * 1e6 * 3 / 4) ** 0.5)
+    out = folder / photo.name
+    with Image.open(photo) as im:
+        im.convert("RGB").resize((height * 4 // 3, height), Image.Resampling.BICUBIC).save(out, quality=90)
+    return out
 
 
 def bench(settings: Settings, photos: list[Path], batch_sizes: list[int], log: Callable[[str], None],

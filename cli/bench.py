@@ -1,5 +1,6 @@
 """`captioner bench ...`: the benchmarks of bench/, each printing a table and, last, one JSON line."""
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import click
@@ -28,20 +29,30 @@ def bench() -> None:
 @click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False), default=None)
 @click.option("--device", default=None)
 @click.option("--beam", type=int, default=3, show_default=True)
-def bench_model(images, batch_sizes, checkpoint, device, beam) -> None:
-    """Images/s of the encoder and of encoder + beam search per batch size."""
+@click.option("--runtime", "runtimes", default="torch,onnx", show_default=True,
+              help="Comma-separated runtimes to measure side by side. torch runs at $CAPTIONER_PRECISION, "
+                   "and where that is bf16 also at fp32, as on a CPU without bf16 units.")
+def bench_model(images, batch_sizes, checkpoint, device, beam, runtimes) -> None:
+    """Images/s of the encoder and of encoder + beam search per runtime and batch size."""
     from captioner.bench.model import bench_model as run, device_name
-    from captioner.model import inference
 
+    settings = context.settings()
     paths = _photos(images)
-    captioner = inference.load(checkpoint, device=device)
-    gpu = captioner.device.type == "cuda"
+    captioners = []
+    for runtime in context.runtimes(runtimes):
+        captioner = context.load_model(settings, checkpoint, device, runtime)
+        captioners.append(captioner)
+        if runtime == "torch" and captioner.bf16:
+            captioners.append(context.load_model(replace(settings, precision="fp32"), checkpoint, device, runtime))
+    gpu = captioners[0].device.type == "cuda"
     sizes = [int(s) for s in batch_sizes.split(",")] if batch_sizes else ([1, 32, 256, 1024] if gpu else [1, 8, 32])
-    rows = run(captioner, paths, sizes, beam=beam)
-    click.echo(f"device: {captioner.device} ({device_name(captioner.device)}), beam {beam}, model {captioner.version}")
-    click.echo(f"{'batch':>6} {'encoder img/s':>14} {'encoder+beam captions/s':>24}")
+    rows = run(captioners, paths, sizes, beam=beam)
+    first = captioners[0]
+    click.echo(f"device: {first.device} ({device_name(first.device)}), beam {beam}, model {first.version}")
+    click.echo(f"{'runtime':>8} {'precision':>9} {'batch':>6} {'encoder img/s':>14} {'encoder+beam captions/s':>24}")
     for r in rows:
-        click.echo(f"{r['batch']:>6} {r['encoder_img_s']:>14.1f} {r['captions_img_s']:>24.1f}")
+        click.echo(f"{r['runtime']:>8} {r['precision']:>9} {r['batch']:>6} {r['encoder_img_s']:>14.1f} "
+                   f"{r['captions_img_s']:>24.1f}")
     click.echo(json.dumps(rows))
 
 
@@ -111,31 +122,41 @@ def bench_backfill(bucket, prefix, keys, threads) -> None:
 @click.option("--batch-sizes", default=None, help="Tried for the raw ceiling (default: 4,8,16,32 on CPU; 64,128,256,512 on GPU).")
 @click.option("--rounds", type=click.IntRange(min=1), default=2, show_default=True,
               help="Runs of each path after the sweep; each row is its path's best run.")
-def bench_pipeline(images, count, batch_sizes, rounds) -> None:
+@click.option("--megapixels", type=click.FloatRange(min=0), default=0, show_default=True,
+              help="Re-encode the photos as 4:3 JPEGs of this size first (12: 4000x3000, a phone's); 0 = as they are.")
+@context.runtime_option
+def bench_pipeline(images, count, batch_sizes, rounds, megapixels, runtime) -> None:
     """Captions/s: the model alone (raw), S3 -> API -> Redis -> batching worker -> PostgreSQL
     (end_to_end) and one task per image (naive), on the same photos; the last line is one JSON object.
     Needs CAPTIONER_DATABASE_URL (a PostgreSQL server; fresh databases are created and dropped) and
     CAPTIONER_BROKER_URL (Redis); starts its own SeaweedFS."""
+    import tempfile
     from dataclasses import replace
 
     from captioner.bench import pipeline
     from captioner.bench.model import device_name
     from captioner.core import captioner
 
-    settings = context.settings()
+    settings = context.with_runtime(context.settings(), runtime)
     paths = _photos(images, count + pipeline.WARMUP)
     gpu = captioner.batch_size(replace(settings, batch_size=None)) == captioner.GPU_BATCH
     sizes = [int(s) for s in batch_sizes.split(",")] if batch_sizes else ([64, 128, 256, 512] if gpu else [4, 8, 16, 32])
-    try:
-        rows = pipeline.bench(settings, paths, sizes, log=lambda m: click.echo(m, err=True), rounds=rounds)
-    except ValueError as e:
-        raise click.ClickException(str(e))
-    model = captioner.get(settings)
-    click.echo(f"device: {model.device} ({device_name(model.device)}), beam {settings.beam}, model {model.version}")
+    with tempfile.TemporaryDirectory(prefix="captioner-bench-photos-") as tmp:
+        if megapixels:
+            click.echo(f"re-encoding {len(paths)} photos at {megapixels:g} MP", err=True)
+            paths = pipeline.resized(paths, megapixels, Path(tmp))
+        try:
+            rows = pipeline.bench(settings, paths, sizes, log=lambda m: click.echo(m, err=True), rounds=rounds)
+        except ValueError as e:
+            raise click.ClickException(str(e))
+    model = context.load_model(settings, None)
+    size = f"{megapixels:g} MP photos" if megapixels else "photos as they are"
+    click.echo(f"device: {model.device} ({device_name(model.device)}), runtime {model.runtime}, beam {settings.beam}, "
+               f"model {model.version}, {size}")
     click.echo(f"{'path':<11} {'captions/s':>10} {'seconds':>8} {'images':>6}  how")
     for r in rows:
         click.echo(f"{r.path:<11} {r.captions_s:>10.2f} {r.seconds:>8.2f} {r.images:>6}  {r.note}")
-    click.echo(json.dumps(pipeline.summary(rows)))
+    click.echo(json.dumps({"runtime": model.runtime, "megapixels": megapixels, **pipeline.summary(rows)}))
 
 
 @bench.command("scaleout")

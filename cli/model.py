@@ -1,7 +1,7 @@
 """Model commands: train, evaluate, the retrieval baseline, and describe (no database)."""
 import json
 import shutil
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import click
@@ -78,14 +78,15 @@ def _train_config(captions, images, train_split=None, dev_split=None, **given):
 @click.option("--batch-size", type=int, default=32, show_default=True)
 @click.option("--device", default=None)
 @click.option("--precision", type=click.Choice(list(PRECISIONS)), default="auto", show_default=True,
-              help="The encoder's arithmetic (auto = bf16 where the device has bf16 units).")
-def evaluate(images, captions, checkpoint, split, output, beam, batch_size, device, precision) -> None:
+              help="The torch encoder's arithmetic (auto = bf16 where the device has bf16 units).")
+@context.runtime_option
+def evaluate(images, captions, checkpoint, split, output, beam, batch_size, device, precision, runtime) -> None:
     """Caption every listed image and print COCO metrics; the last line is one JSON object."""
-    from captioner.model import inference
     from captioner.model.evaluate import evaluate_folder
 
+    settings = replace(context.settings(), precision=precision)
+    captioner = context.load_model(settings, checkpoint, device, runtime)
     try:
-        captioner = inference.load(checkpoint, device=device, bf16=PRECISIONS[precision])
         metrics = evaluate_folder(captioner, Path(images), Path(captions), Path(output),
                                   split=Path(split) if split else None, beam=beam, batch_size=batch_size)
     except (ValueError, FileNotFoundError) as e:
@@ -114,13 +115,12 @@ def baseline(captions, images, k, output) -> None:
 @click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False), default=None)
 @click.option("--beam", type=int, default=3, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per image.")
-def describe(images, checkpoint, beam, as_json) -> None:
+@context.runtime_option
+def describe(images, checkpoint, beam, as_json, runtime) -> None:
     """Caption local image files, no database needed."""
     from PIL import Image, UnidentifiedImageError
 
-    from captioner.model import inference
-
-    captioner = inference.load(checkpoint)
+    captioner = context.load_model(context.settings(), checkpoint, runtime=runtime)
     for path in images:
         try:
             with Image.open(path) as im:

@@ -13,14 +13,15 @@ from . import context
               help="Broker queue (distributed mode only).")
 @click.option("--wait/--no-wait", default=False, help="Distributed mode: follow the batch until it is done.")
 @click.option("--samples", type=int, default=5, show_default=True, help="Captions to show at the end.")
-def caption(paths, limit, queue, wait, samples) -> None:
+@context.runtime_option
+def caption(paths, limit, queue, wait, samples, runtime) -> None:
     """Caption image files, folders and s3://bucket/prefix locations.
 
     With no broker configured (CAPTIONER_BROKER_URL unset) this runs the whole pipeline in this
     process on the SQLite database, skipping images this model already captioned, so a second run
     is quick and an interrupted run resumes. With a broker it submits the images for the workers
     (uploading local files to CAPTIONER_STORAGE first), prints the batch id and, with --wait,
-    follows the batch to the end.
+    follows the batch to the end (the workers caption in their own CAPTIONER_RUNTIME).
     """
     import time
 
@@ -29,7 +30,7 @@ def caption(paths, limit, queue, wait, samples) -> None:
     from captioner.core import caption_runs, captioner
     from captioner.core.queue import publisher
 
-    settings = context.settings()
+    settings = context.with_runtime(context.settings(), runtime)
     with context.reported():
         sm = context.database(settings)
         version = captioner.version(settings)

@@ -4,6 +4,7 @@ import ctypes
 import ctypes.util
 import hashlib
 import importlib.util
+import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -30,6 +31,8 @@ CPU_FORWARD = 32
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 MMAP_THRESHOLD = 32 << 20  # glibc's ceiling for this parameter on 64-bit
 TRIM_THRESHOLD = 1 << 30
+
+log = logging.getLogger(__name__)
 
 _loaded: "Captioner | None" = None  # the one lazily loaded global: weights load once per process, after fork
 _loading = threading.Lock()
@@ -85,17 +88,29 @@ def version(settings: Settings) -> str:
 
 
 def get(settings: Settings) -> "Captioner":
-    """The loaded model, loaded on first use in this process (CUDA cannot start before a fork).
-    The first batch's I/O threads all ask at once: one loads, the others wait for it."""
+    """The loaded model, loaded on first use in this process (CUDA cannot start before a fork)."""
     global _loaded
     if _loaded is None:
         with _loading:
             if _loaded is None:
-                _keep_tensors_in_heap()
-                from captioner.model import inference  # keeps torch out of processes that never caption
-                _loaded = inference.load(checkpoint_path(settings), device=settings.device,
-                                         bf16=PRECISIONS[settings.precision])
+                _loaded = load(settings, checkpoint_path(settings))
     return _loaded
+
+
+def load(settings: Settings, path: Path, device: str | None = None, runtime: str | None = None) -> "Captioner":
+    """A model from the checkpoint at `path`, on the settings' device, precision and runtime unless
+    given; a runtime asked for by name that cannot run here is a ConfigError that says why."""
+    from captioner.model import inference  # keeps torch out of processes that never caption
+    _keep_tensors_in_heap()
+    try:
+        model = inference.load(path, device=device or settings.device, bf16=PRECISIONS[settings.precision],
+                               runtime=runtime or settings.runtime, onnx_cache=settings.onnx_cache)
+    except inference.RuntimeUnavailable as e:
+        raise ConfigError(str(e)) from e
+    log.info("model %s loaded: runtime %s%s", model.version, model.runtime,
+             f" ({', '.join(model.onnx.providers)}, {model.onnx.threads} threads)" if model.onnx else
+             f" on {model.device}{' with bf16' if model.bf16 else ''}")
+    return model
 
 
 def warm_up(settings: Settings) -> None:
@@ -133,9 +148,12 @@ def _keep_tensors_in_heap() -> None:
         libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)
 
 
-def preprocess(settings: Settings, image: "PILImage") -> "Tensor":
-    """PIL image -> (3, 224, 224) tensor; thread-safe, called on the I/O threads."""
-    return get(settings).preprocess(image)
+def preprocess(image: "PILImage") -> "Tensor":
+    """PIL image -> (3, 224, 224) tensor; thread-safe, called on the I/O threads, which must not be
+    the ones to load the model: they run torch single-threaded, and the model's runtime takes its
+    thread count from the thread that loads it."""
+    from captioner.model.encoder import preprocess
+    return preprocess(image)
 
 
 def caption_batch(settings: Settings, tensors: "list[Tensor]") -> "list[ModelCaption]":

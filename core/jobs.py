@@ -141,7 +141,7 @@ def _prepare(settings: Settings, claimed: Claimed, on_device: bool) -> _Prepared
             return _Prepared(claimed, size=size, fetch_s=t1 - t0, decode_s=time.perf_counter() - t1, jpeg=data,
                              orientation=orientation)
         image = decode.decode(data, settings.max_pixels)
-        tensor = captioner.preprocess(settings, image)
+        tensor = captioner.preprocess(image)
     except CaptioningError as e:
         return _Prepared(claimed, error=e, fetch_s=t1 - t0, decode_s=time.perf_counter() - t1)
     return _Prepared(claimed, tensor, image.info["source_size"], fetch_s=t1 - t0, decode_s=time.perf_counter() - t1)
@@ -160,7 +160,7 @@ def _decode_on_device(settings: Settings, waiting: list[_Prepared]) -> list[_Pre
         p = replace(out[i], jpeg=None, tensor=tensor, decode_s=out[i].decode_s + share)
         if tensor is None:  # nvJPEG refuses some files libjpeg reads; Pillow names what is wrong with a corrupt one
             try:
-                p = replace(p, tensor=captioner.preprocess(settings, decode.decode(out[i].jpeg, settings.max_pixels)))
+                p = replace(p, tensor=captioner.preprocess(decode.decode(out[i].jpeg, settings.max_pixels)))
             except CaptioningError as e:
                 p = replace(p, error=e)
         out[i] = p

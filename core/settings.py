@@ -16,6 +16,7 @@ AUTH_MODES = ("required", "off")
 LOG_FORMATS = ("text", "json")
 JPEG_DECODERS = ("auto", "device", "pillow")
 PRECISIONS = {"auto": None, "bf16": True, "fp32": False}  # -> model.inference's bf16 argument
+RUNTIMES = ("auto", "torch", "onnx")  # model.inference.RUNTIMES, checked here without importing torch
 MIN_SECRET_CHARS = 32  # token_urlsafe(32) is 43: a short, guessable key would let anyone forge a session
 TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
@@ -34,6 +35,10 @@ class Settings:
     # the encoder's arithmetic: "bf16" (autocast), "fp32", or "auto" = bf16 where the device has bf16
     # units (CUDA Ampere+, AVX512-BF16/AMX CPUs); the decoder and beam search always run in fp32
     precision: str = "auto"
+    # what runs the model: "onnx" (ONNX Runtime, exported from the checkpoint on first use), "torch",
+    # or "auto" = ONNX Runtime on a CPU, torch on a GPU, torch with a warning where ONNX Runtime fails
+    runtime: str = "auto"
+    onnx_cache: str | None = None  # where ONNX exports are kept; None = $XDG_CACHE_HOME/captioner/onnx
     # "device": baseline JPEGs are decoded on the model's device (nvJPEG on a GPU, a batch at a
     # time, before each forward); "pillow": on the I/O threads, draft mode; "auto": device on CUDA
     jpeg_decode: str = "auto"
@@ -75,6 +80,8 @@ class Settings:
             raise ConfigError(f"{PREFIX}AUTH must be one of {', '.join(AUTH_MODES)}, got {self.auth!r}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"{PREFIX}PRECISION must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.runtime not in RUNTIMES:
+            raise ConfigError(f"{PREFIX}RUNTIME must be one of {', '.join(RUNTIMES)}, got {self.runtime!r}")
         if self.jpeg_decode not in JPEG_DECODERS:
             raise ConfigError(f"{PREFIX}JPEG_DECODE must be one of {', '.join(JPEG_DECODERS)}, got {self.jpeg_decode!r}")
         if self.log_format not in LOG_FORMATS:

@@ -1,5 +1,7 @@
 """The model's one entry point for everything that captions: load once, caption batches."""
 import hashlib
+import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -9,11 +11,18 @@ from torchvision.io import ImageReadMode, decode_jpeg
 
 from . import encoder as enc
 from .alt_text import alt_text, sentence
-from .beam_search import beam_search
+from . import onnx_runtime
+from .beam_search import decoder_step, search
 from .network import Decoder, DecoderConfig
 from .vocab import Vocab
 
+log = logging.getLogger(__name__)
+
 DEFAULT_CHECKPOINT = Path(__file__).parent / "checkpoints" / "default.pt"
+DEFAULT_ONNX_CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "captioner" / "onnx"
+# "auto": ONNX Runtime on a CPU (encoder 4-5x, beam search step 2.5x eager torch's speed there, see
+# docs/benchmarks.md), torch on a GPU, where its kernels and nvJPEG decoding are the tuned path
+RUNTIMES = ("auto", "torch", "onnx")
 REVIEW_BELOW = 0.35  # confidence under which alt text is flagged for a person to check
 TAGS = 5  # ImageNet labels returned per image
 TAG_MIN_PROB = 0.05
@@ -39,6 +48,10 @@ class Caption:
     needs_review: bool  # confidence below REVIEW_BELOW
 
 
+class RuntimeUnavailable(RuntimeError):
+    """The runtime asked for cannot run this model here (package missing, export failed or differs)."""
+
+
 def bf16_supported(device: torch.device) -> bool:
     """bf16 matrix units: CUDA (Ampere and later) or a CPU with AVX512-BF16 / AMX."""
     if device.type == "cuda":
@@ -47,9 +60,11 @@ def bf16_supported(device: torch.device) -> bool:
 
 
 class Captioner:
-    def __init__(self, checkpoint: dict, version: str, device: str | torch.device = "cpu", bf16: bool | None = None):
-        """bf16: run the encoder under bf16 autocast (None = where the hardware has bf16 units);
-        the decoder and beam search stay in float32, where the scores accumulate."""
+    def __init__(self, checkpoint: dict, version: str, device: str | torch.device = "cpu", bf16: bool | None = None,
+                 runtime: str = "torch", onnx_cache: Path = DEFAULT_ONNX_CACHE):
+        """bf16: run the torch encoder under bf16 autocast (None = where the hardware has bf16 units);
+        the decoder and beam search stay in float32, where the scores accumulate.
+        runtime: one of RUNTIMES; `self.runtime` says which one captions."""
         self.device = torch.device(device)
         self.bf16 = bf16_supported(self.device) if bf16 is None else bf16
         self.version = version
@@ -69,22 +84,62 @@ class Captioner:
         self.decoder.to(self.device).eval()
         self.class_names = enc.class_names()
         self.metrics = checkpoint.get("metrics", {})
+        if runtime not in RUNTIMES:
+            raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, not {runtime!r}")
+        self.runtime, self.onnx = "torch", None
+        if runtime == "onnx" or (runtime == "auto" and self.device.type == "cpu"):
+            self._start_onnx(explicit=runtime == "onnx", cache=onnx_cache)
+
+    def _start_onnx(self, explicit: bool, cache: Path) -> None:
+        """Export (or find cached) and load the ONNX graphs; `auto` falls back to torch with one warning."""
+        try:
+            import onnxruntime as ort
+            providers = ["CPUExecutionProvider"]
+            if self.device.type == "cuda":
+                if "CUDAExecutionProvider" not in ort.get_available_providers():
+                    raise RuntimeUnavailable("this onnxruntime has no CUDA provider: install onnxruntime-gpu, "
+                                             "or caption on the GPU with runtime torch")
+                providers.insert(0, "CUDAExecutionProvider")
+            self.onnx = onnx_runtime.load(self.encoder, self.decoder, self.version, Path(cache),
+                                          torch.get_num_threads(), providers, self._search_options())
+            self.runtime = "onnx"
+        except ImportError as e:
+            self._onnx_failed(explicit, f"the onnxruntime package is not installed ({e}): "
+                                        "pip install 'captioner[worker]' or onnxruntime")
+        except (onnx_runtime.ExportError, RuntimeUnavailable, OSError) as e:
+            self._onnx_failed(explicit, str(e))
+
+    def _onnx_failed(self, explicit: bool, why: str) -> None:
+        if explicit:
+            raise RuntimeUnavailable(f"runtime onnx: {why}")
+        log.warning("ONNX Runtime not used, captioning with torch: %s", why)
+
+    def _search_options(self, beam: int = 3, n_best: int = 3) -> dict:
+        return {"start": self.vocab.start, "end": self.vocab.end,
+                "banned_words": [self.vocab.pad, self.vocab.start, self.vocab.unk],
+                "beam": beam, "n_best": min(n_best, beam), "max_len": self.max_len}
 
     preprocess = staticmethod(enc.preprocess)
 
     @torch.no_grad()
-    def caption(self, batch: torch.Tensor, beam: int = 3, n_best: int = 3) -> list[Caption]:
-        """batch (B, 3, 224, 224) from `preprocess` -> one Caption per image, one forward pass."""
+    def encode(self, batch: torch.Tensor):
+        """batch (B, 3, 224, 224) from `preprocess` -> (the decoder as a beam-search Step over these
+        images, its initial state h, c, the ImageNet logits), in this captioner's runtime."""
         assert batch.dim() == 4 and batch.shape[1] == 3, f"expected (B, 3, H, W), got {tuple(batch.shape)}"
+        if self.onnx is not None:
+            return self.onnx.encode(batch)
         if self.device.type == "cuda" and batch.device.type == "cpu":
             batch = batch.pin_memory()  # page-locked: the copy below runs asynchronously
         images = batch.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             feats, logits = self.encoder(images)
-        feats = feats.float()  # (B, P, C)
-        hyps = beam_search(self.decoder, feats, self.vocab.start, self.vocab.end,
-                           [self.vocab.pad, self.vocab.start, self.vocab.unk],
-                           beam=beam, n_best=min(n_best, beam), max_len=self.max_len)
+        return (*decoder_step(self.decoder, feats.float()), logits)  # feats (B, P, C)
+
+    @torch.no_grad()
+    def caption(self, batch: torch.Tensor, beam: int = 3, n_best: int = 3) -> list[Caption]:
+        """batch (B, 3, 224, 224) from `preprocess` -> one Caption per image, one forward pass."""
+        step, h, c, logits = self.encode(batch)
+        hyps = search(step, h, c, **self._search_options(beam, n_best))
         probs = logits.float().softmax(-1)
         top_p, top_i = probs.topk(TAGS, dim=1)
         out = []
@@ -121,9 +176,10 @@ def checkpoint_version(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:12]
 
 
-def load(path: str | Path | None = None, device: str | None = None, bf16: bool | None = None) -> Captioner:
+def load(path: str | Path | None = None, device: str | None = None, bf16: bool | None = None,
+         runtime: str = "torch", onnx_cache: str | Path | None = None) -> Captioner:
     """Load a checkpoint (default: the shipped one) onto `device` (default: CUDA if present);
-    `bf16` as in Captioner."""
+    `bf16`, `runtime` and `onnx_cache` (default DEFAULT_ONNX_CACHE) as in Captioner."""
     path = Path(path) if path else DEFAULT_CHECKPOINT
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
@@ -133,4 +189,4 @@ def load(path: str | Path | None = None, device: str | None = None, bf16: bool |
     for key in ("config", "encoder", "vocab", "model", "max_len"):
         if key not in checkpoint:
             raise ValueError(f"{path} is not a captioner checkpoint (no {key!r})")
-    return Captioner(checkpoint, checkpoint_version(path), device, bf16)
+    return Captioner(checkpoint, checkpoint_version(path), device, bf16, runtime, Path(onnx_cache or DEFAULT_ONNX_CACHE))

@@ -116,9 +116,9 @@ def test_io_threads_run_torch_on_one_thread_and_the_forward_keeps_its_own(sqlite
     seen: dict[str, set[int]] = {"preprocess": set(), "forward": set()}
     preprocess, caption_batch = captioner.preprocess, captioner.caption_batch
 
-    def spy_preprocess(settings, image):
+    def spy_preprocess(image):
         seen["preprocess"].add(torch.get_num_threads())
-        return preprocess(settings, image)
+        return preprocess(image)
 
     def spy_caption_batch(settings, tensors):
         seen["forward"].add(torch.get_num_threads())

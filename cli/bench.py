@@ -37,9 +37,10 @@ def bench_model(images, batch_sizes, checkpoint, device, beam, runtimes) -> None
     from captioner.bench.model import bench_model as run, device_name
 
     settings = context.settings()
+    asked = context.runtimes(runtimes)
     paths = _photos(images)
     captioners = []
-    for runtime in context.runtimes(runtimes):
+    for runtime in asked:
         captioner = context.load_model(settings, checkpoint, device, runtime)
         captioners.append(captioner)
         if runtime == "torch" and captioner.bf16:

@@ -51,6 +51,14 @@ def _services_only_in_integration_tests(request: pytest.FixtureRequest) -> Itera
                     "fetch the fixture through a parameter that names it, or mark the test", pytrace=False)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _onnx_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """ONNX exports of this run's checkpoints go to a folder of the run, not the user's cache; the
+    worker processes that tests start inherit it."""
+    with mock.patch.dict(os.environ, {"CAPTIONER_ONNX_CACHE": str(tmp_path_factory.mktemp("onnx-cache"))}):
+        yield
+
+
 @pytest.fixture(scope="session")
 def photos() -> list[Path]:
     """Real photos from the shared Flickr8k folder, sorted by name; skip when it is absent."""

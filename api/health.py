@@ -2,7 +2,7 @@
 from flask import Blueprint, Response, jsonify
 from sqlalchemy import text
 
-from captioner.core import storage
+from captioner.core import captioner, storage
 from captioner.core.errors import CaptioningError
 
 from . import get_session, services
@@ -43,5 +43,6 @@ def readyz() -> tuple[Response, int]:
         checks["model"] = svc.current_model_version()
     except CaptioningError as e:
         checks["model"] = f"error: {e.message}"
+    checks["runtime"] = captioner.runtime_plan(svc.settings)  # what a worker on a host like this one runs
     ready = all(not v.startswith("error") for v in checks.values())
     return jsonify({"status": "ready" if ready else "not ready", "checks": checks}), 200 if ready else 503

@@ -107,10 +107,24 @@ def load(settings: Settings, path: Path, device: str | None = None, runtime: str
                                runtime=runtime or settings.runtime, onnx_cache=settings.onnx_cache)
     except inference.RuntimeUnavailable as e:
         raise ConfigError(str(e)) from e
-    log.info("model %s loaded: runtime %s%s", model.version, model.runtime,
-             f" ({', '.join(model.onnx.providers)}, {model.onnx.threads} threads)" if model.onnx else
-             f" on {model.device}{' with bf16' if model.bf16 else ''}")
     return model
+
+
+def runtime_plan(settings: Settings) -> str:
+    """The runtime a model loaded here would run in, decided without loading torch (for /readyz):
+    `auto` takes ONNX Runtime on a CPU host where it is installed."""
+    if settings.runtime != "auto":
+        return settings.runtime
+    return "onnx" if not _on_gpu(settings) and importlib.util.find_spec("onnxruntime") else "torch"
+
+
+def describe(model: "Captioner") -> str:
+    """What runs the model, for start-up logs: the runtime, its device or providers, its threads."""
+    import torch
+    if model.onnx is not None:
+        return f"runtime onnx ({', '.join(model.onnx.providers)}, {model.onnx.threads} threads)"
+    return (f"runtime torch on {model.device} ({torch.get_num_threads()} threads, "
+            f"bf16 encoder {'on' if model.bf16 else 'off'})")
 
 
 def warm_up(settings: Settings) -> None:

@@ -95,6 +95,8 @@ def test_health_and_readiness(client):
     ready = client.get("/readyz")
     assert ready.status_code == 200, ready.get_json()
     assert ready.get_json()["checks"]["database"] == "ok"
+    # on this CPU host with onnxruntime installed, `auto` means ONNX Runtime
+    assert ready.get_json()["checks"]["runtime"] == "onnx"
 
 
 def test_readiness_fails_without_a_checkpoint(app_settings, tmp_path):

@@ -14,7 +14,7 @@ from celery_batches import SimpleRequest
 from sqlalchemy.orm import sessionmaker
 
 from captioner.core import jobs, logs, queries, webhooks
-from captioner.core.captioner import batch_size, warm_up
+from captioner.core.captioner import batch_size, describe, warm_up
 from captioner.core.captioner import get as get_model
 from captioner.core.db import make_engine, make_sessionmaker
 from captioner.core.queue import (CAPTION_TASK, SWEEP_TASK, WEBHOOK_TASK, create_celery, drained, publish_webhooks,
@@ -64,8 +64,7 @@ def _load_model(**_: Any) -> None:
         torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // processes))
     model = get_model(settings)
     warm_up(settings)
-    log.info("model %s loaded on %s: %d torch threads, bf16 encoder %s", model.version, model.device,
-             torch.get_num_threads(), "on" if model.bf16 else "off")
+    log.info("model %s loaded: %s", model.version, describe(model))
 
 
 @app.task(name=CAPTION_TASK, base=Batches, flush_every=batch_size(settings),

@@ -76,20 +76,20 @@ def search(step: Step, h: torch.Tensor, c: torch.Tensor, start: int, end: int, b
     B, K = h.shape[0], beam
     device = h.device
     live = torch.arange(B, device=device)
-    h, c = h.repeat_interleave(K, 0), c.repeat_interleave(K, 0)  # (B*K, D): K rows per image
-    words = torch.full((B * K,), start, dtype=torch.long, device=device)
-    seq = torch.zeros(B * K, 0, dtype=torch.long, device=device)
-    logp_sum = torch.zeros(B * K, device=device)
-    # only the first beam of each image is live at step 0, so the K beams do not start as copies
-    logp_sum.view(B, K)[:, 1:] = float("-inf")
-    done = torch.zeros(B * K, dtype=torch.bool, device=device)
-    length = torch.zeros(B * K, device=device)
+    # the first step has one row per image (K copies would only compute the same words K times);
+    # its K best words start the K beams
+    k = 1
+    words = torch.full((B,), start, dtype=torch.long, device=device)
+    seq = torch.zeros(B, 0, dtype=torch.long, device=device)
+    logp_sum = torch.zeros(B, device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    length = torch.zeros(B, device=device)
     never = torch.tensor(banned_words, dtype=torch.long, device=device)
     results: list[list[Hypothesis]] = [[] for _ in range(B)]
 
     for t in range(max_len):
         L = len(live)
-        logp, h, c = step(live, words, h, c)  # (L*K, V)
+        logp, h, c = step(live, words, h, c)  # (L*k, V)
         V = logp.shape[1]
         logp[:, never] = float("-inf")
         if block_repeats:
@@ -101,13 +101,14 @@ def search(step: Step, h: torch.Tensor, c: torch.Tensor, start: int, end: int, b
         # a finished beam continues only as itself, with <end> repeated at no cost
         logp[done] = float("-inf")
         logp[done, end] = 0.0
-        cand_sum = logp_sum.unsqueeze(1) + logp  # (L*K, V)
-        cand_len = (length + (~done).float()).unsqueeze(1).clamp(min=1)  # (L*K, 1)
+        cand_sum = logp_sum.unsqueeze(1) + logp  # (L*k, V)
+        cand_len = (length + (~done).float()).unsqueeze(1).clamp(min=1)  # (L*k, 1)
         cand_score = cand_sum / cand_len.pow(alpha)
-        top_score, top_idx = cand_score.view(L, K * V).topk(K, dim=1)  # (L, K)
-        origin = (top_idx // V + torch.arange(L, device=device).unsqueeze(1) * K).view(-1)  # (L*K,)
+        top_score, top_idx = cand_score.view(L, k * V).topk(K, dim=1)  # (L, K)
+        origin = (top_idx // V + torch.arange(L, device=device).unsqueeze(1) * k).view(-1)  # (L*K,)
         words = (top_idx % V).view(-1)
-        logp_sum = cand_sum.view(L, K * V).gather(1, top_idx).view(-1)
+        logp_sum = cand_sum.view(L, k * V).gather(1, top_idx).view(-1)
+        k = K
         length = (length + (~done).float())[origin]
         prev_done = done[origin]
         seq = torch.cat([seq[origin], words.unsqueeze(1)], dim=1)

@@ -32,7 +32,9 @@ def bench() -> None:
 @click.option("--runtime", "runtimes", default="torch,onnx", show_default=True,
               help="Comma-separated runtimes to measure side by side. torch runs at $CAPTIONER_PRECISION, "
                    "and where that is bf16 also at fp32, as on a CPU without bf16 units.")
-def bench_model(images, batch_sizes, checkpoint, device, beam, runtimes) -> None:
+@click.option("--rounds", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Turns each runtime takes per batch size; each row is its fastest.")
+def bench_model(images, batch_sizes, checkpoint, device, beam, runtimes, rounds) -> None:
     """Images/s of the encoder and of encoder + beam search per runtime and batch size."""
     from captioner.bench.model import bench_model as run, device_name
 
@@ -47,7 +49,7 @@ def bench_model(images, batch_sizes, checkpoint, device, beam, runtimes) -> None
             captioners.append(context.load_model(replace(settings, precision="fp32"), checkpoint, device, runtime))
     gpu = captioners[0].device.type == "cuda"
     sizes = [int(s) for s in batch_sizes.split(",")] if batch_sizes else ([1, 32, 256, 1024] if gpu else [1, 8, 32])
-    rows = run(captioners, paths, sizes, beam=beam)
+    rows = run(captioners, paths, sizes, beam=beam, rounds=rounds)
     first = captioners[0]
     click.echo(f"device: {first.device} ({device_name(first.device)}), beam {beam}, model {first.version}")
     click.echo(f"{'runtime':>8} {'precision':>9} {'batch':>6} {'encoder img/s':>14} {'encoder+beam captions/s':>24}")

@@ -20,7 +20,9 @@ COPY worker worker
 COPY migrations migrations
 COPY cli cli
 COPY bench bench
-RUN pip install --no-deps . && useradd --create-home captioner
+# the ONNX cache's folder belongs to the worker's user: a named volume mounted there starts as a copy of it
+RUN pip install --no-deps . && useradd --create-home captioner \
+    && mkdir -p /var/cache/captioner/onnx && chown -R captioner /var/cache/captioner
 USER captioner
 
 # one pool process: it owns the GPU (or every CPU core through torch's threads)

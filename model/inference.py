@@ -19,7 +19,6 @@ from .vocab import Vocab
 log = logging.getLogger(__name__)
 
 DEFAULT_CHECKPOINT = Path(__file__).parent / "checkpoints" / "default.pt"
-DEFAULT_ONNX_CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "captioner" / "onnx"
 # "auto": ONNX Runtime on a CPU (encoder 4-5x, beam search step 2.5x eager torch's speed there, see
 # docs/benchmarks.md), torch on a GPU, where its kernels and nvJPEG decoding are the tuned path
 RUNTIMES = ("auto", "torch", "onnx")
@@ -61,10 +60,11 @@ def bf16_supported(device: torch.device) -> bool:
 
 class Captioner:
     def __init__(self, checkpoint: dict, version: str, device: str | torch.device = "cpu", bf16: bool | None = None,
-                 runtime: str = "torch", onnx_cache: Path = DEFAULT_ONNX_CACHE):
+                 runtime: str = "torch", onnx_cache: Path | None = None):
         """bf16: run the torch encoder under bf16 autocast (None = where the hardware has bf16 units);
         the decoder and beam search stay in float32, where the scores accumulate.
-        runtime: one of RUNTIMES; `self.runtime` says which one captions."""
+        runtime: one of RUNTIMES; `self.runtime` says which one captions.
+        onnx_cache: where ONNX exports are kept (default: default_onnx_cache())."""
         self.device = torch.device(device)
         self.bf16 = bf16_supported(self.device) if bf16 is None else bf16
         self.version = version
@@ -88,7 +88,7 @@ class Captioner:
             raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, not {runtime!r}")
         self.runtime, self.onnx = "torch", None
         if runtime == "onnx" or (runtime == "auto" and self.device.type == "cpu"):
-            self._start_onnx(explicit=runtime == "onnx", cache=onnx_cache)
+            self._start_onnx(explicit=runtime == "onnx", cache=Path(onnx_cache or default_onnx_cache()))
 
     def _start_onnx(self, explicit: bool, cache: Path) -> None:
         """Export (or find cached) and load the ONNX graphs; `auto` falls back to torch with one warning."""
@@ -171,6 +171,11 @@ class Captioner:
         return self.caption(torch.stack([self.preprocess(im) for im in images]), beam=beam, n_best=n_best)
 
 
+def default_onnx_cache() -> Path:
+    """$XDG_CACHE_HOME/captioner/onnx, read when a model loads."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "captioner" / "onnx"
+
+
 def checkpoint_version(path: Path) -> str:
     """The model version: the first 12 hex digits of the checkpoint file's sha256."""
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:12]
@@ -179,7 +184,7 @@ def checkpoint_version(path: Path) -> str:
 def load(path: str | Path | None = None, device: str | None = None, bf16: bool | None = None,
          runtime: str = "torch", onnx_cache: str | Path | None = None) -> Captioner:
     """Load a checkpoint (default: the shipped one) onto `device` (default: CUDA if present);
-    `bf16`, `runtime` and `onnx_cache` (default DEFAULT_ONNX_CACHE) as in Captioner."""
+    `bf16`, `runtime` and `onnx_cache` as in Captioner."""
     path = Path(path) if path else DEFAULT_CHECKPOINT
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
@@ -189,4 +194,4 @@ def load(path: str | Path | None = None, device: str | None = None, bf16: bool |
     for key in ("config", "encoder", "vocab", "model", "max_len"):
         if key not in checkpoint:
             raise ValueError(f"{path} is not a captioner checkpoint (no {key!r})")
-    return Captioner(checkpoint, checkpoint_version(path), device, bf16, runtime, Path(onnx_cache or DEFAULT_ONNX_CACHE))
+    return Captioner(checkpoint, checkpoint_version(path), device, bf16, runtime, onnx_cache)

@@ -5,6 +5,7 @@ model version, checked there against torch on a fixed batch, and listed with the
 manifest. A folder whose manifest is missing, stale or does not match its files is rebuilt.
 torch stays the reference and the only runtime for training.
 """
+import copy
 import hashlib
 import json
 import logging
@@ -111,6 +112,8 @@ def load(encoder: nn.Module, decoder: nn.Module, version: str, cache: Path, thre
             problem = f"ONNX Runtime cannot load it ({e.__class__.__name__})"
     if folder.exists():
         log.warning("rebuilding the ONNX export in %s: %s", folder, problem)
+    if next(encoder.parameters()).device.type != "cpu":  # exported and checked on the CPU, run anywhere
+        encoder, decoder = copy.deepcopy(encoder).cpu(), copy.deepcopy(decoder).cpu()
     cache.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=cache))
     try:

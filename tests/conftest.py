@@ -53,9 +53,12 @@ def _services_only_in_integration_tests(request: pytest.FixtureRequest) -> Itera
 
 @pytest.fixture(scope="session", autouse=True)
 def _onnx_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """ONNX exports of this run's checkpoints go to a folder of the run, not the user's cache; the
-    worker processes that tests start inherit it."""
-    with mock.patch.dict(os.environ, {"CAPTIONER_ONNX_CACHE": str(tmp_path_factory.mktemp("onnx-cache"))}):
+    """ONNX exports of this run's checkpoints go to a folder of the run, not the user's cache: for
+    settings read from the environment (and the worker processes that tests start) and for
+    Settings made in tests, which fall back to $XDG_CACHE_HOME."""
+    cache = tmp_path_factory.mktemp("cache")
+    with mock.patch.dict(os.environ, {"CAPTIONER_ONNX_CACHE": str(cache / "captioner" / "onnx"),
+                                      "XDG_CACHE_HOME": str(cache)}):
         yield
 
 

@@ -59,15 +59,38 @@ def beam_search(decoder: Decoder, feats: torch.Tensor, start: int, end: int, ban
     return search(step, h, c, start, end, banned_words, **options)
 
 
+def _repeated_content(seq: torch.Tensor, content_words: torch.Tensor, modifiers: torch.Tensor) -> torch.Tensor:
+    """seq (N, t) -> (N, V) True where the next word would say something twice (model/repeats.py):
+    a content word already in the row, unless right after a modifier ("a black dog and a white
+    dog"); a content word that made the same pair with the last word before ("a black hat and
+    black hat"); the word before a function word again ("a white and white dog")."""
+    n, t = seq.shape
+    ban = torch.zeros(n, len(content_words), dtype=torch.bool, device=seq.device)
+    if t == 0:
+        return ban
+    last = seq[:, -1]
+    ban.scatter_(1, seq, True)
+    ban &= content_words & ~modifiers[last].unsqueeze(1)
+    if t >= 2:
+        pairs = torch.zeros_like(ban).scatter_(1, seq[:, 1:], seq[:, :-1] == last.unsqueeze(1))
+        ban |= pairs & content_words
+        function = ~(content_words[last] | modifiers[last])
+        ban[function, seq[function, -2]] = True
+    return ban
+
+
 @torch.no_grad()
 def search(step: Step, h: torch.Tensor, c: torch.Tensor, start: int, end: int, banned_words: list[int],
            beam: int = 3, n_best: int = 3, max_len: int = 20, alpha: float = 1.0,
-           block_repeats: bool = True) -> list[list[Hypothesis]]:
+           block_repeats: bool = True, content_words: torch.Tensor | None = None,
+           modifiers: torch.Tensor | None = None) -> list[list[Hypothesis]]:
     """From the initial state h, c (B, D) of B images -> for each image the `n_best` hypotheses, best
     first. `step` may run in any runtime: the search itself is a few small tensor operations.
 
     Scores are log-probability / length**alpha, both while searching and for the final ranking,
     so short captions are not favoured just for being short. `beam=1` is greedy decoding.
+    With `content_words` and `modifiers` ((V,) masks, model/repeats.py), a content word comes
+    again only straight after a modifier.
     An image whose K beams have all ended leaves the batch: the step, most of the time, then runs
     on the images still searching only (a batch ran all max_len steps for its longest caption,
     while the average image needed two thirds of them).
@@ -85,6 +108,8 @@ def search(step: Step, h: torch.Tensor, c: torch.Tensor, start: int, end: int, b
     done = torch.zeros(B, dtype=torch.bool, device=device)
     length = torch.zeros(B, device=device)
     never = torch.tensor(banned_words, dtype=torch.long, device=device)
+    if content_words is not None:
+        content_words, modifiers = content_words.to(device), modifiers.to(device)
     results: list[list[Hypothesis]] = [[] for _ in range(B)]
 
     for t in range(max_len):
@@ -94,6 +119,8 @@ def search(step: Step, h: torch.Tensor, c: torch.Tensor, start: int, end: int, b
         logp[:, never] = float("-inf")
         if block_repeats:
             logp = logp.masked_fill(_banned(seq, V), float("-inf"))
+        if content_words is not None:
+            logp = logp.masked_fill(_repeated_content(seq, content_words, modifiers), float("-inf"))
         if t == max_len - 1:  # out of room: every live beam must end here
             forced = torch.full_like(logp, float("-inf"))
             forced[:, end] = logp[:, end].clamp(min=-1e4)  # keep the beam even if <end> was unlikely

@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from .data import read_captions, read_split, tokenize
+from .repeats import repeats_content
 
 METRICS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
 
@@ -85,8 +86,9 @@ def evaluate_folder(captioner, images: Path, captions: Path, output: Path, split
                     beam: int = 3, batch_size: int = 32) -> dict:
     """Caption every image `captions` lists (optionally only those in `split`), score, write JSON.
 
-    Returns the COCO metrics plus `images` (how many were scored) and `stutter` (the fraction of
-    captions that repeat a word back to back or a trigram).
+    Returns the COCO metrics plus `images` (how many were scored), `stutter` (the fraction of
+    captions that repeat a word back to back or a trigram), `content_repeat` (that say a content
+    word twice, model/repeats.py) and `content_repeat_human` (the same among the references).
     """
     references = read_captions(captions)
     names = sorted(references)
@@ -108,6 +110,10 @@ def evaluate_folder(captioner, images: Path, captions: Path, output: Path, split
     metrics = score({n: references[n] for n in names}, predictions)
     metrics["images"] = len(names)
     metrics["stutter"] = sum(stutters(tokenize(c)) for c in predictions.values()) / len(names)
+    # a content word said twice ("a hat and a hat"), in ours and, for scale, in the people's captions
+    metrics["content_repeat"] = sum(repeats_content(tokenize(c)) for c in predictions.values()) / len(names)
+    human = [repeats_content(tokenize(c)) for n in names for c in references[n]]
+    metrics["content_repeat_human"] = sum(human) / len(human)
     metrics["model_version"] = captioner.version
     metrics = rounded(metrics)
     write_results(output, predictions, metrics)

@@ -10,11 +10,11 @@ from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from . import encoder as enc
+from . import onnx_runtime, repeats
 from .alt_text import alt_text, sentence
-from . import onnx_runtime
 from .beam_search import decoder_step, search
 from .network import Decoder, DecoderConfig
-from .vocab import Vocab
+from .vocab import SPECIALS, Vocab
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +84,7 @@ class Captioner:
         self.decoder.to(self.device).eval()
         self.class_names = enc.class_names()
         self.metrics = checkpoint.get("metrics", {})
+        self.repeat_rule = repeats.rule(self.vocab.words, len(SPECIALS))
         if runtime not in RUNTIMES:
             raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, not {runtime!r}")
         self.runtime, self.onnx = "torch", None
@@ -117,7 +118,7 @@ class Captioner:
     def _search_options(self, beam: int = 3, n_best: int = 3) -> dict:
         return {"start": self.vocab.start, "end": self.vocab.end,
                 "banned_words": [self.vocab.pad, self.vocab.start, self.vocab.unk],
-                "beam": beam, "n_best": min(n_best, beam), "max_len": self.max_len}
+                "beam": beam, "n_best": min(n_best, beam), "max_len": self.max_len, **self.repeat_rule}
 
     preprocess = staticmethod(enc.preprocess)
 

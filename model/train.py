@@ -15,13 +15,14 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from . import repeats
 from .beam_search import beam_search
 from .data import cached_features, read_captions, read_split, tokenize
 from .encoder import Encoder, EncoderConfig
 from .evaluate import score_tokenized
 from .network import Decoder, DecoderConfig
 from .scst import CiderD, references_by_row, scst_epoch
-from .vocab import Vocab
+from .vocab import SPECIALS, Vocab
 
 
 @dataclass(frozen=True)
@@ -117,7 +118,7 @@ def dev_scores(decoder: Decoder, feats: torch.Tensor, refs: dict[str, list[str]]
     preds: dict[str, str] = {}
     for i in range(0, len(names), batch_size):
         hyps = beam_search(decoder, feats[i : i + batch_size].float(), vocab.start, vocab.end, banned,
-                           beam=beam, n_best=1, max_len=max_len)
+                           beam=beam, n_best=1, max_len=max_len, **repeats.rule(vocab.words, len(SPECIALS)))
         for name, h in zip(names[i : i + batch_size], hyps):
             preds[name] = " ".join(vocab.decode(h[0].tokens))
     gts = {n: [" ".join(tokenize(c)) for c in refs[n]] for n in names}
@@ -142,8 +143,6 @@ def export_tiny_checkpoint(folder: Path) -> Path:
     shipped one, much faster and with nonsense words: for tests and benchmarks of everything but
     the model. Returns the checkpoint's path in `folder`."""
     import timm
-
-    from .vocab import SPECIALS
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

@@ -2,10 +2,11 @@
 import torch
 import torch.nn.functional as F
 
-from captioner.model.beam_search import beam_search
+from captioner.model import repeats
+from captioner.model.beam_search import _repeated_content, beam_search
 from captioner.model.network import Decoder, DecoderConfig
 from captioner.model.train import TrainConfig, export_checkpoint, loss_fn
-from captioner.model.vocab import Vocab
+from captioner.model.vocab import SPECIALS, Vocab
 
 WORDS = ["a", "dog", "cat", "runs", "sits", "on", "the", "grass", "mat", "red", "ball", "with"]
 VOCAB = Vocab.build([WORDS], min_count=1)
@@ -157,8 +158,9 @@ def test_checkpoint_round_trip_gives_identical_outputs(tmp_path):
     assert loaded.version == inference.checkpoint_version(tmp_path / "ckpt.pt")
     images = torch.randn(2, 3, 224, 224)
     feats, _ = loaded.encoder(images)
-    want = search(decoder, feats, beam=3, n_best=2, max_len=12)
-    got = search(loaded.decoder, feats, beam=3, n_best=2, max_len=12)
+    rule = repeats.rule(VOCAB.words, len(SPECIALS))  # the captioner says nothing twice
+    want = search(decoder, feats, beam=3, n_best=2, max_len=12, **rule)
+    got = search(loaded.decoder, feats, beam=3, n_best=2, max_len=12, **rule)
     assert [[h.tokens for h in hs] for hs in got] == [[h.tokens for h in hs] for hs in want]
     captions = loaded.caption(images, beam=3, n_best=2)
     assert [c.text.rstrip(".").lower().split() for c in captions] == [VOCAB.decode(hs[0].tokens) for hs in want]
@@ -214,3 +216,23 @@ def test_preprocess_puts_transparency_on_white_and_scales_16_bit_grey():
     grey16 = Image.new("I;16", (32, 32), 32768)
     assert abs(float(preprocess(grey16).mean())) < 0.05  # mid-grey is ~0, not white (+1)
     assert preprocess(Image.new("P", (5, 300))).shape == (3, 224, 224)
+
+
+def test_a_content_word_comes_again_only_to_tell_two_apart():
+    vocab = Vocab.build([["a", "black", "white", "dog", "hat", "and", "in", "boat", "with"]], min_count=1)
+    rule = repeats.rule(vocab.words, len(SPECIALS))
+
+    def banned_after(words: str) -> set[str]:
+        seq = torch.tensor([[vocab.index[w] for w in words.split()]])
+        ban = _repeated_content(seq, rule["content_words"], rule["modifiers"])[0]
+        return {vocab.words[i] for i in ban.nonzero().flatten().tolist()}
+
+    assert "hat" in banned_after("a hat and a")  # "a hat and a hat"
+    assert "boat" in banned_after("in a boat in a")
+    assert "dog" not in banned_after("a black dog and a white")  # two dogs, told apart
+    assert "hat" in banned_after("a black hat and black")  # the same pair again
+    assert "white" in banned_after("a white and")  # "a white and white dog"
+    # modifiers and function words repeat freely, but not as "with a with"
+    assert banned_after("a black dog with a") == {"dog", "with"}
+    assert repeats.repeats_content("a man riding a bike on a bike".split())
+    assert not repeats.repeats_content("a black dog and a black cat".split())

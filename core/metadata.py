@@ -13,7 +13,7 @@ import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
@@ -416,9 +416,11 @@ def _write_one(sm: sessionmaker, et: Any, path: Path, sidecar: Path, tags: dict[
         report.add(path, "error", str(e))
 
 
-def write_s3_sidecars(sm: sessionmaker, et: Any, job_ids: list[int], min_score: float = KEYWORD_MIN_SCORE) -> Report:
+def write_s3_sidecars(sm: sessionmaker, tool: Callable[[], Any], job_ids: list[int],
+                      min_score: float = KEYWORD_MIN_SCORE) -> Report:
     """The worker, after captioning: KEY.xmp beside each S3 image of a batch that asked for
-    sidecars, merged into the one already there. An object whose ETag changed is skipped."""
+    sidecars, merged into the one already there. An object whose ETag changed is skipped.
+    `tool()` gives the exiftool process, asked for only when a batch wants sidecars."""
     report = Report()
     if not job_ids:
         return report
@@ -432,6 +434,9 @@ def write_s3_sidecars(sm: sessionmaker, et: Any, job_ids: list[int], min_score: 
         versions = dict(s.execute(select(Job.image_id, Job.model_version).where(Job.id.in_(job_ids))).all())
         rows = [r for r in s.execute(queries.results_query().where(Image.id.in_(ids))).all()
                 if r[0].uri.startswith("s3://") and r[1].model_version == versions.get(r[0].id)]
+    if not rows:
+        return report
+    et = tool()
     with tempfile.TemporaryDirectory(prefix="captioner-xmp-") as work:
         for n, (image, caption, decision) in enumerate(rows):
             bucket, key = storage.split_s3(image.uri)

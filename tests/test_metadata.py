@@ -356,7 +356,7 @@ def test_s3_sidecars_are_written_beside_the_objects(sm, et, s3, tmp_path, photos
                           tags=TAGS, confidence=0.5, needs_review=False, forward_size=1))
             s.flush()
             job_ids.append(job.id)
-    report = metadata.write_s3_sidecars(sm, et, job_ids)
+    report = metadata.write_s3_sidecars(sm, lambda: et, job_ids)
     assert report.counts == {"sidecar": 1, "corrupt_sidecar": 1}
     assert client.get_object(Bucket=bucket, Key="lib/cat.jpg.xmp")["Body"].read() == b"garbage"
     local = tmp_path / "dog.jpg.xmp"

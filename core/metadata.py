@@ -33,7 +33,8 @@ CHUNK = 256  # files per exiftool read and per database look-up
 CAMERA_DEFAULTS = frozenset({"OLYMPUS DIGITAL CAMERA", "SONY DSC", "DIGITAL CAMERA", "KONICA MINOLTA DIGITAL CAMERA",
                              "MINOLTA DIGITAL CAMERA", "SAMSUNG DIGITAL CAMERA", "DCIM", "DEFAULT"})
 READ_TAGS = ("-XMP-dc:Description", "-XMP-iptcCore:AltTextAccessibility", "-XMP-dc:Subject", "-XMP-captioner:all",
-             "-IPTC:Caption-Abstract", "-IFD0:ImageDescription", "-File:FileType", "-ExifTool:Warning", "-ExifTool:Error")
+             "-IPTC:Caption-Abstract", "-IFD0:ImageDescription", "-File:FileType",
+             "-ExifTool:Warning", "-ExifTool:Error")  # a sidecar exiftool warns about is not merged into
 
 
 def exiftool_process() -> Any:
@@ -394,15 +395,16 @@ def _write_one(sm: sessionmaker, et: Any, path: Path, sidecar: Path, tags: dict[
     fell_back = ""
     try:
         if mode == "embed":
-            if read_only(path) or read_only(path.parent):
+            real = path.resolve()  # through a link into the photo itself, not over the link
+            if read_only(real) or read_only(real.parent):
                 report.add(path, "read_only", "the file or its folder is read-only: left alone")
                 return
             try:
                 def record(sha: str) -> None:
                     with sm.begin() as s:
-                        s.add(MetadataWrite(image_id=image_id, path=str(path.resolve()), sha256=sha,
+                        s.add(MetadataWrite(image_id=image_id, path=str(real), sha256=sha,
                                             model_version=want.model_version))
-                write_embedded(et, path, args, record)
+                write_embedded(et, real, args, record)
                 report.add(path, "embedded")
                 return
             except Unwritable as e:
@@ -455,7 +457,11 @@ def write_s3_sidecars(sm: sessionmaker, tool: Callable[[], Any], job_ids: list[i
             if not args:
                 report.add(target, "unchanged")
                 continue
-            write_sidecar(et, local, args)
+            try:
+                write_sidecar(et, local, args)
+            except OSError as e:
+                report.add(target, "error", str(e))
+                continue
             storage.write(target, local.read_bytes())
             report.add(target, "sidecar")
     return report

@@ -22,7 +22,7 @@ def submit_batch() -> tuple[Response, int, dict]:
         raise InvalidRequest("send either s3 (a prefix) or images (a list), not both")
     queue = bodies.queue(body.get("queue", "backfill"))  # a library import must not delay single uploads
     callback_url = bodies.callback_url(body.get("callback_url"), svc.settings)
-    write_metadata = bodies.write_metadata(body.get("write_metadata"))
+    write_metadata = bodies.write_metadata(body["write_metadata"]) if "write_metadata" in body else None
     if "s3" in body:
         bucket, prefix = bodies.s3_location(body["s3"], "s3", "prefix", allow_empty=True)
         check_s3([(bucket, prefix)])

@@ -136,17 +136,22 @@ def image_data(path: Path) -> bytes:
     return b"".join(pixels(path))
 
 
+@pytest.mark.parametrize("mode", metadata.MODES)
 @pytest.mark.parametrize("name", sorted(ODD))
-def test_embedding_into_every_odd_format_keeps_every_pixel_byte(sm, et, tmp_path, name):
+def test_every_odd_format_gets_its_fields_and_keeps_every_pixel_byte(sm, et, tmp_path, name, mode):
     path = tmp_path / name
     path.write_bytes(ODD[name]()[0])
     os.chmod(path, 0o640)
     os.utime(path, (1_600_000_000, 1_600_000_000))
-    before_pixels, before_data = pixels(path), image_data(path)
+    before_bytes, before_pixels, before_data = path.read_bytes(), pixels(path), image_data(path)
     captioned(sm, path)
-    report = metadata.write_files(sm, et, [str(path)], "embed")
+    report = metadata.write_files(sm, et, [str(path)], mode)
     sidecar = path.with_name(path.name + ".xmp")
-    if name.endswith(".bmp"):  # BMP has no place for XMP: a sidecar instead, reported
+    if mode == "sidecar":
+        assert report.counts == {"sidecar": 1}
+        assert path.read_bytes() == before_bytes
+        [tags] = exif(sidecar)
+    elif name.endswith(".bmp"):  # BMP has no place for XMP: a sidecar instead, reported
         assert report.counts == {"fell_back_to_sidecar": 1}
         assert "cannot hold XMP" in report.notes[0][2]
         [tags] = exif(sidecar)

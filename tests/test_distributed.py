@@ -166,12 +166,16 @@ def test_cli_with_a_broker_hands_local_files_to_the_workers(settings, s3, photos
         monkeypatch.setenv(key, value)
     get_settings.cache_clear()
     try:
-        result = CliRunner().invoke(cli, ["caption", str(folder), "--wait"], catch_exceptions=False)
+        result = CliRunner().invoke(cli, ["caption", str(folder), "--wait", "--write-metadata", "sidecar"],
+                                    catch_exceptions=False)
     finally:
         get_settings.cache_clear()
     assert result.exit_code == 0, result.output
     batch_id = int(re.search(r"batch (\d+): 10 images submitted to the workers", result.output).group(1))
     assert "10 images: 10 done (10 captioned now, 0 already), 0 failed, 0 left" in result.output
+    # the local files get their sidecars, found by their bytes although the workers read a copy
+    assert "metadata: 10 sidecar" in result.output
+    assert all((folder / f"{p.name}.xmp").is_file() for p in photos[150:160])
     # the workers read the bytes from S3, where the CLI put them, not from this machine's disk
     engine = make_engine(settings.database_url)
     with engine.connect() as conn:

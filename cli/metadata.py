@@ -31,14 +31,24 @@ def echo_report(report: Any) -> None:
 def write_metadata(paths, mode, tenant, model_version, limit, sidecar_name, overwrite) -> None:
     """Write the caption, alt text and keywords of files captioned earlier (here or by the workers)
     as XMP: sidecars beside them, or embedded. A file is found by its content; one that changed
-    since it was captioned is skipped and reported. Needs exiftool."""
-    from captioner.core import metadata
+    since it was captioned is skipped and reported. An s3://bucket/prefix gets KEY.xmp objects
+    beside its captioned images. Needs exiftool."""
+    from captioner.core import metadata, storage
 
+    s3 = [p for p in paths if p.startswith("s3://")]
+    if s3 and (mode != "sidecar" or len(paths) > 1):
+        raise click.UsageError("an s3:// prefix gets sidecars only, one at a time: --mode sidecar s3://bucket/prefix")
+    settings = context.settings()
     with context.reported(), metadata.exiftool_process() as et:
-        sm = context.database(context.settings())
-        metadata.import_descriptions(sm, et, paths, tenant, sidecar_name, limit)
-        report = metadata.write_files(sm, et, paths, mode, sidecar_name, tenant, model_version, overwrite,
-                                      limit=limit)
+        sm = context.database(settings)
+        if s3:
+            bucket, prefix = storage.split_s3(s3[0])
+            report = metadata.write_s3_prefix(sm, et, bucket, prefix, limit or settings.s3_prefix_limit, tenant,
+                                              model_version)
+        else:
+            metadata.import_descriptions(sm, et, paths, tenant, sidecar_name, limit)
+            report = metadata.write_files(sm, et, paths, mode, sidecar_name, tenant, model_version, overwrite,
+                                          limit=limit)
     echo_report(report)
     if report.counts["error"]:
         raise SystemExit(1)

@@ -275,8 +275,8 @@ def local_files(paths: Iterable[str], limit: int | None = None) -> Iterator[Path
     count = 0
     for raw in paths:
         if raw.startswith("s3://"):
-            raise InvalidRequest(f"{raw}: metadata is written to local files here; for S3 objects send "
-                                 '"write_metadata": "sidecar" with POST /v1/batches')
+            raise InvalidRequest(f"{raw}: S3 objects get sidecars only: send \"write_metadata\": \"sidecar\" "
+                                 "with POST /v1/batches, or run captioner write-metadata s3://... for ones captioned")
         path = Path(raw)
         if path.is_dir():
             found: Iterable[Path] = (p for p in sorted(path.rglob("*")) if p.is_file() and not p.name.startswith(".")
@@ -436,13 +436,41 @@ def write_s3_sidecars(sm: sessionmaker, tool: Callable[[], Any], job_ids: list[i
         versions = dict(s.execute(select(Job.image_id, Job.model_version).where(Job.id.in_(job_ids))).all())
         rows = [r for r in s.execute(queries.results_query().where(Image.id.in_(ids))).all()
                 if r[0].uri.startswith("s3://") and r[1].model_version == versions.get(r[0].id)]
-    if not rows:
-        return report
-    et = tool()
+    if rows:
+        _write_s3(tool(), rows, min_score, report, check_etag=True)
+    return report
+
+
+def write_s3_prefix(sm: sessionmaker, et: Any, bucket: str, prefix: str, limit: int, tenant: str = "default",
+                    model_version: str | None = None, min_score: float = KEYWORD_MIN_SCORE) -> Report:
+    """`captioner write-metadata s3://bucket/prefix`: sidecars for objects captioned earlier, each
+    found by its ETag (an object rewritten since has another and is reported as changed)."""
+    report = Report()
+    objects = storage.list_prefix(bucket, prefix, limit)
+    rows: list[Any] = []
+    for start in range(0, len(objects), queries.CHUNK):
+        page = {f"s3:{o.bucket}/{o.key}@{o.etag}": o for o in objects[start:start + queries.CHUNK]}
+        with sm() as s:
+            found = s.execute(queries.results_query(model_version).where(
+                Image.tenant == tenant, Image.fingerprint.in_(list(page)))).all()
+            known = set(s.scalars(select(Image.uri).where(Image.tenant == tenant,
+                                                          Image.uri.in_([o.uri for o in page.values()]))))
+        rows += found
+        seen = {image.fingerprint for image, _, _ in found}
+        for fingerprint, o in page.items():
+            if fingerprint not in seen:
+                report.add(o.uri, *(("changed", "the object changed since it was captioned: skipped") if o.uri in known
+                                    else ("not_captioned", "no caption for this object")))
+    _write_s3(et, rows, min_score, report, check_etag=False)
+    return report
+
+
+def _write_s3(et: Any, rows: list[Any], min_score: float, report: Report, check_etag: bool) -> None:
+    """KEY.xmp beside each (image, caption, decision)'s object, merged into the one already there."""
     with tempfile.TemporaryDirectory(prefix="captioner-xmp-") as work:
         for n, (image, caption, decision) in enumerate(rows):
             bucket, key = storage.split_s3(image.uri)
-            if image.fingerprint != f"s3:{bucket}/{key}@{storage.head(bucket, key).etag}":
+            if check_etag and image.fingerprint != f"s3:{bucket}/{key}@{storage.head(bucket, key).etag}":
                 report.add(image.uri, "changed", "the object changed since it was captioned: skipped")
                 continue
             local = Path(work) / f"{n}.xmp"
@@ -464,4 +492,3 @@ def write_s3_sidecars(sm: sessionmaker, tool: Callable[[], Any], job_ids: list[i
                 continue
             storage.write(target, local.read_bytes())
             report.add(target, "sidecar")
-    return report

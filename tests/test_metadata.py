@@ -368,3 +368,9 @@ def test_s3_sidecars_are_written_beside_the_objects(sm, et, s3, tmp_path, photos
     local.write_bytes(client.get_object(Bucket=bucket, Key="lib/dog.jpg.xmp")["Body"].read())
     [tags] = exif(local)
     assert (tags["XMP-dc:Description"], tags["XMP-iptcCore:AltTextAccessibility"]) == (CAPTION, "a dog")
+
+    # later, for a whole prefix (`captioner write-metadata s3://...`): objects are found by their ETag
+    client.put_object(Bucket=bucket, Key="lib/new.jpg", Body=photos[2].read_bytes())
+    client.put_object(Bucket=bucket, Key="lib/cat.jpg", Body=photos[3].read_bytes())  # another photo now
+    report = metadata.write_s3_prefix(sm, et, bucket, "lib/", 100)
+    assert report.counts == {"unchanged": 1, "changed": 1, "not_captioned": 1}, report.notes

@@ -374,3 +374,17 @@ def test_s3_sidecars_are_written_beside_the_objects(sm, et, s3, tmp_path, photos
     client.put_object(Bucket=bucket, Key="lib/cat.jpg", Body=photos[3].read_bytes())  # another photo now
     report = metadata.write_s3_prefix(sm, et, bucket, "lib/", 100)
     assert report.counts == {"unchanged": 1, "changed": 1, "not_captioned": 1}, report.notes
+
+
+def test_bench_metadata_times_captioning_and_sidecars_in_one_run(photos, checkpoint, tmp_path):
+    from captioner.bench.metadata import run
+    from captioner.core.settings import Settings
+
+    originals = tmp_path / "originals"
+    originals.mkdir()
+    for p in photos[:3]:
+        shutil.copyfile(p, originals / p.name)
+    row = run(Settings(model_path=str(checkpoint), batch_size=4), sorted(originals.iterdir()))
+    assert row["photos"] == 3 and row["caption_s"] > 0 and row["metadata_s"] > 0
+    assert row["overhead_pct"] > 0 and row["ms_per_file"] > 0
+    assert sorted(p.name for p in originals.iterdir()) == [p.name for p in photos[:3]]  # sidecars beside the links

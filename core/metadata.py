@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterable, Iterator
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from . import queries, storage
+from . import alttext, queries, storage
 from .errors import ConfigError, InvalidRequest
 from .tables import AltTextDecision, Batch, BatchImage, Caption, Image, Job, MetadataWrite, utcnow
 
@@ -336,6 +336,7 @@ def import_descriptions(sm: sessionmaker, et: Any, paths: Iterable[str], tenant:
                 text = f.person_alt_text or f.person_description
                 if text is None or p not in ids:
                     continue
+                text = _one_line(text)[:alttext.MAX_CHARS]  # alt text is one line, as the review queue keeps it
                 done = s.scalar(select(AltTextDecision.id).where(
                     AltTextDecision.image_id == ids[p], AltTextDecision.decided_by == DECIDED_BY,
                     AltTextDecision.text == text).limit(1))

@@ -25,7 +25,7 @@ def run(settings: Settings, photos: list[Path], mode: str = "sidecar",
                         storage=f"{work}/store")
         sm = open_database(local.database_url)
         version = captioner.version(local)
-        with metadata.exiftool_process() as et:
+        with metadata.exiftool_processes() as tools:
             started = time.perf_counter()
             batch_id, submitted = caption_runs.submit(sm, local, [str(folder)], None, "backfill", version,
                                                       lambda jobs: None)
@@ -33,8 +33,8 @@ def run(settings: Settings, photos: list[Path], mode: str = "sidecar",
             caption_runs.finish(sm, local, version, batch_id, todo, progress)
             caption_s = time.perf_counter() - started
             started = time.perf_counter()
-            metadata.import_descriptions(sm, et, [str(folder)])
-            report = metadata.write_files(sm, et, [str(folder)], mode, model_version=version)
+            metadata.import_descriptions(sm, tools[0], [str(folder)])
+            report = metadata.write_files(sm, tools, [str(folder)], mode, model_version=version)
             metadata_s = time.perf_counter() - started
         written = sum(report.counts[k] for k in ("sidecar", "embedded", "fell_back_to_sidecar"))
         if written != len(photos):

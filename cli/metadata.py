@@ -39,15 +39,15 @@ def write_metadata(paths, mode, tenant, model_version, limit, sidecar_name, over
     if s3 and (mode != "sidecar" or len(paths) > 1):
         raise click.UsageError("an s3:// prefix gets sidecars only, one at a time: --mode sidecar s3://bucket/prefix")
     settings = context.settings()
-    with context.reported(), metadata.exiftool_process() as et:
+    with context.reported(), metadata.exiftool_processes() as tools:
         sm = context.database(settings)
         if s3:
             bucket, prefix = storage.split_s3(s3[0])
-            report = metadata.write_s3_prefix(sm, et, bucket, prefix, limit or settings.s3_prefix_limit, tenant,
+            report = metadata.write_s3_prefix(sm, tools[0], bucket, prefix, limit or settings.s3_prefix_limit, tenant,
                                               model_version)
         else:
-            metadata.import_descriptions(sm, et, paths, tenant, sidecar_name, limit)
-            report = metadata.write_files(sm, et, paths, mode, sidecar_name, tenant, model_version, overwrite,
+            metadata.import_descriptions(sm, tools[0], paths, tenant, sidecar_name, limit)
+            report = metadata.write_files(sm, tools, paths, mode, sidecar_name, tenant, model_version, overwrite,
                                           limit=limit)
     echo_report(report)
     if report.counts["error"]:

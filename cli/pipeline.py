@@ -39,13 +39,13 @@ def caption(paths, limit, queue, wait, samples, write_metadata, sidecar_name, ov
     settings = context.settings()
     if write_metadata and not settings.embedded and not wait:
         raise click.UsageError("--write-metadata with a broker needs --wait: the files are written once captioned")
-    with context.reported(), (metadata.exiftool_process() if write_metadata else nullcontext()) as et:
+    with context.reported(), (metadata.exiftool_processes() if write_metadata else nullcontext()) as tools:
         sm = context.database(settings)
         version = captioner.version(settings)
         started = time.perf_counter()
         batch_id, submitted = caption_runs.submit(sm, settings, paths, limit, queue, version, publisher(settings))
         if write_metadata:
-            imported = metadata.import_descriptions(sm, et, paths, naming=sidecar_name, limit=limit)
+            imported = metadata.import_descriptions(sm, tools[0], paths, naming=sidecar_name, limit=limit)
             if imported:
                 click.echo(f"{imported} descriptions people wrote imported as approved alt text")
         if not settings.embedded:
@@ -55,7 +55,7 @@ def caption(paths, limit, queue, wait, samples, write_metadata, sidecar_name, ov
         already, todo = caption_runs.pending(submitted)
         with tqdm(total=todo, unit="img", desc="captioning", disable=todo == 0) as bar:
             caption_runs.finish(sm, settings, version, batch_id, todo, bar.update)
-        written = metadata.write_files(sm, et, paths, write_metadata, sidecar_name, model_version=version,
+        written = metadata.write_files(sm, tools, paths, write_metadata, sidecar_name, model_version=version,
                                        overwrite=overwrite, limit=limit) if write_metadata else None
         elapsed = time.perf_counter() - started
         done = caption_runs.summary(sm, batch_id, version, submitted, already, samples)

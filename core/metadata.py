@@ -9,11 +9,14 @@ import logging
 import os
 import shutil
 import stat
+import queue
 import tempfile
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from contextlib import ExitStack, contextmanager
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
@@ -28,7 +31,8 @@ SIDECAR_NAMES = ("ext", "stem")  # NAME.EXT.xmp (digiKam, Immich, darktable) or 
 KEYWORD_MIN_SCORE = 0.3  # a tag below this probability is too often wrong to become a keyword
 DECIDED_BY = "metadata"  # who made an alt-text decision imported from a file's own description
 CONFIG = Path(__file__).with_name("exiftool.config")  # our private XMP namespace
-CHUNK = 256  # files per exiftool read and per database look-up
+CHUNK = 64  # files per exiftool read and per database look-up; chunks go to the writers in turn
+WRITERS = min(4, os.cpu_count() or 1)  # exiftool processes writing at once: Perl is single-threaded
 # what cameras put in EXIF ImageDescription by themselves: no person wrote it
 CAMERA_DEFAULTS = frozenset({"OLYMPUS DIGITAL CAMERA", "SONY DSC", "DIGITAL CAMERA", "KONICA MINOLTA DIGITAL CAMERA",
                              "MINOLTA DIGITAL CAMERA", "SAMSUNG DIGITAL CAMERA", "DCIM", "DEFAULT"})
@@ -47,6 +51,13 @@ def exiftool_process() -> Any:
     import exiftool  # PyExifTool: only runs that write metadata need it
 
     return exiftool.ExifTool(config_file=str(CONFIG), common_args=["-charset", "filename=utf8"])
+
+
+@contextmanager
+def exiftool_processes(count: int = WRITERS) -> Iterator[list[Any]]:
+    """`count` running exiftool processes, for write_files; the first one also serves reads."""
+    with ExitStack() as stack:
+        yield [stack.enter_context(exiftool_process()) for _ in range(count)]
 
 
 @dataclass(frozen=True)
@@ -272,7 +283,9 @@ class Report:
 
 
 def local_files(paths: Iterable[str], limit: int | None = None) -> Iterator[Path]:
+    """Image files under `paths`, each once (a file named twice would be written by two writers)."""
     count = 0
+    seen: set[Path] = set()
     for raw in paths:
         if raw.startswith("s3://"):
             raise InvalidRequest(f"{raw}: S3 objects get sidecars only: send \"write_metadata\": \"sidecar\" "
@@ -286,19 +299,24 @@ def local_files(paths: Iterable[str], limit: int | None = None) -> Iterator[Path
         else:
             raise InvalidRequest(f"{raw}: no such file or folder")
         for p in found:
+            if p.resolve() in seen:
+                continue
             if limit is not None and count >= limit:
                 return
+            seen.add(p.resolve())
             count += 1
             yield p
 
 
 def _chunks(items: Iterable[Path]) -> Iterator[list[Path]]:
+    """CHUNK files at a time; files that share a stem (a.jpg, a.png) stay in one chunk, as they may
+    share a NAME.xmp sidecar: chunks are written in parallel."""
     chunk: list[Path] = []
     for item in items:
-        chunk.append(item)
-        if len(chunk) == CHUNK:
+        if len(chunk) >= CHUNK and item.with_suffix("") != chunk[-1].with_suffix(""):
             yield chunk
             chunk = []
+        chunk.append(item)
     if chunk:
         yield chunk
 
@@ -347,41 +365,62 @@ def import_descriptions(sm: sessionmaker, et: Any, paths: Iterable[str], tenant:
     return imported
 
 
-def write_files(sm: sessionmaker, et: Any, paths: Iterable[str], mode: str, naming: str = "ext",
+def write_files(sm: sessionmaker, tools: Sequence[Any], paths: Iterable[str], mode: str, naming: str = "ext",
                 tenant: str = "default", model_version: str | None = None, overwrite: bool = False,
                 min_score: float = KEYWORD_MIN_SCORE, limit: int | None = None) -> Report:
-    """Write each captioned file's caption, alt text and keywords (mode "sidecar" or "embed").
-    A file is found by its bytes: one that changed since it was captioned is skipped, never given
-    another photo's caption."""
+    """Write each captioned file's caption, alt text and keywords (mode "sidecar" or "embed"),
+    chunks of files in parallel, one exiftool process of `tools` each. A file is found by its
+    bytes: one that changed since it was captioned is skipped, never given another photo's caption."""
     if mode not in MODES:
         raise InvalidRequest(f"mode must be one of {', '.join(MODES)}")
     if naming not in SIDECAR_NAMES:
         raise InvalidRequest(f"sidecar naming must be one of {', '.join(SIDECAR_NAMES)}")
+    free: queue.Queue = queue.Queue()
+    for tool in tools:
+        free.put(tool)
+
+    def write_chunk(chunk: list[Path]) -> Report:
+        et = free.get()
+        try:
+            return _write_chunk(sm, et, chunk, mode, naming, tenant, model_version, overwrite, min_score)
+        finally:
+            free.put(et)
+
     report = Report()
-    for chunk in _chunks(local_files(paths, limit)):
-        hashes = {p: sha256_of(p) for p in chunk}
-        with sm() as s:
-            ids, changed = _identify(s, tenant, hashes)
-            rows = s.execute(queries.results_query(model_version).where(Image.id.in_(set(ids.values())))).all()
-        captions = {image.id: (caption, decision) for image, caption, decision in rows}
-        sidecars = {p: sidecar_path(p, naming) for p in chunk}
-        tags = read(et, [*chunk, *(x for x in sidecars.values() if x.exists())])
-        for p in chunk:
-            if p in changed:
-                report.add(p, "changed", "the file changed since it was captioned: skipped")
-            elif p not in ids or ids[p] not in captions:
-                report.add(p, "not_captioned", "no caption for this file" + (f" by model {model_version}"
-                                                                            if model_version else ""))
-            else:
-                caption, decision = captions[ids[p]]
-                _write_one(sm, et, p, sidecars[p], tags, mode, wanted(caption, decision, min_score), ids[p],
-                           overwrite, report)
+    with ThreadPoolExecutor(max_workers=len(tools)) as pool:
+        for part in pool.map(write_chunk, _chunks(local_files(paths, limit))):
+            report.counts.update(part.counts)
+            report.notes += part.notes
+    return report
+
+
+def _write_chunk(sm: sessionmaker, et: Any, chunk: list[Path], mode: str, naming: str, tenant: str,
+                 model_version: str | None, overwrite: bool, min_score: float) -> Report:
+    report = Report()
+    hashes = {p: sha256_of(p) for p in chunk}
+    with sm() as s:
+        ids, changed = _identify(s, tenant, hashes)
+        rows = s.execute(queries.results_query(model_version).where(Image.id.in_(set(ids.values())))).all()
+    captions = {image.id: (caption, decision) for image, caption, decision in rows}
+    sidecars = {p: sidecar_path(p, naming) for p in chunk}
+    tags = read(et, [*chunk, *(x for x in sidecars.values() if x.exists())])
+    for p in chunk:
+        if p in changed:
+            report.add(p, "changed", "the file changed since it was captioned: skipped")
+        elif p not in ids or ids[p] not in captions:
+            report.add(p, "not_captioned", "no caption for this file" + (f" by model {model_version}"
+                                                                        if model_version else ""))
+        else:
+            caption, decision = captions[ids[p]]
+            _write_one(sm, et, p, sidecars[p], tags, mode, wanted(caption, decision, min_score), ids[p],
+                       overwrite, report)
     return report
 
 
 def _write_one(sm: sessionmaker, et: Any, path: Path, sidecar: Path, tags: dict[Path, Found], mode: str,
                want: Wanted, image_id: int, overwrite: bool, report: Report) -> None:
-    side = tags.get(sidecar) if sidecar.exists() else None
+    # a sidecar another file of this chunk wrote just now (a shared NAME.xmp) is read afresh
+    side = (tags.get(sidecar) or read(et, [sidecar]).get(sidecar)) if sidecar.exists() else None
     if sidecar.exists() and (why := sidecar_problem(side)):
         report.add(sidecar, "corrupt_sidecar", f"existing sidecar kept, not replaced: {why}")
         return

@@ -77,7 +77,7 @@ def photo(tmp_path, photos):
 def test_a_sidecar_holds_every_field_as_exiftool_and_a_plain_xml_parser_read_it(sm, et, photo):
     captioned(sm, photo)
     before = photo.read_bytes()
-    report = metadata.write_files(sm, et, [str(photo.parent)], "sidecar")
+    report = metadata.write_files(sm, [et], [str(photo.parent)], "sidecar")
     assert report.counts == {"sidecar": 1}
     sidecar = photo.with_name(photo.name + ".xmp")
     [tags] = exif(sidecar)
@@ -95,14 +95,14 @@ def test_a_sidecar_holds_every_field_as_exiftool_and_a_plain_xml_parser_read_it(
     assert root.find(".//captioner:ModelVersion", NS).text == "v1"
     assert float(root.find(".//captioner:Confidence", NS).text) == 0.7
 
-    assert metadata.write_files(sm, et, [str(photo)], "sidecar").counts == {"unchanged": 1}
+    assert metadata.write_files(sm, [et], [str(photo)], "sidecar").counts == {"unchanged": 1}
 
 
 def test_stem_naming_merges_into_an_existing_sidecar_keeping_other_fields(sm, et, photo):
     captioned(sm, photo)
     sidecar = photo.with_suffix(".xmp")  # Lightroom's name
     subprocess.run(["exiftool", "-q", "-XMP-xmp:Rating=4", "-XMP-dc:Subject=holiday", str(sidecar)], check=True)
-    report = metadata.write_files(sm, et, [str(photo)], "sidecar", naming="stem")
+    report = metadata.write_files(sm, [et], [str(photo)], "sidecar", naming="stem")
     assert report.counts == {"sidecar": 1}
     [tags] = exif(sidecar)
     assert tags["XMP-xmp:Rating"] == 4
@@ -145,7 +145,7 @@ def test_every_odd_format_gets_its_fields_and_keeps_every_pixel_byte(sm, et, tmp
     os.utime(path, (1_600_000_000, 1_600_000_000))
     before_bytes, before_pixels, before_data = path.read_bytes(), pixels(path), image_data(path)
     captioned(sm, path)
-    report = metadata.write_files(sm, et, [str(path)], mode)
+    report = metadata.write_files(sm, [et], [str(path)], mode)
     sidecar = path.with_name(path.name + ".xmp")
     if mode == "sidecar":
         assert report.counts == {"sidecar": 1}
@@ -183,57 +183,57 @@ def test_a_person_s_description_is_imported_as_approved_alt_text_and_never_overw
     assert (view["text"], view["state"], view["by"]) == (theirs, "approved", "metadata")
     assert view["suggestion"]["text"] == CAPTION.rstrip(".")  # the model's caption: a suggestion only
 
-    report = metadata.write_files(sm, et, [str(photo)], "embed")
+    report = metadata.write_files(sm, [et], [str(photo)], "embed")
     assert report.counts == {"embedded": 1}
     [tags] = exif(photo)
     assert tags["IPTC:Caption-Abstract"] == theirs
     assert "XMP-dc:Description" not in tags  # the person's description stands; no second one beside it
     assert tags["XMP-iptcCore:AltTextAccessibility"] == theirs  # the approved alt text
 
-    report = metadata.write_files(sm, et, [str(photo)], "embed", overwrite=True)
+    report = metadata.write_files(sm, [et], [str(photo)], "embed", overwrite=True)
     assert report.counts == {"embedded": 1, "overwrote_person": 1}
     assert exif(photo)[0]["XMP-dc:Description"] == CAPTION
 
 
 def test_captioner_s_own_fields_follow_a_newer_model_and_a_review_decision(sm, et, photo):
     image_id = captioned(sm, photo)
-    assert metadata.write_files(sm, et, [str(photo)], "embed").counts == {"embedded": 1}
+    assert metadata.write_files(sm, [et], [str(photo)], "embed").counts == {"embedded": 1}
     # the file's bytes changed: it is still known, by what captioner wrote (metadata_writes)
     with sm.begin() as s:
         assert s.scalar(select(MetadataWrite.image_id)) == image_id
         s.add(Caption(image_id=image_id, model_version="v2", text="A dog plays on a lawn.", alt_text="A dog playing",
                       candidates=[], tags=TAGS, confidence=0.9, needs_review=False, forward_size=1))
-    assert metadata.write_files(sm, et, [str(photo)], "embed").counts == {"embedded": 1}
+    assert metadata.write_files(sm, [et], [str(photo)], "embed").counts == {"embedded": 1}
     [tags] = exif(photo)
     assert (tags["XMP-dc:Description"], tags["XMP-photoshop:CaptionWriter"]) == ("A dog plays on a lawn.",
                                                                                    "captioner v2")
     with sm.begin() as s:
         alttext.decide(s, image_id, "edited", "A dog on a lawn", "reviewer")
-    assert metadata.write_files(sm, et, [str(photo)], "embed").counts == {"embedded": 1}
+    assert metadata.write_files(sm, [et], [str(photo)], "embed").counts == {"embedded": 1}
     assert exif(photo)[0]["XMP-iptcCore:AltTextAccessibility"] == "A dog on a lawn"
-    assert metadata.write_files(sm, et, [str(photo)], "embed").counts == {"unchanged": 1}
+    assert metadata.write_files(sm, [et], [str(photo)], "embed").counts == {"unchanged": 1}
 
 
 def test_a_file_changed_since_captioned_is_skipped(sm, et, photo, tmp_path):
     captioned(sm, photo)
     with PILImage.open(photo) as im:
         im.rotate(90).save(photo)  # another photo now, at the same path
-    report = metadata.write_files(sm, et, [str(photo)], "sidecar")
+    report = metadata.write_files(sm, [et], [str(photo)], "sidecar")
     assert report.counts == {"changed": 1}
     assert not photo.with_name(photo.name + ".xmp").exists()
     stranger = tmp_path / "stranger.png"
     PILImage.new("RGB", (8, 8)).save(stranger)
-    assert metadata.write_files(sm, et, [str(stranger)], "sidecar").counts == {"not_captioned": 1}
+    assert metadata.write_files(sm, [et], [str(stranger)], "sidecar").counts == {"not_captioned": 1}
 
 
 def test_read_only_files_and_folders_are_left_alone(sm, et, photo):
     captioned(sm, photo)
     before = photo.read_bytes()
     photo.chmod(0o444)
-    assert metadata.write_files(sm, et, [str(photo)], "embed").counts == {"read_only": 1}
+    assert metadata.write_files(sm, [et], [str(photo)], "embed").counts == {"read_only": 1}
     photo.parent.chmod(0o555)
     try:
-        assert metadata.write_files(sm, et, [str(photo)], "sidecar").counts == {"read_only": 1}
+        assert metadata.write_files(sm, [et], [str(photo)], "sidecar").counts == {"read_only": 1}
     finally:
         photo.parent.chmod(0o755)
     assert photo.read_bytes() == before and not photo.with_name(photo.name + ".xmp").exists()
@@ -244,7 +244,7 @@ def test_a_corrupt_sidecar_is_kept_and_reported(sm, et, photo, content):
     captioned(sm, photo)
     sidecar = photo.with_name(photo.name + ".xmp")
     sidecar.write_bytes(content)
-    report = metadata.write_files(sm, et, [str(photo)], "sidecar")
+    report = metadata.write_files(sm, [et], [str(photo)], "sidecar")
     assert report.counts == {"corrupt_sidecar": 1}
     assert "kept, not replaced" in report.notes[0][2]
     assert sidecar.read_bytes() == content
@@ -388,3 +388,23 @@ def test_bench_metadata_times_captioning_and_sidecars_in_one_run(photos, checkpo
     assert row["photos"] == 3 and row["caption_s"] > 0 and row["metadata_s"] > 0
     assert row["overhead_pct"] > 0 and row["ms_per_file"] > 0
     assert sorted(p.name for p in originals.iterdir()) == [p.name for p in photos[:3]]  # sidecars beside the links
+
+
+def test_parallel_writers_write_every_file_once_and_stem_sharers_merge(sm, et, tmp_path):
+    folder = tmp_path / "many"
+    folder.mkdir()
+    for n in range(metadata.CHUNK * 2 + 5):
+        PILImage.new("RGB", (4, 4), (n, 0, 0)).save(folder / f"img{n:03d}.png")
+        captioned(sm, folder / f"img{n:03d}.png", f"Photo number {n}.")
+    # a.jpg and a.png share a.xmp under stem naming: one chunk, written one after the other
+    PILImage.new("RGB", (4, 4), "blue").save(folder / "a.jpg")
+    PILImage.new("RGB", (4, 4), "red").save(folder / "a.png")
+    captioned(sm, folder / "a.jpg", "A blue square.")
+    captioned(sm, folder / "a.png", "A red square.")
+    with metadata.exiftool_processes(2) as tools:
+        report = metadata.write_files(sm, tools, [str(folder), str(folder / "a.jpg")], "sidecar", naming="stem")
+    assert report.counts == {"sidecar": metadata.CHUNK * 2 + 7}, report.notes
+    tags = {Path(t["SourceFile"]).name: t for t in exif(*sorted(folder.glob("*.xmp")))}
+    assert all(tags[f"img{n:03d}.xmp"]["XMP-dc:Description"] == f"Photo number {n}."
+               for n in range(metadata.CHUNK * 2 + 5))
+    assert tags["a.xmp"]["XMP-dc:Description"] == "A red square."  # the later file's caption, merged, not corrupt

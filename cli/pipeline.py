@@ -27,9 +27,8 @@ def caption(paths, limit, queue, wait, samples, write_metadata, sidecar_name, ov
     (uploading local files to CAPTIONER_STORAGE first), prints the batch id and, with --wait,
     follows the batch to the end.
     """
-    from contextlib import nullcontext
-
     import time
+    from contextlib import nullcontext
 
     from tqdm import tqdm
 
@@ -39,6 +38,9 @@ def caption(paths, limit, queue, wait, samples, write_metadata, sidecar_name, ov
     settings = context.settings()
     if write_metadata and not settings.embedded and not wait:
         raise click.UsageError("--write-metadata with a broker needs --wait: the files are written once captioned")
+    if write_metadata and any(p.startswith("s3://") for p in paths):
+        raise click.UsageError("--write-metadata writes local files; S3 images get sidecars from a batch with "
+                               '"write_metadata": "sidecar", or from captioner write-metadata s3://...')
     with context.reported(), (metadata.exiftool_processes() if write_metadata else nullcontext()) as tools:
         sm = context.database(settings)
         version = captioner.version(settings)

@@ -17,17 +17,18 @@ bp = Blueprint("batches", __name__, url_prefix="/v1/batches")
 def submit_batch() -> tuple[Response, int, dict]:
     svc = services()
     tenant = g.tenant
-    body = bodies.json_object(("s3", "images", "queue", "callback_url"))
+    body = bodies.json_object(("s3", "images", "queue", "callback_url", "write_metadata"))
     if "s3" in body and "images" in body:
         raise InvalidRequest("send either s3 (a prefix) or images (a list), not both")
     queue = bodies.queue(body.get("queue", "backfill"))  # a library import must not delay single uploads
     callback_url = bodies.callback_url(body.get("callback_url"), svc.settings)
+    write_metadata = bodies.write_metadata(body["write_metadata"]) if "write_metadata" in body else None
     if "s3" in body:
         bucket, prefix = bodies.s3_location(body["s3"], "s3", "prefix", allow_empty=True)
         check_s3([(bucket, prefix)])
         version = svc.current_model_version()
         done = backfill.enqueue_prefix(svc.sessionmaker, bucket, prefix, version, queue, svc.publish,
-                                       svc.settings.s3_prefix_limit, tenant, callback_url)
+                                       svc.settings.s3_prefix_limit, tenant, callback_url, write_metadata)
         batch_id, total, extra = done.batch_id, done.total, {"new_jobs": done.new_jobs, "truncated": done.truncated}
     elif "images" in body:
         locations = bodies.image_list(body["images"])
@@ -38,7 +39,7 @@ def submit_batch() -> tuple[Response, int, dict]:
         version = svc.current_model_version()
         batch_id, submitted = jobs.submit_images(svc.sessionmaker, images, version, queue, svc.publish,
                                                  batch_source=f"{len(locations)} images", tenant=tenant,
-                                                 callback_url=callback_url)
+                                                 callback_url=callback_url, write_metadata=write_metadata)
         total = len({s.image_id for s in submitted})  # the same object listed twice is one image
         extra = {}
     else:

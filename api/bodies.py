@@ -63,6 +63,13 @@ def callback_url(value: Any, settings: Settings) -> str | None:
     return webhooks.check_callback(value, settings)
 
 
+def write_metadata(value: Any) -> str:
+    """The workers write S3 sidecars only: an object is never rewritten in place (docs/metadata.md)."""
+    if value != "sidecar":
+        raise InvalidRequest('write_metadata must be "sidecar" (an XMP object beside each image) or absent')
+    return value
+
+
 def queue(value: Any) -> str:
     if value not in QUEUES:
         raise InvalidRequest(f"queue must be one of {', '.join(QUEUES)}")

@@ -35,6 +35,7 @@ S3_BUCKET = {"type": "string", "pattern": BUCKET}
 S3_OBJECT = _object(["bucket", "key"], bucket=S3_BUCKET, key={"type": "string", "pattern": KEY})
 S3_PREFIX = _object(["bucket"], bucket=S3_BUCKET, prefix={"type": "string", "pattern": PREFIX})
 QUEUE = {"type": "string", "enum": ["interactive", "backfill"]}
+WRITE_METADATA = {"type": "string", "enum": ["sidecar"]}  # docs/metadata.md
 # callback_url (README: Webhooks) is read by both submit operations but left out of their closed
 # schemas: whether a URL is accepted depends on the server (CAPTIONER_WEBHOOK_SECRET) and on DNS,
 # which no schema can state, so a schema-valid request could not promise acceptance
@@ -106,11 +107,12 @@ SPEC: dict[str, Any] = {
                           **KEY_ERRORS}, **KEYED}},
         "/v1/batches": {"post": {
             "summary": "Submit every image under an S3 prefix, or a list of S3 objects",
-            "description": "A prefix is listed and enqueued page by page; the same prefix again makes no new jobs."
-                           + CALLBACK_NOTE,
+            "description": "A prefix is listed and enqueued page by page; the same prefix again makes no new jobs. "
+                           'With `"write_metadata": "sidecar"` the worker writes each caption as an XMP object '
+                           "KEY.xmp beside its image." + CALLBACK_NOTE,
             "requestBody": {"required": True, "content": {"application/json": {"schema": {"oneOf": [
-                _object(["s3"], queue=QUEUE, s3=S3_PREFIX),
-                _object(["images"], queue=QUEUE,
+                _object(["s3"], queue=QUEUE, s3=S3_PREFIX, write_metadata=WRITE_METADATA),
+                _object(["images"], queue=QUEUE, write_metadata=WRITE_METADATA,
                         images={"type": "array", "minItems": 1, "maxItems": 10000,
                                 "items": _object(["s3"], s3=S3_OBJECT)})]}}}},
             # new_jobs and truncated come with a prefix: jobs made now (the rest existed), and whether the

@@ -119,6 +119,23 @@ def bench_backfill(bucket, prefix, keys, threads) -> None:
                f"{f'broker doorbells in groups of {batch_size(settings)}' if settings.broker_url else 'no broker'})")
 
 
+@bench.command("metadata")
+@click.option("--images", type=click.Path(exists=True, file_okay=False), default=None, help=f"[$CAPTIONER_DATA_DIR/{IMAGES}]")
+@click.option("--count", type=click.IntRange(1), default=200, show_default=True, help="Photos to caption.")
+def bench_metadata(images, count) -> None:
+    """Wall time XMP sidecars add to captioning (`caption --write-metadata sidecar`), in one run."""
+    from tqdm import tqdm
+
+    from captioner.bench.metadata import run
+
+    settings = context.settings()
+    with context.reported(), tqdm(total=count, unit="img", desc="captioning") as bar:
+        row = run(settings, _photos(images, count), progress=bar.update)
+    click.echo(f"{row['photos']} photos: captioning {row['caption_s']}s, sidecars {row['metadata_s']}s "
+               f"({row['ms_per_file']} ms a file): +{row['overhead_pct']}% wall time")
+    click.echo(json.dumps(row))
+
+
 @bench.command("pipeline")
 @click.option("--images", type=click.Path(exists=True, file_okay=False), default=None, help=f"[$CAPTIONER_DATA_DIR/{IMAGES}]")
 @click.option("--count", type=int, default=480, show_default=True, help="Photos measured (4 more warm up).")

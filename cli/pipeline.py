@@ -4,6 +4,7 @@ import json
 import click
 
 from . import context
+from .metadata import echo_report, metadata_options
 
 
 @click.command()
@@ -13,8 +14,12 @@ from . import context
               help="Broker queue (distributed mode only).")
 @click.option("--wait/--no-wait", default=False, help="Distributed mode: follow the batch until it is done.")
 @click.option("--samples", type=int, default=5, show_default=True, help="Captions to show at the end.")
+@click.option("--write-metadata", "write_metadata", type=click.Choice(["sidecar", "embed"]), default=None,
+              help="Also write caption, alt text and keywords as XMP: a NAME.EXT.xmp sidecar, or into the file "
+                   "(local files; needs exiftool). A description a person wrote is imported, never overwritten.")
+@metadata_options
 @context.runtime_option
-def caption(paths, limit, queue, wait, samples, runtime) -> None:
+def caption(paths, limit, queue, wait, samples, write_metadata, sidecar_name, overwrite, runtime) -> None:
     """Caption image files, folders and s3://bucket/prefix locations.
 
     With no broker configured (CAPTIONER_BROKER_URL unset) this runs the whole pipeline in this
@@ -24,18 +29,28 @@ def caption(paths, limit, queue, wait, samples, runtime) -> None:
     follows the batch to the end (the workers caption in their own CAPTIONER_RUNTIME).
     """
     import time
+    from contextlib import nullcontext
 
     from tqdm import tqdm
 
-    from captioner.core import caption_runs, captioner
+    from captioner.core import caption_runs, captioner, metadata
     from captioner.core.queue import publisher
 
     settings = context.with_runtime(context.settings(), runtime)
-    with context.reported():
+    if write_metadata and not settings.embedded and not wait:
+        raise click.UsageError("--write-metadata with a broker needs --wait: the files are written once captioned")
+    if write_metadata and any(p.startswith("s3://") for p in paths):
+        raise click.UsageError("--write-metadata writes local files; S3 images get sidecars from a batch with "
+                               '"write_metadata": "sidecar", or from captioner write-metadata s3://...')
+    with context.reported(), (metadata.exiftool_processes() if write_metadata else nullcontext()) as tools:
         sm = context.database(settings)
         version = captioner.version(settings)
         started = time.perf_counter()
         batch_id, submitted = caption_runs.submit(sm, settings, paths, limit, queue, version, publisher(settings))
+        if write_metadata:
+            imported = metadata.import_descriptions(sm, tools[0], paths, naming=sidecar_name, limit=limit)
+            if imported:
+                click.echo(f"{imported} descriptions people wrote imported as approved alt text")
         if not settings.embedded:
             click.echo(f"batch {batch_id}: {len({x.image_id for x in submitted})} images submitted to the workers")
             if not wait:
@@ -43,6 +58,8 @@ def caption(paths, limit, queue, wait, samples, runtime) -> None:
         already, todo = caption_runs.pending(submitted)
         with tqdm(total=todo, unit="img", desc="captioning", disable=todo == 0) as bar:
             caption_runs.finish(sm, settings, version, batch_id, todo, bar.update)
+        written = metadata.write_files(sm, tools, paths, write_metadata, sidecar_name, model_version=version,
+                                       overwrite=overwrite, limit=limit) if write_metadata else None
         elapsed = time.perf_counter() - started
         done = caption_runs.summary(sm, batch_id, version, submitted, already, samples)
     rate = f", {done.captioned_now / elapsed:.1f} captions/s" if done.captioned_now else ""
@@ -53,6 +70,8 @@ def caption(paths, limit, queue, wait, samples, runtime) -> None:
         click.echo(f"  failed: {n} x {code}")
     for name, text in done.samples:
         click.echo(f"  {name}: {text}")
+    if written is not None:
+        echo_report(written)
     click.echo(f"database: {settings.database_url}  (try: captioner search WORDS, captioner export)")
 
 

@@ -39,7 +39,8 @@ def _prefetched(pages: Iterator[T]) -> Iterator[T]:
 
 
 def enqueue_prefix(sm: sessionmaker, bucket: str, prefix: str, model_version: str, queue: str, publish: Publish,
-                   limit: int, tenant: str = "default", callback_url: str | None = None) -> Enqueued:
+                   limit: int, tenant: str = "default", callback_url: str | None = None,
+                   write_metadata: str | None = None) -> Enqueued:
     """Every image under s3://bucket/prefix as a batch: one transaction and one doorbell per listed
     page, so memory stays bounded and workers start on the first page while the rest is listed.
     The same prefix again makes no new jobs (same tenant + ETag + model = the same job)."""
@@ -53,7 +54,8 @@ def enqueue_prefix(sm: sessionmaker, bucket: str, prefix: str, model_version: st
         listed += len(page)
         with sm.begin() as s:
             if batch_id is None:
-                batch_id = queries.create_batch(s, f"s3://{bucket}/{prefix}", model_version, [], tenant, callback_url).id
+                batch_id = queries.create_batch(s, f"s3://{bucket}/{prefix}", model_version, [], tenant, callback_url,
+                                                write_metadata).id
             added, created = queries.enqueue_page(s, batch_id, [s3_image(o) for o in page], model_version, queue,
                                                   tenant)
         publish(created)  # after the commit: a worker must find the rows

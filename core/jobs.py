@@ -74,7 +74,8 @@ def file_image(path: Path) -> NewImage:
 
 def submit_images(sm: sessionmaker, images: list[NewImage], model_version: str, queue: str,
                   publish: Publish, batch_source: str | None = None, tenant: str = "default",
-                  callback_url: str | None = None) -> tuple[int | None, list[Submitted]]:
+                  callback_url: str | None = None,
+                  write_metadata: str | None = None) -> tuple[int | None, list[Submitted]]:
     """Rows for images (and a batch grouping them, given its source) in one transaction, then the
     doorbell -> (batch id or None, submitted). The callback goes on the batch, or on the job of a
     single image."""
@@ -83,7 +84,7 @@ def submit_images(sm: sessionmaker, images: list[NewImage], model_version: str, 
         batch_id = None
         if batch_source is not None:
             batch_id = queries.create_batch(s, batch_source, model_version, (x.image_id for x in submitted), tenant,
-                                            callback_url).id
+                                            callback_url, write_metadata).id
         elif callback_url:
             queries.set_callback(s, [x.job_id for x in submitted], callback_url)
     publish(to_publish(submitted))

@@ -178,8 +178,9 @@ def set_callback(session: Session, job_ids: list[int], url: str) -> None:
 
 
 def create_batch(session: Session, source: str, model_version: str, image_ids: Iterable[int],
-                 tenant: str = "default", callback_url: str | None = None) -> Batch:
-    batch = Batch(tenant=tenant, source=source, model_version=model_version, total=0, callback_url=callback_url)
+                 tenant: str = "default", callback_url: str | None = None, write_metadata: str | None = None) -> Batch:
+    batch = Batch(tenant=tenant, source=source, model_version=model_version, total=0, callback_url=callback_url,
+                  write_metadata=write_metadata)
     session.add(batch)
     session.flush()
     # add_to_batch counts in SQL; the object learns the count without another UPDATE or SELECT

@@ -94,6 +94,8 @@ class Batch(Base):
     source: Mapped[str] = mapped_column(Text)  # e.g. s3://bucket/prefix, or "3 images"
     total: Mapped[int]
     callback_url: Mapped[str | None] = mapped_column(Text)  # POSTed an event per image done or failed
+    # "sidecar": the worker writes each S3 image's caption as an XMP object beside it (core/metadata.py)
+    write_metadata: Mapped[str | None] = mapped_column(String(16))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
     def __repr__(self) -> str:
@@ -204,3 +206,18 @@ class ServiceSecret(Base):
 
     def __repr__(self) -> str:  # never the value
         return f"<ServiceSecret {self.name}>"
+
+
+class MetadataWrite(Base):
+    """A file captioner embedded a caption into, by its bytes afterwards: the file no longer has
+    the sha256 it was captioned with, and this is how a later run still knows it for the same photo."""
+    __tablename__ = "metadata_writes"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"))
+    path: Mapped[str] = mapped_column(Text)
+    sha256: Mapped[str] = mapped_column(String(64), index=True)
+    model_version: Mapped[str] = mapped_column(String(64))
+    written_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    def __repr__(self) -> str:
+        return f"<MetadataWrite image={self.image_id} {self.path}>"

@@ -4,7 +4,8 @@
 FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
 
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PATH=/venv/bin:$PATH
-RUN apt-get update && apt-get install -y --no-install-recommends python3 python3-venv \
+# exiftool: batches that ask for XMP sidecars ("write_metadata": "sidecar") are written by the worker
+RUN apt-get update && apt-get install -y --no-install-recommends python3 python3-venv libimage-exiftool-perl \
  && rm -rf /var/lib/apt/lists/* && python3 -m venv /venv
 WORKDIR /app
 

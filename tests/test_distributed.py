@@ -2,6 +2,7 @@
 SeaweedFS S3 and publishes to Redis; a real `captioner worker` process batches, captions and
 writes to PostgreSQL."""
 import io
+import json
 import os
 import re
 import subprocess
@@ -165,12 +166,16 @@ def test_cli_with_a_broker_hands_local_files_to_the_workers(settings, s3, photos
         monkeypatch.setenv(key, value)
     get_settings.cache_clear()
     try:
-        result = CliRunner().invoke(cli, ["caption", str(folder), "--wait"], catch_exceptions=False)
+        result = CliRunner().invoke(cli, ["caption", str(folder), "--wait", "--write-metadata", "sidecar"],
+                                    catch_exceptions=False)
     finally:
         get_settings.cache_clear()
     assert result.exit_code == 0, result.output
     batch_id = int(re.search(r"batch (\d+): 10 images submitted to the workers", result.output).group(1))
     assert "10 images: 10 done (10 captioned now, 0 already), 0 failed, 0 left" in result.output
+    # the local files get their sidecars, found by their bytes although the workers read a copy
+    assert "metadata: 10 sidecar" in result.output
+    assert all((folder / f"{p.name}.xmp").is_file() for p in photos[150:160])
     # the workers read the bytes from S3, where the CLI put them, not from this machine's disk
     engine = make_engine(settings.database_url)
     with engine.connect() as conn:
@@ -211,3 +216,30 @@ def test_the_sweep_recovers_a_job_whose_message_was_lost(settings, s3, photos, w
         assert time.monotonic() < deadline
         time.sleep(0.5)
     engine.dispose()
+
+
+def test_a_batch_with_write_metadata_gets_xmp_sidecars_beside_its_s3_objects(settings, s3, photos, worker_process,
+                                                                              tmp_path):
+    proc, log_path = worker_process
+    bucket = s3["S3_TEST_BUCKET"]
+    for p in photos[-3:]:
+        storage.s3_client().put_object(Bucket=bucket, Key=f"xmp/{p.name}", Body=p.read_bytes())
+    client = keyed(create_app(settings), make_key(settings.database_url, buckets=(f"s3://{bucket}/xmp/",)))
+    assert client.post("/v1/batches", json={"s3": {"bucket": bucket, "prefix": "xmp/"},
+                                            "write_metadata": "embed"}).status_code == 400  # S3: sidecars only
+    r = client.post("/v1/batches", json={"s3": {"bucket": bucket, "prefix": "xmp/"}, "write_metadata": "sidecar"})
+    assert r.status_code == 202, r.get_json()
+    keys = [f"xmp/{p.name}.xmp" for p in photos[-3:]]
+    deadline = time.monotonic() + DEADLINE_S
+    while not all(storage.exists(f"s3://{bucket}/{k}") for k in keys):  # written right after the captions
+        assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
+        time.sleep(1)
+    engine = make_engine(settings.database_url)
+    with engine.connect() as conn:
+        captions = set(conn.scalars(select(Caption.text)))
+    engine.dispose()
+    for key in keys:
+        local = tmp_path / key.replace("/", "_")
+        local.write_bytes(storage.read(f"s3://{bucket}/{key}", 1 << 20))
+        out = subprocess.run(["exiftool", "-j", "-XMP-dc:Description", str(local)], capture_output=True, text=True)
+        assert json.loads(out.stdout)[0]["Description"] in captions

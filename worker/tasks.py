@@ -13,10 +13,11 @@ from celery import signals
 from celery_batches import SimpleRequest
 from sqlalchemy.orm import sessionmaker
 
-from captioner.core import jobs, logs, queries, webhooks
+from captioner.core import jobs, logs, metadata, queries, webhooks
 from captioner.core.captioner import batch_size, describe, warm_up
 from captioner.core.captioner import get as get_model
 from captioner.core.db import make_engine, make_sessionmaker
+from captioner.core.errors import CaptioningError
 from captioner.core.queue import (CAPTION_TASK, SWEEP_TASK, WEBHOOK_TASK, create_celery, drained, publish_webhooks,
                                     publisher)
 from captioner.core.settings import get_settings
@@ -88,8 +89,29 @@ def caption(requests: list[SimpleRequest]) -> dict[str, str]:
     if report.finished:
         with sm() as s:
             publish_webhooks(app, webhooks.targets(s, list(report.finished)))
+        _write_sidecars(sm, list(report.finished))
     # duplicates and jobs already done or claimed elsewhere are dropped by the claim, on purpose
     return {r.id: _outcome([report.outcomes[j] for j in request_ids(r) if j in report.outcomes]) for r in requests}
+
+
+@lru_cache(maxsize=1)
+def _exiftool() -> Any:
+    """One exiftool process per pool child, started when a batch first asks for XMP sidecars."""
+    tool = metadata.exiftool_process()
+    tool.run()
+    return tool
+
+
+def _write_sidecars(sm: sessionmaker, job_ids: list[int]) -> None:
+    """XMP sidecars for batches that asked for them; a failure here leaves the captions done (they
+    are in the database, and `captioner write-metadata` can write the files later)."""
+    try:
+        report = metadata.write_s3_sidecars(sm, _exiftool, job_ids)
+    except CaptioningError as e:
+        log.error("XMP sidecars not written for %d jobs: %s: %s", len(job_ids), e.code, e.message)
+        return
+    for uri, outcome, detail in report.notes:
+        log.warning("%s: %s %s", uri, outcome, detail)
 
 
 def _outcome(outcomes: list[str]) -> str:

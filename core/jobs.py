@@ -92,7 +92,8 @@ def submit_images(sm: sessionmaker, images: list[NewImage], model_version: str, 
 
 
 def expand_paths(paths: Iterable[str], limit: int | None, s3_limit: int) -> Iterator[NewImage]:
-    """Files, folders (recursively, image suffixes only) and s3://bucket/prefix -> images."""
+    """Files, folders (recursively, image suffixes only, hidden files and folders skipped: macOS's
+    `._IMG.jpg`, a metadata write's temporary copy) and s3://bucket/prefix -> images."""
     count = 0
     for raw in paths:
         if raw.startswith("s3://"):
@@ -102,7 +103,8 @@ def expand_paths(paths: Iterable[str], limit: int | None, s3_limit: int) -> Iter
             path = Path(raw)
             if path.is_dir():
                 found = (file_image(p) for p in sorted(path.rglob("*"))
-                         if p.is_file() and p.suffix.lower() in storage.IMAGE_SUFFIXES)
+                         if p.is_file() and p.suffix.lower() in storage.IMAGE_SUFFIXES
+                         and not any(part.startswith(".") for part in p.relative_to(path).parts))
             elif path.is_file():
                 found = [file_image(path)]
             else:

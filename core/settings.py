@@ -79,8 +79,8 @@ class Settings:
             raise ConfigError(f"{PREFIX}JPEG_DECODE must be one of {', '.join(JPEG_DECODERS)}, got {self.jpeg_decode!r}")
         if self.log_format not in LOG_FORMATS:
             raise ConfigError(f"{PREFIX}LOG_FORMAT must be one of {', '.join(LOG_FORMATS)}, got {self.log_format!r}")
-        if self.flower_basic_auth is not None and ":" not in self.flower_basic_auth:
-            raise ConfigError(f"{PREFIX}FLOWER_BASIC_AUTH must be user:password")
+        if self.flower_basic_auth is not None:
+            _check_flower_auth(self.flower_basic_auth)
         if self.secret_key is not None and len(self.secret_key) < MIN_SECRET_CHARS:
             raise ConfigError(f"{PREFIX}SECRET_KEY must be at least {MIN_SECRET_CHARS} characters, e.g. the output of "
                               "python3 -c 'import secrets; print(secrets.token_urlsafe(32))'")
@@ -88,6 +88,17 @@ class Settings:
     @property
     def embedded(self) -> bool:
         return self.broker_url is None
+
+
+def _check_flower_auth(value: str) -> None:
+    """Flower splits its basic-auth setting at commas into several user:password pairs, so
+    `admin:Sup3r,secret` would let `secret` sign in alone; an empty part is a guessable one."""
+    user, colon, password = value.partition(":")
+    if not colon or not user or not password:
+        raise ConfigError(f"{PREFIX}FLOWER_BASIC_AUTH must be user:password, neither of them empty")
+    if "," in value:
+        raise ConfigError(f"{PREFIX}FLOWER_BASIC_AUTH may not contain a comma: Flower reads each comma-separated "
+                          "part as another user:password pair")
 
 
 def _convert(name: str, raw: str, kind: type) -> object:

@@ -27,6 +27,7 @@ def caption(paths, limit, queue, wait, samples) -> None:
     from tqdm import tqdm
 
     from captioner.core import caption_runs, captioner
+    from captioner.core.db import shown
     from captioner.core.queue import publisher
 
     settings = context.settings()
@@ -52,7 +53,7 @@ def caption(paths, limit, queue, wait, samples) -> None:
         click.echo(f"  failed: {n} x {code}")
     for name, text in done.samples:
         click.echo(f"  {name}: {text}")
-    click.echo(f"database: {settings.database_url}  (try: captioner search WORDS, captioner export)")
+    click.echo(f"database: {shown(settings.database_url)}  (try: captioner search WORDS, captioner export)")
 
 
 @click.command()

@@ -76,11 +76,12 @@ def db() -> None:
 @click.option("--revision", default="head", show_default=True)
 def db_upgrade(revision) -> None:
     """Apply migrations to CAPTIONER_DATABASE_URL (PostgreSQL or SQLite)."""
+    from captioner.core.db import shown
     from captioner.migrations import upgrade
 
     settings = context.settings()
     upgrade(settings.database_url, revision)
-    click.echo(f"database at {revision}: {settings.database_url}")
+    click.echo(f"database at {revision}: {shown(settings.database_url)}")
 
 
 COMMANDS = [worker, flower, serve, db]

@@ -1,4 +1,6 @@
 """Migrations are the only way the schema changes: they must build exactly what core/tables.py says."""
+from urllib.parse import urlsplit, urlunsplit
+
 import pytest
 from alembic import command
 from click.testing import CliRunner
@@ -24,3 +26,32 @@ def test_db_upgrade_command(tmp_path, monkeypatch):
     finally:
         get_settings.cache_clear()
     command.check(alembic_config(url))
+
+
+def _with_password(url: str) -> str:
+    """The URL with a password in it (the test server trusts local connections, so any one works)."""
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(netloc=f"{parts.username or 'postgres'}:{PASSWORD}@{parts.hostname}:{parts.port or 5432}"))
+
+
+PASSWORD = "s3cret-Pa55word"
+
+
+def test_commands_never_print_the_database_password(pg_url, tmp_path, tiny_checkpoint, monkeypatch):
+    """`db upgrade` and the `caption` summary name the database, with the password masked."""
+    url = _with_password(pg_url)
+    for key, value in {"CAPTIONER_DATABASE_URL": url, "CAPTIONER_MODEL_PATH": str(tiny_checkpoint),
+                       "CAPTIONER_STORAGE": str(tmp_path / "store")}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("CAPTIONER_BROKER_URL", raising=False)
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a JPEG")
+    get_settings.cache_clear()
+    try:
+        for args in (["db", "upgrade"], ["caption", str(folder)]):
+            result = CliRunner().invoke(cli, args)
+            assert result.exit_code == 0, result.output
+            assert PASSWORD not in result.output and ":***@" in result.output, result.output
+    finally:
+        get_settings.cache_clear()

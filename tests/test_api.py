@@ -88,6 +88,8 @@ def test_upload_is_queued_stored_once_and_deduplicated(client, app_settings):
     view = client.get(f"/v1/images/{body['id']}").get_json()
     assert view["status"] == "queued" and view["caption"] is None and view["error"] is None
     assert view["candidates"] == [] and view["tags"] == [] and view["size"] > 0
+    # the stored file's name, never the server's folder it lies in
+    assert view["source"] == view["sha256"] and app_settings.storage not in json.dumps(view)
 
 
 def test_health_and_readiness(client):

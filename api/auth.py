@@ -41,7 +41,8 @@ def require_scope(scope: str | dict[str, str]) -> Callable:
     def mark(view: Callable) -> Callable:
         @wraps(view)
         def checked(*args: Any, **kwargs: Any) -> Any:
-            needed = scope[request.method] if isinstance(scope, dict) else scope
+            method = "GET" if request.method == "HEAD" else request.method  # HEAD is a GET without the body
+            needed = scope[method] if isinstance(scope, dict) else scope
             if needed not in g.scopes:
                 raise AccessDenied(f"this API key lacks the {needed} scope (it has: {' '.join(sorted(g.scopes))})",
                                    code="insufficient_scope")

@@ -134,7 +134,7 @@ def sign_in() -> Any:
     target = _safe_next(request.values.get("next"))
     if services().settings.auth == "off":
         return redirect(target)
-    if request.method == "GET":
+    if request.method != "POST":  # GET, or HEAD (GET without the body)
         return render_template("sign_in.html", next=target)
     db = get_session()
     try:
@@ -267,7 +267,7 @@ def review() -> str:
 @require_scope({"GET": "read", "POST": "write"})
 def upload() -> Any:
     """One photo goes to its page; several become a batch, whose progress page follows them."""
-    if request.method == "GET":
+    if request.method != "POST":  # GET, or HEAD (GET without the body)
         return render_template("upload.html", nav="upload")
     files = [f for f in request.files.getlist("files") if f.filename]
     if not files:

@@ -44,6 +44,8 @@ class Settings:
     beam: int = 3  # beam width for decoding
     n_best: int = 3  # candidates kept per image
     max_upload_bytes: int = 25 * 1024 * 1024  # larger uploads get 413
+    # larger JSON bodies get 413: a parsed body costs many times its size (a 5 MiB one cost 120 MB)
+    max_json_bytes: int = 1024 * 1024
     max_pixels: int = 64_000_000  # decoded width x height above this is refused (decompression bombs)
     lease_seconds: int = 600  # a claimed job returns to the queue if not finished within this
     max_attempts: int = 3  # claims before a job is failed for good (a poison image must not loop)

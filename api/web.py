@@ -21,7 +21,7 @@ from captioner.core.errors import Conflict, InvalidImage, InvalidRequest, Unauth
 from captioner.core.settings import Settings
 
 from . import MAX_ID, get_session, services
-from .auth import SESSION_LIFETIME, require_scope
+from .auth import SESSION_LIFETIME, guarded, require_scope
 from .errors import Answer, _response
 
 bp = Blueprint("web", __name__)
@@ -138,7 +138,7 @@ def sign_in() -> Any:
         return render_template("sign_in.html", next=target)
     db = get_session()
     try:
-        caller = auth.authenticate(db, request.form.get("key", "").strip())
+        caller = guarded(lambda: auth.authenticate(db, request.form.get("key", "").strip()))
     except Unauthenticated as e:
         error = (e.message if e.code == "revoked_api_key" else
                  "This is not a valid API key. Paste the whole key, starting with cap_; an operator makes one "

@@ -57,6 +57,8 @@ class Settings:
     # laptop, where every request is tenant "default" with every scope and may read any bucket
     auth: str = "required"
     rate_limit: str = "600/minute"  # per API key (per client address with auth off); flask-limiter syntax
+    # wrong API keys (or sign-in keys) per client address; beyond it that address gets 429 for any key
+    auth_failure_limit: str = "20/minute"
     ratelimit_storage_url: str | None = None  # None = the broker if it is Redis, else per-process memory
     webhook_secret: str | None = None  # HMAC-SHA256 key for callback events; unset = callback_url refused
     # hosts or addresses a callback may reach although they are private/loopback, e.g. "127.0.0.1,localhost"

@@ -120,7 +120,7 @@ def _session_caller() -> auth.Caller | None:
         return None
     db = get_session()
     try:
-        caller = auth.caller_of_key(db, key_id)
+        caller = auth.caller_of_key(db, key_id, session.get("generation"))
     except Unauthenticated as e:
         session.clear()
         flash(f"{e.message}: sign in with a valid key.", "error")

@@ -148,11 +148,19 @@ def sign_in() -> Any:
     session.clear()  # nothing of an earlier session (its CSRF token included) carries over
     session["key_id"] = caller.key_id  # the key's id, never the key: the cookie is signed, not encrypted
     session["signed_in_at"] = int(time.time())  # api/auth.py ends the session SESSION_LIFETIME later
+    session["generation"] = auth.session_generation(db, caller.key_id)  # signing out voids it
     return redirect(target, 303)
 
 
 @bp.post("/sign-out")
 def sign_out() -> Response:
+    """Ends this session and every copy of it (a cookie copied elsewhere too), and every other
+    session signed in with the same key."""
+    key_id = session.get("key_id")
+    if key_id is not None and services().settings.auth != "off":
+        db = get_session()
+        auth.end_sessions(db, key_id)
+        db.commit()
     session.clear()
     flash("Signed out.", "success")
     return _see_other("web.sign_in")

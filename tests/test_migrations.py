@@ -6,6 +6,7 @@ from alembic import command
 from click.testing import CliRunner
 
 from captioner.cli import cli
+from captioner.core.errors import Conflict
 from captioner.core.settings import get_settings
 from captioner.migrations import alembic_config
 
@@ -55,3 +56,40 @@ def test_commands_never_print_the_database_password(pg_url, tmp_path, tiny_check
             assert PASSWORD not in result.output and ":***@" in result.output, result.output
     finally:
         get_settings.cache_clear()
+
+
+@pytest.mark.parametrize("database", ["sqlite_url", "pg_url"])
+def test_downgrades_that_drop_keys_or_decisions_are_refused_unless_forced(database, request, tmp_path):
+    from captioner.core import auth
+    from captioner.core.db import make_engine, make_sessionmaker
+    from captioner.migrations import downgrade, upgrade
+
+    if database == "pg_url":  # its own database: the session's shared one must stay at head
+        from conftest import _fresh_postgres_database
+        fresh = _fresh_postgres_database()
+        url = fresh.__enter__()
+        request.addfinalizer(lambda: fresh.__exit__(None, None, None))
+    else:
+        url = request.getfixturevalue(database)
+    engine = make_engine(url)
+    with make_sessionmaker(engine).begin() as s:
+        auth.create_key(s, "acme", "write")
+    engine.dispose()
+    for revision in ("5c12d53081cc", "b1d2search01"):  # below the keys' migration, and the alt text's
+        with pytest.raises(Conflict, match="api_keys table and its 1 rows"):
+            downgrade(url, revision)
+    command.check(alembic_config(url))  # refused before anything changed: still at head
+    if database == "sqlite_url":  # alembic's own command, one revision at a time (on PostgreSQL it would stop
+        with pytest.raises(Conflict, match="api_keys"):  # after f9a0tenantid's index drop, committed on its own)
+            command.downgrade(alembic_config(url), "5c12d53081cc")
+        upgrade(url)
+    env = {"CAPTIONER_DATABASE_URL": url}
+    get_settings.cache_clear()
+    try:
+        result = CliRunner().invoke(cli, ["db", "downgrade", "5c12d53081cc"], env=env)
+        assert result.exit_code == 1 and "downgrade_refused" in result.output and "--force" in result.output
+        result = CliRunner().invoke(cli, ["db", "downgrade", "5c12d53081cc", "--force"], env=env)
+        assert result.exit_code == 0, result.output
+    finally:
+        get_settings.cache_clear()
+    upgrade(url)

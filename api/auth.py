@@ -183,7 +183,8 @@ def init_app(app: Flask, settings: Settings) -> None:
     try:
         parse(settings.auth_failure_limit)
     except ValueError:
-        raise ConfigError(f"CAPTIONER_AUTH_FAILURE_LIMIT must look like 20/minute, got {settings.auth_failure_limit!r}") from None
+        raise ConfigError(f"CAPTIONER_AUTH_FAILURE_LIMIT must look like 20/minute, "
+                          f"got {settings.auth_failure_limit!r}") from None
     app.before_request(_identify)
     limiter = Limiter(
         # an application limit: one count per key across every route, not one per route

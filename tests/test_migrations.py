@@ -32,7 +32,8 @@ def test_db_upgrade_command(tmp_path, monkeypatch):
 def _with_password(url: str) -> str:
     """The URL with a password in it (the test server trusts local connections, so any one works)."""
     parts = urlsplit(url)
-    return urlunsplit(parts._replace(netloc=f"{parts.username or 'postgres'}:{PASSWORD}@{parts.hostname}:{parts.port or 5432}"))
+    user = parts.username or "postgres"
+    return urlunsplit(parts._replace(netloc=f"{user}:{PASSWORD}@{parts.hostname}:{parts.port or 5432}"))
 
 
 PASSWORD = "s3cret-Pa55word"
@@ -58,19 +59,14 @@ def test_commands_never_print_the_database_password(pg_url, tmp_path, tiny_check
         get_settings.cache_clear()
 
 
-@pytest.mark.parametrize("database", ["sqlite_url", "pg_url"])
-def test_downgrades_that_drop_keys_or_decisions_are_refused_unless_forced(database, request, tmp_path):
+# own_pg_url: this module's own database, as the session's shared one must stay at head
+@pytest.mark.parametrize("database", ["sqlite_url", "own_pg_url"])
+def test_downgrades_that_drop_keys_or_decisions_are_refused_unless_forced(database, request):
     from captioner.core import auth
     from captioner.core.db import make_engine, make_sessionmaker
     from captioner.migrations import downgrade, upgrade
 
-    if database == "pg_url":  # its own database: the session's shared one must stay at head
-        from conftest import _fresh_postgres_database
-        fresh = _fresh_postgres_database()
-        url = fresh.__enter__()
-        request.addfinalizer(lambda: fresh.__exit__(None, None, None))
-    else:
-        url = request.getfixturevalue(database)
+    url = request.getfixturevalue(database)
     engine = make_engine(url)
     with make_sessionmaker(engine).begin() as s:
         auth.create_key(s, "acme", "write")

@@ -80,7 +80,8 @@ def test_the_constraints_file_pins_every_distribution_of_the_test_extra():
             if canonicalize_name(req.name) == name:
                 assert req.specifier.contains(version, prereleases=True), f"{name}=={version} breaks {req}"
     readme, ci = (REPO / "README.md").read_text(), (REPO / ".ci" / "run").read_text()
-    assert "pip install -e '.[test]' -c constraints.txt" in readme and "pip install -e '.[test]' -c constraints.txt" in ci
+    setup = "pip install -e '.[test]' -c constraints.txt"
+    assert setup in readme and setup in ci
 
 
 def test_the_base_install_has_neither_torch_nor_flask():

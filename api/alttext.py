@@ -24,7 +24,7 @@ def get_alt_text_history(image_id: int) -> Response:
 @bp.route("/<id:image_id>/alt-text", methods=["GET", "PATCH"])
 @require_scope({"GET": "read", "PATCH": "write"})
 def alt_text(image_id: int) -> Response:
-    if request.method == "GET":
+    if request.method != "PATCH":  # GET, or HEAD (GET without the body)
         return jsonify(alttext.view(get_session(), image_id, _tenant()))
     body = bodies.json_object(("text", "state"))
     if "state" not in body:

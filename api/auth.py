@@ -2,6 +2,7 @@
 session cookie on the web interface's pages (never the other way round), `g.tenant` and `g.scopes`
 for the handlers, `require_scope` on each view, and rate limits per key."""
 import math
+from contextlib import suppress
 import time
 from datetime import timedelta
 from functools import wraps
@@ -10,7 +11,8 @@ from typing import Any, Callable
 from flask import Flask, Response, current_app, flash, g, redirect, request, session, url_for
 from flask_limiter import Limiter, RateLimitExceeded
 from flask_limiter.util import get_remote_address
-from limits import parse_many
+from limits import parse, parse_many
+from limits.errors import StorageError
 
 from captioner.core import auth
 from captioner.core.errors import AccessDenied, ConfigError, Unauthenticated
@@ -41,7 +43,8 @@ def require_scope(scope: str | dict[str, str]) -> Callable:
     def mark(view: Callable) -> Callable:
         @wraps(view)
         def checked(*args: Any, **kwargs: Any) -> Any:
-            needed = scope[request.method] if isinstance(scope, dict) else scope
+            method = "GET" if request.method == "HEAD" else request.method  # HEAD is a GET without the body
+            needed = scope[method] if isinstance(scope, dict) else scope
             if needed not in g.scopes:
                 raise AccessDenied(f"this API key lacks the {needed} scope (it has: {' '.join(sorted(g.scopes))})",
                                    code="insufficient_scope")
@@ -63,10 +66,43 @@ def _bearer() -> str:
     return key.strip()
 
 
+def guarded(authenticate: Callable[[], auth.Caller]) -> auth.Caller:
+    """Run `authenticate`, counting a wrong key against the client's address: past
+    CAPTIONER_AUTH_FAILURE_LIMIT the address gets 429 until the window passes, so keys cannot be
+    guessed at the rate a client can send. A missing key is not a guess and is not counted."""
+    limiter, limit = current_app.extensions["captioner_limiter"], current_app.extensions["captioner_auth_failures"]
+    where = ("auth-failures", get_remote_address())
+    try:
+        reset = None if limiter.limiter.test(limit, *where) else limiter.limiter.get_window_stats(limit, *where)[0]
+    except StorageError:  # the count's store is down: authentication goes on without it
+        reset = None
+    if reset is not None:
+        raise TooManyFailures(max(1, math.ceil(reset - time.time())))
+    try:
+        return authenticate()
+    except Unauthenticated as e:
+        if e.code != "missing_api_key":
+            with suppress(StorageError):
+                limiter.limiter.hit(limit, *where)
+        raise
+
+
+class TooManyFailures(Exception):
+    """A client address past CAPTIONER_AUTH_FAILURE_LIMIT; `retry` seconds until it may try again."""
+
+    def __init__(self, retry: int) -> None:
+        self.retry = retry
+
+
+def _too_many_failures(e: TooManyFailures) -> Answer:
+    return _response(429, "rate_limited", f"too many failed authentications from this address; retry in {e.retry} s",
+                     [("Retry-After", str(e.retry))])
+
+
 def _key_caller() -> auth.Caller:
     # the request's own session: one connection per request, not one for the key and one for the work
     db = get_session()
-    caller = auth.authenticate(db, _bearer())
+    caller = guarded(lambda: auth.authenticate(db, _bearer()))
     if db.dirty:
         db.commit()  # the once-a-minute last-used stamp
     return caller
@@ -84,7 +120,7 @@ def _session_caller() -> auth.Caller | None:
         return None
     db = get_session()
     try:
-        caller = auth.caller_of_key(db, key_id)
+        caller = auth.caller_of_key(db, key_id, session.get("generation"))
     except Unauthenticated as e:
         session.clear()
         flash(f"{e.message}: sign in with a valid key.", "error")
@@ -144,6 +180,11 @@ def init_app(app: Flask, settings: Settings) -> None:
     except ValueError:
         raise ConfigError(f"CAPTIONER_RATE_LIMIT must look like 600/minute or 10/second;100/hour, "
                           f"got {settings.rate_limit!r}") from None
+    try:
+        parse(settings.auth_failure_limit)
+    except ValueError:
+        raise ConfigError(f"CAPTIONER_AUTH_FAILURE_LIMIT must look like 20/minute, "
+                          f"got {settings.auth_failure_limit!r}") from None
     app.before_request(_identify)
     limiter = Limiter(
         # an application limit: one count per key across every route, not one per route
@@ -151,9 +192,11 @@ def init_app(app: Flask, settings: Settings) -> None:
         application_limits_exempt_when=lambda: request.endpoint in UNLIMITED,
         key_prefix="captioner",
         # a Redis outage must not take the API down with it: count in memory until it is back
-        in_memory_fallback_enabled=True, swallow_errors=True)
+        in_memory_fallback_enabled=True, swallow_errors=True, storage_options={"wrap_exceptions": True})
     app.extensions["captioner_limiter"] = limiter
+    app.extensions["captioner_auth_failures"] = parse(settings.auth_failure_limit)
     app.register_error_handler(RateLimitExceeded, _too_many)
+    app.register_error_handler(TooManyFailures, _too_many_failures)
 
 
 def check_s3(locations: list[tuple[str, str]]) -> None:

@@ -1,6 +1,7 @@
 """Request bodies -> core values; every problem is an InvalidRequest (400) naming the bad field, or
 a 415 when the body is not of a media type the route reads. The OpenAPI document in api/docs.py
 states the same rules; the schemathesis suite holds the two together."""
+import json
 import re
 from collections.abc import Collection
 from typing import Any
@@ -9,9 +10,11 @@ from flask import request
 from werkzeug.exceptions import BadRequest, UnsupportedMediaType
 
 from captioner.core import webhooks
-from captioner.core.errors import InvalidRequest
+from captioner.core.errors import InvalidRequest, TooLarge
 from captioner.core.settings import Settings
 from captioner.core.tables import QUEUES
+
+from . import services
 
 MAX_LIST = 10_000  # images in one JSON batch; larger sets go by S3 prefix
 # the bucket names boto3 will send (botocore's own check), starting with a letter or digit as S3
@@ -33,10 +36,20 @@ def known_fields(value: dict[str, Any], where: str, allowed: Collection[str]) ->
 def json_object(allowed: Collection[str]) -> dict[str, Any]:
     if not request.is_json:
         raise UnsupportedMediaType(f"send the body as application/json, not {request.mimetype or 'nothing'}")
+    max_bytes = services().settings.max_json_bytes
+    if (request.content_length or 0) > max_bytes:
+        raise TooLarge(f"a JSON body may have at most {max_bytes} bytes (CAPTIONER_MAX_JSON_BYTES); "
+                       "submit more images at once by S3 prefix")
+    request.max_content_length = max_bytes  # a body sent without a length is cut off there too (413)
     try:
         body = request.get_json()
+        json.dumps(body, ensure_ascii=False).encode()  # "\ud800" parses, but no database or S3 key holds it
     except BadRequest:  # Flask's own parse error; ours names the problem in our shape
         raise InvalidRequest("the body is not valid JSON") from None
+    except RecursionError:  # the parser's own limit on nesting
+        raise InvalidRequest("the body nests too deeply") from None
+    except UnicodeEncodeError:
+        raise InvalidRequest("the body holds a lone surrogate (\\ud800-\\udfff), which is not Unicode text") from None
     if not isinstance(body, dict):
         raise InvalidRequest("the body must be a JSON object")
     known_fields(body, "", allowed)

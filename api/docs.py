@@ -44,7 +44,8 @@ CALLBACK_NOTE = (" An optional `callback_url` (multipart or JSON field) receives
                  "without CAPTIONER_WEBHOOK_SECRET.")
 ID = [{"name": "id", "in": "path", "required": True, "schema": {"type": "integer", "minimum": 1, "maximum": MAX_ID}}]
 # 403: an S3 bucket the service cannot read (missing or forbidden: one answer, so bucket names do not leak);
-# 404: an S3 key that does not exist; 413: a body over CAPTIONER_MAX_UPLOAD_BYTES; 415: another media type
+# 404: an S3 key that does not exist; 413: an upload over CAPTIONER_MAX_UPLOAD_BYTES or a JSON body over
+# CAPTIONER_MAX_JSON_BYTES; 415: another media type
 SUBMIT_ERRORS = _errors(400, 403, 404, 413, 415, 503)
 # every /v1 operation: 401 without a valid key (with WWW-Authenticate), 403 for a scope the key
 # lacks, 429 over the key's rate limit (with Retry-After)
@@ -100,7 +101,7 @@ SPEC: dict[str, Any] = {
                     _object(["state", "text"], state={"const": "edited"}, text=ALT_TEXT),
                     _object(["state"], state={"const": "decorative"}, text={"const": ""})]}}}},
                 "responses": {"200": _json({"$ref": "#/components/schemas/AltTextDecided"}, "recorded"),
-                              **_errors(400, 404, 409, 415), **KEY_ERRORS}, **KEYED}},
+                              **_errors(400, 404, 409, 413, 415), **KEY_ERRORS}, **KEYED}},
         "/v1/images/{id}/alt-text/history": {"get": {
             "summary": "Every suggestion and decision, oldest first", "parameters": ID,
             "responses": {"200": _json(_object(["history"], history=HISTORY), "the history"), **_errors(404),

@@ -1,7 +1,7 @@
 "/v1/search: captioned images ranked by how well their caption, alt text and tags match q."
 from flask import Blueprint, Response, g, jsonify, request
 
-from captioner.core import search
+from captioner.core import search, storage
 from captioner.core.errors import InvalidRequest
 
 from . import get_session
@@ -36,4 +36,5 @@ def search_captions() -> Response:
     # one row more than asked says whether there is a next page
     rows = search.query_index(get_session(), q, limit + 1, offset, tenant=g.tenant)
     next_offset = offset + limit if len(rows) > limit and offset + limit <= search.MAX_OFFSET else None
-    return jsonify({"query": q, "results": rows[:limit], "next_offset": next_offset})
+    results = [{**r, "source": storage.public_source(r["source"])} for r in rows[:limit]]
+    return jsonify({"query": q, "results": results, "next_offset": next_offset})

@@ -21,7 +21,7 @@ from captioner.core.errors import Conflict, InvalidImage, InvalidRequest, Unauth
 from captioner.core.settings import Settings
 
 from . import MAX_ID, get_session, services
-from .auth import SESSION_LIFETIME, require_scope
+from .auth import SESSION_LIFETIME, guarded, require_scope
 from .errors import Answer, _response
 
 bp = Blueprint("web", __name__)
@@ -134,11 +134,11 @@ def sign_in() -> Any:
     target = _safe_next(request.values.get("next"))
     if services().settings.auth == "off":
         return redirect(target)
-    if request.method == "GET":
+    if request.method != "POST":  # GET, or HEAD (GET without the body)
         return render_template("sign_in.html", next=target)
     db = get_session()
     try:
-        caller = auth.authenticate(db, request.form.get("key", "").strip())
+        caller = guarded(lambda: auth.authenticate(db, request.form.get("key", "").strip()))
     except Unauthenticated as e:
         error = (e.message if e.code == "revoked_api_key" else
                  "This is not a valid API key. Paste the whole key, starting with cap_; an operator makes one "
@@ -148,11 +148,19 @@ def sign_in() -> Any:
     session.clear()  # nothing of an earlier session (its CSRF token included) carries over
     session["key_id"] = caller.key_id  # the key's id, never the key: the cookie is signed, not encrypted
     session["signed_in_at"] = int(time.time())  # api/auth.py ends the session SESSION_LIFETIME later
+    session["generation"] = auth.session_generation(db, caller.key_id)  # signing out voids it
     return redirect(target, 303)
 
 
 @bp.post("/sign-out")
 def sign_out() -> Response:
+    """Ends this session and every copy of it (a cookie copied elsewhere too), and every other
+    session signed in with the same key."""
+    key_id = session.get("key_id")
+    if key_id is not None and services().settings.auth != "off":
+        db = get_session()
+        auth.end_sessions(db, key_id)
+        db.commit()
     session.clear()
     flash("Signed out.", "success")
     return _see_other("web.sign_in")
@@ -267,7 +275,7 @@ def review() -> str:
 @require_scope({"GET": "read", "POST": "write"})
 def upload() -> Any:
     """One photo goes to its page; several become a batch, whose progress page follows them."""
-    if request.method == "GET":
+    if request.method != "POST":  # GET, or HEAD (GET without the body)
         return render_template("upload.html", nav="upload")
     files = [f for f in request.files.getlist("files") if f.filename]
     if not files:

@@ -34,6 +34,7 @@ def caption(paths, limit, queue, wait, samples, write_metadata, sidecar_name, ov
     from tqdm import tqdm
 
     from captioner.core import caption_runs, captioner, metadata
+    from captioner.core.db import shown
     from captioner.core.queue import publisher
 
     settings = context.with_runtime(context.settings(), runtime)
@@ -72,7 +73,7 @@ def caption(paths, limit, queue, wait, samples, write_metadata, sidecar_name, ov
         click.echo(f"  {name}: {text}")
     if written is not None:
         echo_report(written)
-    click.echo(f"database: {settings.database_url}  (try: captioner search WORDS, captioner export)")
+    click.echo(f"database: {shown(settings.database_url)}  (try: captioner search WORDS, captioner export)")
 
 
 @click.command()

@@ -76,11 +76,27 @@ def db() -> None:
 @click.option("--revision", default="head", show_default=True)
 def db_upgrade(revision) -> None:
     """Apply migrations to CAPTIONER_DATABASE_URL (PostgreSQL or SQLite)."""
+    from captioner.core.db import shown
     from captioner.migrations import upgrade
 
     settings = context.settings()
     upgrade(settings.database_url, revision)
-    click.echo(f"database at {revision}: {settings.database_url}")
+    click.echo(f"database at {revision}: {shown(settings.database_url)}")
+
+
+@db.command("downgrade")
+@click.argument("revision")
+@click.option("--force", is_flag=True, help="Drop API keys and alt-text decisions too (refused without it).")
+def db_downgrade(revision, force) -> None:
+    """Undo migrations down to REVISION. A downgrade that would drop API keys or people's alt-text
+    decisions is refused unless --force: back the database up first."""
+    from captioner.core.db import shown
+    from captioner.migrations import downgrade
+
+    settings = context.settings()
+    with context.reported():
+        downgrade(settings.database_url, revision, force)
+    click.echo(f"database at {revision}: {shown(settings.database_url)}")
 
 
 COMMANDS = [worker, flower, serve, db]

@@ -11,7 +11,7 @@ import secrets
 from dataclasses import dataclass
 from datetime import timedelta, timezone
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -73,13 +73,27 @@ def authenticate(session: Session, key: str) -> Caller:
     return _caller(row)
 
 
-def caller_of_key(session: Session, key_id: int) -> Caller:
+def caller_of_key(session: Session, key_id: int, generation: int | None) -> Caller:
     """The caller a web session stands for: the key it was signed in with, read again on every
-    request, so that revoking (or deleting) the key ends its sessions at once."""
+    request, so that revoking (or deleting) the key, or signing out, ends its sessions at once."""
     row = session.get(ApiKey, key_id)
     if row is None:
         raise Unauthenticated(f"API key {key_id} no longer exists", code="invalid_api_key")
+    if generation != row.session_generation:
+        raise Unauthenticated("this session was signed out", code="signed_out")
     return _caller(row)
+
+
+def session_generation(session: Session, key_id: int) -> int:
+    """What a session signed in now with the key carries (see ApiKey.session_generation)."""
+    return session.scalars(select(ApiKey.session_generation).where(ApiKey.id == key_id)).one()
+
+
+def end_sessions(session: Session, key_id: int) -> None:
+    """Sign out everywhere: every web session signed in with the key so far ends, wherever its
+    cookie was copied to (the cookie is signed, not stored: only its generation can be voided)."""
+    session.execute(update(ApiKey).where(ApiKey.id == key_id)
+                    .values(session_generation=ApiKey.session_generation + 1))
 
 
 def _caller(row: ApiKey) -> Caller:

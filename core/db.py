@@ -1,5 +1,6 @@
 """Engine and sessions. Plain SQLAlchemy 2 (no Flask-SQLAlchemy): the worker and CLI share it."""
-from sqlalchemy import Engine, MetaData, create_engine, event
+from sqlalchemy import Engine, MetaData, create_engine, event, make_url
+from sqlalchemy.exc import ArgumentError
 from sqlalchemy.orm import DeclarativeBase, sessionmaker
 
 # Stable constraint names from the first migration on, so Alembic autogenerate diffs stay clean
@@ -24,6 +25,14 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:  # type: ignore[no-untyp
     cursor.execute("PRAGMA busy_timeout=30000")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()
+
+
+def shown(url: str) -> str:
+    """A database URL fit to print or log: its password, if any, as ***."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:  # not a URL SQLAlchemy reads: nothing of it is shown
+        return "(a database URL SQLAlchemy cannot read)"
 
 
 def make_engine(url: str) -> Engine:

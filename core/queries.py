@@ -9,7 +9,7 @@ from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import Session, aliased
 from sqlalchemy.orm.attributes import set_committed_value
 
-from . import alttext
+from . import alttext, storage
 from .errors import NotFound
 from .tables import AltTextDecision, Batch, BatchImage, Caption, Image, Job, utcnow
 
@@ -298,7 +298,7 @@ def _image_row(image: Image, job: Job | None, caption: Caption | None, alt: dict
         "needs_review": caption.needs_review if caption else None,
         "model_version": job.model_version if job else None,
         "error": error,
-        "source": image.uri,
+        "source": storage.public_source(image.uri),
         "sha256": image.sha256,
         "size": image.size,
         "width": image.width,

@@ -49,6 +49,8 @@ class Settings:
     beam: int = 3  # beam width for decoding
     n_best: int = 3  # candidates kept per image
     max_upload_bytes: int = 25 * 1024 * 1024  # larger uploads get 413
+    # larger JSON bodies get 413: a parsed body costs many times its size (a 5 MiB one cost 120 MB)
+    max_json_bytes: int = 1024 * 1024
     max_pixels: int = 64_000_000  # decoded width x height above this is refused (decompression bombs)
     lease_seconds: int = 600  # a claimed job returns to the queue if not finished within this
     max_attempts: int = 3  # claims before a job is failed for good (a poison image must not loop)
@@ -60,6 +62,8 @@ class Settings:
     # laptop, where every request is tenant "default" with every scope and may read any bucket
     auth: str = "required"
     rate_limit: str = "600/minute"  # per API key (per client address with auth off); flask-limiter syntax
+    # wrong API keys (or sign-in keys) per client address; beyond it that address gets 429 for any key
+    auth_failure_limit: str = "20/minute"
     ratelimit_storage_url: str | None = None  # None = the broker if it is Redis, else per-process memory
     webhook_secret: str | None = None  # HMAC-SHA256 key for callback events; unset = callback_url refused
     # hosts or addresses a callback may reach although they are private/loopback, e.g. "127.0.0.1,localhost"
@@ -86,8 +90,8 @@ class Settings:
             raise ConfigError(f"{PREFIX}JPEG_DECODE must be one of {', '.join(JPEG_DECODERS)}, got {self.jpeg_decode!r}")
         if self.log_format not in LOG_FORMATS:
             raise ConfigError(f"{PREFIX}LOG_FORMAT must be one of {', '.join(LOG_FORMATS)}, got {self.log_format!r}")
-        if self.flower_basic_auth is not None and ":" not in self.flower_basic_auth:
-            raise ConfigError(f"{PREFIX}FLOWER_BASIC_AUTH must be user:password")
+        if self.flower_basic_auth is not None:
+            _check_flower_auth(self.flower_basic_auth)
         if self.secret_key is not None and len(self.secret_key) < MIN_SECRET_CHARS:
             raise ConfigError(f"{PREFIX}SECRET_KEY must be at least {MIN_SECRET_CHARS} characters, e.g. the output of "
                               "python3 -c 'import secrets; print(secrets.token_urlsafe(32))'")
@@ -95,6 +99,17 @@ class Settings:
     @property
     def embedded(self) -> bool:
         return self.broker_url is None
+
+
+def _check_flower_auth(value: str) -> None:
+    """Flower splits its basic-auth setting at commas into several user:password pairs, so
+    `admin:Sup3r,secret` would let `secret` sign in alone; an empty part is a guessable one."""
+    user, colon, password = value.partition(":")
+    if not colon or not user or not password:
+        raise ConfigError(f"{PREFIX}FLOWER_BASIC_AUTH must be user:password, neither of them empty")
+    if "," in value:
+        raise ConfigError(f"{PREFIX}FLOWER_BASIC_AUTH may not contain a comma: Flower reads each comma-separated "
+                          "part as another user:password pair")
 
 
 def _convert(name: str, raw: str, kind: type) -> object:

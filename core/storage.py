@@ -133,6 +133,15 @@ def location(root: str, key: str) -> str:
     return (Path(root).resolve() / key).as_uri()
 
 
+def public_source(uri: str) -> str:
+    """What the API shows as an image's source: an S3 URI as it is (the tenant's own bucket and
+    key, or an upload's content key), a local file by its name alone: the server's folders are
+    nobody's business."""
+    if uri.startswith("file://"):
+        return Path(unquote(urlsplit(uri).path)).name
+    return uri
+
+
 def exists(uri: str) -> bool:
     if uri.startswith("s3://"):
         bucket, key = split_s3(uri)

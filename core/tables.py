@@ -145,6 +145,9 @@ class ApiKey(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     last_used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # web sessions signed in with this key carry the generation they began in; signing out adds
+    # one, so every copy of every such session cookie stops working at once
+    session_generation: Mapped[int] = mapped_column(default=0, server_default="0")
 
     def __repr__(self) -> str:  # never the hash
         return f"<ApiKey {self.id} {self.tenant} {self.prefix} {self.scopes}>"

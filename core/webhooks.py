@@ -83,12 +83,35 @@ def resolve(url: str, settings: Settings) -> list[str]:
     addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
     for address in addresses:
         ip = ipaddress.ip_address(address.split("%")[0])  # drop an IPv6 zone index
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
-            ip = ip.ipv4_mapped  # ::ffff:127.0.0.1 is loopback
-        if (not ip.is_global or ip.is_multicast) and host.lower() not in allow and str(ip) not in allow:
-            raise _refused(url, f"{host} resolves to {ip}, a private, loopback, link-local or reserved "
+        inner = _embedded_ipv4(ip) if isinstance(ip, ipaddress.IPv6Address) else []
+        if host.lower() in allow or {str(a) for a in (ip, *inner)} & allow:
+            continue
+        bad = next((a for a in (ip, *inner) if not a.is_global or a.is_multicast or a in LOCAL_NAT64), None)
+        if bad is not None:
+            shown = str(ip) if bad == ip else f"{ip}, which embeds {bad},"
+            raise _refused(url, f"{host} resolves to {shown} a private, loopback, link-local or reserved "
                                 "address (CAPTIONER_WEBHOOK_ALLOW can name hosts to allow)")
     return addresses
+
+
+# IPv6 forms that carry an IPv4 address a gateway may forward to: NAT64 (RFC 6052) and the
+# deprecated IPv4-compatible and IPv4-translated forms keep it in the last 32 bits
+LOW32_FORMS = [ipaddress.ip_network(n) for n in ("64:ff9b::/96", "::/96", "::ffff:0:0:0/96")]
+LOCAL_NAT64 = ipaddress.ip_network("64:ff9b:1::/48")  # RFC 8215: a site's own NAT64, never a public address
+
+
+def _embedded_ipv4(ip: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
+    """The IPv4 addresses an IPv6 address embeds (mapped, NAT64, 6to4, Teredo's server and client,
+    IPv4-compatible): ::ffff:127.0.0.1 or 64:ff9b::7f00:1 reach loopback through a gateway."""
+    if ip.ipv4_mapped:
+        return [ip.ipv4_mapped]
+    if ip.sixtofour:
+        return [ip.sixtofour]
+    if ip.teredo:
+        return list(ip.teredo)
+    if any(ip in n for n in LOW32_FORMS):
+        return [ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)]
+    return []
 
 
 def check_callback(url: Any, settings: Settings) -> str:

@@ -88,6 +88,8 @@ def test_upload_is_queued_stored_once_and_deduplicated(client, app_settings):
     view = client.get(f"/v1/images/{body['id']}").get_json()
     assert view["status"] == "queued" and view["caption"] is None and view["error"] is None
     assert view["candidates"] == [] and view["tags"] == [] and view["size"] > 0
+    # the stored file's name, never the server's folder it lies in
+    assert view["source"] == view["sha256"] and app_settings.storage not in json.dumps(view)
 
 
 def test_health_and_readiness(client):
@@ -219,3 +221,45 @@ def test_search_limit_and_odd_words(client):
     assert_error(client.get("/v1/search?q=dog&limit=101"), 400, "invalid_request")
     assert_error(client.get("/v1/search?q=%1D%20"), 400, "invalid_request")  # \x1d is white space to Python
     assert_error(client.get("/v1/search?q=a%00b"), 400, "invalid_request")  # PostgreSQL would refuse the NUL
+
+
+def test_head_is_answered_like_get_without_a_body(client, app_settings, api_key):
+    """HEAD on a view whose scopes are given per method (GET, PATCH) was a 500."""
+    from captioner.api import create_app
+    from conftest import signed_in
+
+    image_id = client.post("/v1/images", data={"file": (io.BytesIO(jpeg()), "a.jpg")}).get_json()["id"]
+    for path in (f"/v1/images/{image_id}", f"/v1/images/{image_id}/alt-text", "/healthz", "/v1/search?q=dog"):
+        get, head = client.get(path), client.head(path)
+        assert head.status_code == get.status_code < 500 and head.data == b"", (path, head.status_code)
+        assert head.headers["Content-Type"] == get.headers["Content-Type"]
+    app = create_app(app_settings)
+    for page in (signed_in(app, api_key).head("/upload"), app.test_client().head("/sign-in")):
+        assert page.status_code == 200 and page.data == b""
+
+
+def test_malformed_json_bodies_are_400s(client):
+    for raw in [b"[" * 100_000, b'{"s3": ' * 50_000, b'{"s3": {"bucket": "b", "key": "a\\ud800b"}}',
+                b'{"s3": {"bucket": "b", "key": "\\udfff"}}', b'{"s3": "\xff\xfe"}', b"", b"\x00",
+                b'{"s3": {"bucket": "b", "key": "k"}, "s3": 1e999999}', b"NaN"]:
+        response = client.post("/v1/images", data=raw, content_type="application/json")
+        assert response.status_code == 400, (raw[:40], response.status_code)
+        assert response.get_json()["error"]["code"] == "invalid_request"
+    body = assert_error(client.post("/v1/batches", data=b'{"images": [{"s3": {"bucket": "b", "key": "\\ud800"}}]}',
+                                    content_type="application/json"), 400, "invalid_request")
+    assert "surrogate" in body["error"]["message"]
+
+
+def test_json_bodies_have_a_smaller_limit_than_uploads(app_settings, api_key):
+    from dataclasses import replace
+
+    from captioner.api import create_app
+    from captioner.core.settings import Settings
+
+    assert Settings().max_json_bytes == 1024 * 1024 < Settings().max_upload_bytes
+    client = keyed(create_app(replace(app_settings, max_json_bytes=1000)), api_key)
+    images = [{"s3": {"bucket": "b", "key": f"photo-{n}.jpg"}} for n in range(100)]
+    body = assert_error(client.post("/v1/batches", json={"images": images}), 413, "too_large")
+    assert "CAPTIONER_MAX_JSON_BYTES" in body["error"]["message"]
+    assert len(jpeg()) > 1000  # an upload is not held to the JSON limit
+    assert client.post("/v1/images", data={"file": (io.BytesIO(jpeg()), "a.jpg")}).status_code == 202

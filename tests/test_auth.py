@@ -240,3 +240,38 @@ def test_keys_never_reach_the_logs(app_settings, caplog):
     assert "the handler failed" in text and "SELECT" in text  # the logs were captured
     for secret in (key, revoked, key[17:], revoked[17:]):
         assert secret not in text
+
+
+def test_failed_authentication_is_rate_limited_per_client_address(app_settings, api_key):
+    """Wrong keys (API or sign-in form) from one address meet 429 past the limit; a missing key is
+    not a guess; other addresses and their right keys go on."""
+    from conftest import csrf_token
+
+    app = create_app(replace(app_settings, auth_failure_limit="3/minute"))
+    guesser = keyed(app, "cap_wrongprefix_" + "x" * 43)
+    guesser.environ_base["REMOTE_ADDR"] = "203.0.113.7"
+    bare = app.test_client()
+    bare.environ_base["REMOTE_ADDR"] = "203.0.113.7"
+    for _ in range(5):
+        assert_error(bare.get("/v1/batches/1"), 401, "missing_api_key")
+    for _ in range(3):
+        assert_error(guesser.get("/v1/batches/1"), 401, "invalid_api_key")
+    r = guesser.get("/v1/batches/1")
+    body = assert_error(r, 429, "rate_limited")
+    assert "failed authentications" in body["error"]["message"] and int(r.headers["Retry-After"]) >= 1
+    guesser.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {api_key}"  # even the right key, from there
+    assert guesser.get("/v1/batches/1").status_code == 429
+    other = keyed(app, api_key)
+    other.environ_base["REMOTE_ADDR"] = "198.51.100.2"
+    assert_error(other.get("/v1/batches/1"), 404, "not_found")
+
+    browser = app.test_client()
+    browser.environ_base["REMOTE_ADDR"] = "198.51.100.9"
+    for status in (401, 401, 401, 429):
+        r = browser.post("/sign-in", data={"key": "cap_nope", "csrf_token": csrf_token(browser)})
+        assert r.status_code == status
+
+
+def test_a_malformed_auth_failure_limit_is_refused(app_settings):
+    with pytest.raises(ConfigError, match="CAPTIONER_AUTH_FAILURE_LIMIT"):
+        create_app(replace(app_settings, auth_failure_limit="lots"))

@@ -1,9 +1,12 @@
 """Migrations are the only way the schema changes: they must build exactly what core/tables.py says."""
+from urllib.parse import urlsplit, urlunsplit
+
 import pytest
 from alembic import command
 from click.testing import CliRunner
 
 from captioner.cli import cli
+from captioner.core.errors import Conflict
 from captioner.core.settings import get_settings
 from captioner.migrations import alembic_config
 
@@ -24,3 +27,65 @@ def test_db_upgrade_command(tmp_path, monkeypatch):
     finally:
         get_settings.cache_clear()
     command.check(alembic_config(url))
+
+
+def _with_password(url: str) -> str:
+    """The URL with a password in it (the test server trusts local connections, so any one works)."""
+    parts = urlsplit(url)
+    user = parts.username or "postgres"
+    return urlunsplit(parts._replace(netloc=f"{user}:{PASSWORD}@{parts.hostname}:{parts.port or 5432}"))
+
+
+PASSWORD = "s3cret-Pa55word"
+
+
+def test_commands_never_print_the_database_password(pg_url, tmp_path, tiny_checkpoint, monkeypatch):
+    """`db upgrade` and the `caption` summary name the database, with the password masked."""
+    url = _with_password(pg_url)
+    for key, value in {"CAPTIONER_DATABASE_URL": url, "CAPTIONER_MODEL_PATH": str(tiny_checkpoint),
+                       "CAPTIONER_STORAGE": str(tmp_path / "store")}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("CAPTIONER_BROKER_URL", raising=False)
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a JPEG")
+    get_settings.cache_clear()
+    try:
+        for args in (["db", "upgrade"], ["caption", str(folder)]):
+            result = CliRunner().invoke(cli, args)
+            assert result.exit_code == 0, result.output
+            assert PASSWORD not in result.output and ":***@" in result.output, result.output
+    finally:
+        get_settings.cache_clear()
+
+
+# own_pg_url: this module's own database, as the session's shared one must stay at head
+@pytest.mark.parametrize("database", ["sqlite_url", "own_pg_url"])
+def test_downgrades_that_drop_keys_or_decisions_are_refused_unless_forced(database, request):
+    from captioner.core import auth
+    from captioner.core.db import make_engine, make_sessionmaker
+    from captioner.migrations import downgrade, upgrade
+
+    url = request.getfixturevalue(database)
+    engine = make_engine(url)
+    with make_sessionmaker(engine).begin() as s:
+        auth.create_key(s, "acme", "write")
+    engine.dispose()
+    for revision in ("5c12d53081cc", "b1d2search01"):  # below the keys' migration, and the alt text's
+        with pytest.raises(Conflict, match="api_keys table and its 1 rows"):
+            downgrade(url, revision)
+    command.check(alembic_config(url))  # refused before anything changed: still at head
+    if database == "sqlite_url":  # alembic's own command, one revision at a time (on PostgreSQL it would stop
+        with pytest.raises(Conflict, match="api_keys"):  # after f9a0tenantid's index drop, committed on its own)
+            command.downgrade(alembic_config(url), "5c12d53081cc")
+        upgrade(url)
+    env = {"CAPTIONER_DATABASE_URL": url}
+    get_settings.cache_clear()
+    try:
+        result = CliRunner().invoke(cli, ["db", "downgrade", "5c12d53081cc"], env=env)
+        assert result.exit_code == 1 and "downgrade_refused" in result.output and "--force" in result.output
+        result = CliRunner().invoke(cli, ["db", "downgrade", "5c12d53081cc", "--force"], env=env)
+        assert result.exit_code == 0, result.output
+    finally:
+        get_settings.cache_clear()
+    upgrade(url)

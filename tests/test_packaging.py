@@ -51,6 +51,39 @@ def closure(extra: str) -> set[str]:
     return {name for name, _ in seen}
 
 
+CONSTRAINTS = REPO / "constraints.txt"
+CONSTRAINTS_HEADER = """\
+# Every distribution `pip install -e '.[test]'` installs, at the version CI and the README's set-up
+# install (`-c constraints.txt`): the same, known versions everywhere, above the known CVEs' fixes.
+# Regenerate after changing pyproject.toml or upgrading: .venv/bin/python tests/test_packaging.py > constraints.txt
+"""
+
+
+# the venv's own tools: `python3 -m venv` brings them at its Python's version, which the
+# dependencies' floors (torch: setuptools>=77.0.3) may then raise
+UNPINNED = {canonicalize_name(PROJECT["name"]), "setuptools", "pip"}
+
+
+def pinned() -> str:
+    """constraints.txt as it should read: the [test] extra's closure at the installed versions."""
+    names = sorted(closure("test") - UNPINNED)
+    return CONSTRAINTS_HEADER + "".join(f"{n}=={importlib.metadata.version(n)}\n" for n in names)
+
+
+def test_the_constraints_file_pins_every_distribution_of_the_test_extra():
+    pins = dict(line.split("==") for line in CONSTRAINTS.read_text().splitlines() if line and not line.startswith("#"))
+    missing = sorted(closure("test") - UNPINNED - set(pins))
+    assert not missing, f"constraints.txt lacks {missing}: regenerate it ({CONSTRAINTS_HEADER.splitlines()[-1][2:]})"
+    for name, version in pins.items():  # and every pin meets this project's own floors
+        for req in _requirements(canonicalize_name(PROJECT["name"]), "") + [
+                r for extra in PROJECT["optional-dependencies"] for r in _requirements("captioner", extra)]:
+            if canonicalize_name(req.name) == name:
+                assert req.specifier.contains(version, prereleases=True), f"{name}=={version} breaks {req}"
+    readme, ci = (REPO / "README.md").read_text(), (REPO / ".ci" / "run").read_text()
+    setup = "pip install -e '.[test]' -c constraints.txt"
+    assert setup in readme and setup in ci
+
+
 def test_the_base_install_has_neither_torch_nor_flask():
     installed = closure("")
     assert {"sqlalchemy", "celery", "redis", "boto3"} <= installed  # the closure follows extras (celery[redis])
@@ -165,3 +198,7 @@ def test_the_wheel_holds_captioner_alone_and_runs_outside_the_checkout(tmp_path)
     assert captioned.returncode == 0, captioned.stdout + captioned.stderr
     assert "1 images: 1 done (1 captioned now, 0 already), 0 failed, 0 left" in captioned.stdout, captioned.stdout
     assert (cwd / "captioner.db").is_file()
+
+
+if __name__ == "__main__":
+    sys.stdout.write(pinned())

@@ -75,3 +75,14 @@ def test_a_short_secret_key_is_refused():
     with pytest.raises(ConfigError, match="at least 32 characters"):
         load_settings({"CAPTIONER_SECRET_KEY": "hunter2"})
     assert load_settings({"CAPTIONER_SECRET_KEY": "x" * 43}).secret_key == "x" * 43
+
+
+@pytest.mark.parametrize("raw, why", [
+    ("admin", "neither of them empty"), ("admin:", "neither of them empty"), (":secret", "neither of them empty"),
+    ("admin:Sup3r,secret", "comma"), ("admin:pw,ops:pw", "comma")])
+def test_flower_credentials_that_cannot_be_safe_are_refused(raw, why):
+    """Flower splits the setting at commas: `admin:Sup3r,secret` let `secret` alone sign in."""
+    with pytest.raises(ConfigError, match=why):
+        load_settings({"CAPTIONER_FLOWER_BASIC_AUTH": raw})
+    assert load_settings({"CAPTIONER_FLOWER_BASIC_AUTH": "admin:Sup3r:secret"}).flower_basic_auth
+

@@ -79,14 +79,24 @@ def test_sign_in_and_out(app, app_settings):
     cookie = r.headers["Set-Cookie"]
     assert "HttpOnly" in cookie and "SameSite=Lax" in cookie and "Secure" not in cookie
     payload = session_payload(client)
-    assert set(payload) == {"key_id", "signed_in_at"} and key not in json.dumps(payload)  # the key's id, never the key
+    assert set(payload) == {"key_id", "signed_in_at", "generation"} and key not in json.dumps(payload)  # never the key
     page = client.get("/")
     assert page.status_code == 200 and "Tenant <strong>acme</strong>" in text(page) and key[:16] in text(page)
+
+    copied = app.test_client()  # the same cookie, copied to another browser before signing out
+    copied.set_cookie("captioner_session", client.get_cookie("captioner_session").value)
+    assert copied.get("/").status_code == 200
+    other = signed_in(app, key)  # another session of the same key, elsewhere
 
     r = client.post("/sign-out", data={"csrf_token": csrf_token(client, "/")})
     assert r.status_code == 303 and r.headers["Location"] == "/sign-in"
     assert "Signed out." in text(client.get("/sign-in"))
     assert client.get("/").status_code == 303
+    for elsewhere in (copied, other):  # sign out ends the session everywhere
+        r = elsewhere.get("/")
+        assert r.status_code == 303 and r.headers["Location"].startswith("/sign-in")
+        assert "signed out" in text(elsewhere.get(r.headers["Location"]))
+    assert signed_in(app, key).get("/").status_code == 200  # signing in again works
 
 
 def test_a_wrong_key_is_refused_on_the_form(app, app_settings):

@@ -137,7 +137,10 @@ def test_delivery_checks_the_address_again(settings, receiver, sqlite_url, photo
 @pytest.mark.parametrize("url", [
     "http://127.0.0.1:8080/hook", "http://localhost/hook", "http://10.0.0.7/hook", "http://192.168.1.1/",
     "http://172.16.0.1/", "http://169.254.169.254/latest/meta-data", "http://[::1]/", "http://[fe80::1]/",
-    "http://[::ffff:127.0.0.1]/", "http://0.0.0.0/", "http://100.64.0.1/", "ftp://example.com/hook",
+    "http://[::ffff:127.0.0.1]/", "http://[64:ff9b::7f00:1]/", "http://[64:ff9b::a00:7]/",
+    "http://[64:ff9b:1::808:808]/", "http://[2002:7f00:1::]/", "http://[2002:a9fe:a9fe::1]/",
+    "http://[::127.0.0.1]/", "http://[::10.0.0.7]/", "http://[::ffff:0:a00:7]/",
+    "http://[2001:0:4136:e378:8000:63bf:80ff:fffe]/", "http://0.0.0.0/", "http://100.64.0.1/", "ftp://example.com/hook",
     "file:///etc/passwd", "gopher://127.0.0.1/", "http://user:pw@93.184.216.34/", "http:///nohost",
     "http://93.184.216.34:99999/", "https://no-such-host.invalid/hook"])
 def test_private_and_odd_callback_urls_are_refused(url, settings):
@@ -150,6 +153,9 @@ def test_private_and_odd_callback_urls_are_refused(url, settings):
 def test_public_addresses_and_allowed_hosts_pass(settings):
     strict = replace(settings, webhook_allow="")
     assert webhooks.check_callback("https://93.184.216.34/hooks/captioner", strict)
+    # IPv6 forms that embed a public IPv4 address pass: only what they embed is refused
+    for url in ("http://[64:ff9b::5db8:d822]/", "http://[2002:5db8:d822::1]/", "http://[2606:4700::1111]/"):
+        assert webhooks.check_callback(url, strict)
     assert webhooks.check_callback("http://127.0.0.1:8080/hook", settings)  # named by the allow-list
     assert webhooks.check_callback("http://localhost:8080/hook", settings)
 

@@ -7,6 +7,8 @@ Create Date: 2026-11-27 04:55:50.902014
 from alembic import op
 import sqlalchemy as sa
 
+from captioner.migrations import refuse_to_drop
+
 
 revision = 'c3a4auth0001'
 down_revision = "b1d2search01"
@@ -38,5 +40,6 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    refuse_to_drop(revision)
     op.drop_table('tenant_buckets')
     op.drop_table('api_keys')

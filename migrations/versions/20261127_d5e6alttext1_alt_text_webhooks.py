@@ -7,6 +7,8 @@ Create Date: 2026-11-27 04:55:19.268860
 from alembic import op
 import sqlalchemy as sa
 
+from captioner.migrations import refuse_to_drop
+
 
 revision = 'd5e6alttext1'
 down_revision = "c3a4auth0001"
@@ -59,6 +61,7 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    refuse_to_drop(revision)
     with op.batch_alter_table('jobs', schema=None) as batch_op:
         batch_op.drop_column('callback_url')
 

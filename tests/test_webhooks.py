@@ -98,7 +98,7 @@ def test_embedded_run_posts_signed_events_and_retries(settings, receiver, photos
     assert sorted(events) == [("/batch", "image.done"), ("/batch", "image.failed"), ("/single?x=1", "image.done")]
     assert len(receiver.received) == 4  # one event was sent twice: the 500, then the retry
     done = events[("/single?x=1", "image.done")][0]["data"]
-    assert done["caption"] and done["alt_text"] and done["alt_text_state"] in ("generated", "needs_review")
+    assert done["caption"] and done["alt_text"] and done["alt_text_state"] in ("generated", "needs_review"), done
     failed = events[("/batch", "image.failed")][0]["data"]
     assert failed["error"]["code"] == "invalid_image" and failed["caption"] is None
 

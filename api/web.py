@@ -293,6 +293,19 @@ def upload() -> Any:
     return _see_other("web.batch_page", batch_id=batch_id)
 
 
+@bp.post("/batches/<id:batch_id>/retry")
+@require_scope("write")
+def retry_batch(batch_id: int) -> Response:
+    """The *Retry failed* button: the batch's failed jobs back to the queue, then its page again."""
+    db = get_session()
+    queries.batch_view(db, batch_id, g.tenant)  # another tenant's batch is a 404, whatever the form says
+    retried = queries.retry_failed(db, g.tenant, batch_id=batch_id)
+    db.commit()
+    services().publish(retried)
+    flash(f"{len(retried)} failed images queued again." if retried else "No failed image to retry.", "success")
+    return _see_other("web.batch_page", batch_id=batch_id)
+
+
 @bp.get("/batches")
 @require_scope("read")
 def batches() -> str:

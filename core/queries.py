@@ -373,3 +373,33 @@ def enqueue_page(session: Session, batch_id: int, images: list[NewImage], model_
     ids = list(dict.fromkeys(add_images(session, images, tenant, now).values()))
     created = add_jobs(session, ids, model_version, queue, now)
     return add_to_batch(session, batch_id, ids), created
+
+
+def retry_failed(session: Session, tenant: str, image_id: int | None = None, batch_id: int | None = None,
+                 error_code: str | None = None) -> list[tuple[int, str]]:
+    """Failed jobs of the tenant (of one image, of one batch's model, with one error code, as given)
+    back to queued with a fresh attempt count; each keeps its error in error_history -> (job id,
+    queue) pairs to publish once committed. Another tenant's jobs are never among them."""
+    where = [Job.status == "failed", Image.tenant == tenant]
+    if image_id is not None:
+        where.append(Job.image_id == image_id)
+    if batch_id is not None:
+        where += [Job.image_id.in_(select(BatchImage.image_id).where(BatchImage.batch_id == batch_id)),
+                  Job.model_version == select(Batch.model_version).where(Batch.id == batch_id).scalar_subquery()]
+    if error_code is not None:
+        where.append(Job.error_code == error_code)
+    now = utcnow()
+    failed = session.scalars(select(Job).join(Image, Job.image_id == Image.id).where(*where)
+                             .order_by(Job.id).with_for_update(of=Job)).all()
+    for job in failed:
+        job.error_history = [*(job.error_history or []), {"code": job.error_code, "message": job.error_message,
+                                                         "attempts": job.attempts,
+                                                         "at": (job.finished_at or now).isoformat()}]
+        job.status, job.attempts, job.error_code, job.error_message = "queued", 0, None, None
+        job.lease_until, job.finished_at, job.updated_at = None, None, now
+    session.flush()
+    return [(job.id, job.queue) for job in failed]
+
+
+def job_status(session: Session, job_id: int) -> str | None:
+    return session.scalar(select(Job.status).where(Job.id == job_id))

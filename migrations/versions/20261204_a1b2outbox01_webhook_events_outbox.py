@@ -1,4 +1,5 @@
-"""webhook events outbox: written with the job's end, delivered and marked by the webhook worker
+"""webhook events outbox (written with the job's end, delivered and marked by the webhook worker);
+jobs' error history (kept when an operator retries a failed job)
 
 Revision ID: a1b2outbox01
 Revises: f9a0tenantid
@@ -6,6 +7,7 @@ Create Date: 2026-12-04 04:30:00.000000
 """
 from alembic import op
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
 
 
 revision = "a1b2outbox01"
@@ -35,8 +37,13 @@ def upgrade() -> None:
     with op.batch_alter_table("webhook_events", schema=None) as batch_op:
         batch_op.create_index(batch_op.f("ix_webhook_events_job_id"), ["job_id"], unique=False)
         batch_op.create_index("ix_webhook_events_status_due_at", ["status", "due_at"], unique=False)
+    with op.batch_alter_table("jobs", schema=None) as batch_op:
+        batch_op.add_column(sa.Column("error_history", sa.JSON().with_variant(postgresql.JSONB(), "postgresql"),
+                                      nullable=True))
 
 
 def downgrade() -> None:
     # pending events would be lost: deliver them first (the sweep re-sends them), or accept that
     op.drop_table("webhook_events")
+    with op.batch_alter_table("jobs", schema=None) as batch_op:
+        batch_op.drop_column("error_history")

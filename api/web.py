@@ -201,7 +201,8 @@ def _rendition(image_id: int, size: str) -> Response:
     if request.if_none_match.contains(tag):
         response = Response(status=304)
     else:
-        response = Response(thumbnails.get(services().settings, image, size), mimetype="image/webp")
+        captioned = browse.captioned(get_session(), image_id)
+        response = Response(thumbnails.get(services().settings, image, size, captioned), mimetype="image/webp")
     response.set_etag(tag)
     response.cache_control.private = True
     response.cache_control.max_age = 365 * 24 * 3600

@@ -2,6 +2,7 @@
 batch (fetch and decode overlapping the model forwards, one write). The worker and the embedded CLI share it."""
 import hashlib
 import logging
+import os
 import secrets
 import time
 from dataclasses import dataclass, field, replace
@@ -135,6 +136,8 @@ def _prepare(settings: Settings, claimed: Claimed, on_device: bool) -> _Prepared
     except CaptioningError as e:
         return _Prepared(claimed, error=e, fetch_s=time.perf_counter() - t0)
     t1 = time.perf_counter()
+    if settings.crash_on_sha256 and hashlib.sha256(data).hexdigest() == settings.crash_on_sha256:
+        os._exit(70)  # the fault suite's poison image: the whole process dies, as in a decoder crash
     try:
         jpeg = decode.baseline_jpeg(data, settings.max_pixels) if on_device else None
         if jpeg is not None:

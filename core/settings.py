@@ -68,6 +68,9 @@ class Settings:
     # signs the web interface's session cookies and CSRF tokens; unset = a random one made once and
     # kept in the database, so every API process of a fleet, and a restarted one, shares it
     secret_key: str | None = None
+    # test-only: a worker that reads the image with this sha256 dies at once (os._exit), as one
+    # killed by a poison image would; the fault suite's poison-image case
+    crash_on_sha256: str | None = None
     session_cookie_secure: bool = False  # web sessions over HTTPS only: set it where TLS ends in front of the API
 
     def __post_init__(self) -> None:

@@ -75,6 +75,8 @@ class Job(Base):
     callback_url: Mapped[str | None] = mapped_column(Text)  # POSTed an event when the job is done or failed
     # the errors of the runs before each retry, oldest first: [{"code", "message", "attempts", "at"}]
     error_history: Mapped[list | None] = mapped_column(Json)
+    claim_size: Mapped[int | None]  # jobs in the batch a worker is captioning it in
+    batch_limit: Mapped[int | None]  # the largest batch it may go in, halved each time a worker dies with it
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

@@ -499,3 +499,26 @@ def test_webhook_receivers_under_load_leave_captioning_alone(settings, tmp_path)
     base, busy = _images_per_second(quiet), _images_per_second(loaded)
     print(f"\nimages/s without callbacks {base:.1f}, with both receivers {busy:.1f}")
     assert busy >= 0.9 * base, (base, busy)
+
+
+def test_an_image_that_kills_the_worker_fails_alone(settings, tmp_path):
+    """Found by the audit: a worker death charged every job of its batch an attempt, so one image
+    that crashes the worker failed its 63 neighbours with it. Now the batch comes back in halves
+    (uncharged) until the image is alone, and it alone ends failed, worker_crashed."""
+    import hashlib
+
+    blobs = images(64, seed=9)
+    poison = hashlib.sha256(blobs[41]).hexdigest()
+    tuned = replace(settings, batch_size=64, lease_seconds=8, crash_on_sha256=poison)
+    run = start_run(tuned, blobs, tmp_path / "worker.log")
+    try:
+        run.wait_settled()
+    finally:
+        run.worker.stop()
+    row = run.finish("1 image that kills the worker, batch of 64", [], failed=1)
+    assert run.ids_in("failed") == [run.job_ids[41]] and row["done"] == 63
+    engine = make_engine(settings.database_url)
+    with engine.connect() as conn:
+        [(code,)] = conn.execute(select(Job.error_code).where(Job.id == run.job_ids[41])).all()
+    engine.dispose()
+    assert code == "worker_crashed"

@@ -81,6 +81,8 @@ def caption(requests: list[SimpleRequest]) -> dict[str, str]:
     version = get_model(settings).version
     with sm.begin() as s:
         claimed = queries.claim(s, version, settings.lease_seconds, len(job_ids), job_ids=job_ids)
+        claimed, given_back = queries.isolate(s, claimed)  # smaller batches after a worker died with these
+    publish(given_back)
     report = jobs.caption_claimed(sm, settings, claimed)
     metrics.observe(report)
     stage = {k: sum(v) for k, v in report.stages.items()}

@@ -1,5 +1,6 @@
 """webhook events outbox (written with the job's end, delivered and marked by the webhook worker);
-jobs' error history (kept when an operator retries a failed job)
+jobs' error history (kept when an operator retries a failed job) and the batch sizes that isolate a
+poison image
 
 Revision ID: a1b2outbox01
 Revises: f9a0tenantid
@@ -40,10 +41,14 @@ def upgrade() -> None:
     with op.batch_alter_table("jobs", schema=None) as batch_op:
         batch_op.add_column(sa.Column("error_history", sa.JSON().with_variant(postgresql.JSONB(), "postgresql"),
                                       nullable=True))
+        batch_op.add_column(sa.Column("claim_size", sa.Integer(), nullable=True))
+        batch_op.add_column(sa.Column("batch_limit", sa.Integer(), nullable=True))
 
 
 def downgrade() -> None:
     # pending events would be lost: deliver them first (the sweep re-sends them), or accept that
     op.drop_table("webhook_events")
     with op.batch_alter_table("jobs", schema=None) as batch_op:
+        batch_op.drop_column("batch_limit")
+        batch_op.drop_column("claim_size")
         batch_op.drop_column("error_history")

@@ -329,3 +329,12 @@ def test_an_event_survives_a_broker_error_at_publish(settings, receiver, photos,
     assert path == "/outbox" and verify(SECRET, headers, body)["data"]["job_id"] == sub.job_id
     with sm() as s:
         assert s.get(WebhookEvent, again[0]).status == "delivered"
+
+
+def test_a_worker_that_captions_does_not_deliver(settings):
+    """Deliveries have a worker of their own: mixing the webhooks queue with caption queues is refused."""
+    from captioner.core.errors import ConfigError
+    from captioner.worker.main import start
+
+    with pytest.raises(ConfigError, match="worker of its own"):
+        start(replace(settings, broker_url="redis://127.0.0.1:9/0"), "interactive,webhooks", None, False, "info", None)

@@ -1,7 +1,7 @@
 "/v1/batches: many S3 images at once (a prefix or a list), and progress counts."
 from concurrent.futures import ThreadPoolExecutor
 
-from flask import Blueprint, Response, g, jsonify, url_for
+from flask import Blueprint, Response, g, jsonify, request, url_for
 
 from captioner.core import backfill, jobs, queries, storage
 from captioner.core.errors import InvalidRequest
@@ -52,3 +52,20 @@ def submit_batch() -> tuple[Response, int, dict]:
 @require_scope("read")
 def get_batch(batch_id: int) -> Response:
     return jsonify(queries.batch_view(get_session(), batch_id, g.tenant))
+
+
+@bp.post("/<id:batch_id>/retry")
+@require_scope("write")
+def retry_batch(batch_id: int) -> tuple[Response, int]:
+    """Failed jobs of the batch back to the queue (optionally those that failed with one error code),
+    with a fresh attempt count; their errors stay in their history."""
+    body = bodies.json_object(("error",)) if request.content_length else {}  # a body is optional
+    code = body.get("error")
+    if code is not None and not isinstance(code, str):
+        raise InvalidRequest("error must be an error code, e.g. too_many_attempts")
+    db = get_session()
+    queries.batch_view(db, batch_id, g.tenant)  # another tenant's batch is a 404
+    retried = queries.retry_failed(db, g.tenant, batch_id=batch_id, error_code=code)
+    db.commit()
+    services().publish(retried)
+    return jsonify({"retried": len(retried), "url": url_for("batches.get_batch", batch_id=batch_id)}), 202

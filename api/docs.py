@@ -87,6 +87,12 @@ SPEC: dict[str, Any] = {
             "parameters": ID,
             "responses": {"200": _json({"$ref": "#/components/schemas/Image"}, "the image"), **_errors(404),
                           **KEY_ERRORS}, **KEYED}},
+        "/v1/images/{id}/retry": {"post": {
+            "summary": "Queue the image's failed job again with a fresh attempt count (its error is kept in its "
+                       "history); also how to retry after re-submitting the same bytes",
+            "parameters": ID,
+            "responses": {"202": _json({"$ref": "#/components/schemas/Image"}, "queued again"),
+                          **_errors(404, 409), **KEY_ERRORS}, **KEYED}},
         "/v1/images/{id}/alt-text": {
             "get": {"summary": "The alt text to serve, its state, the newest suggestion and the history",
                     "parameters": ID,
@@ -125,6 +131,13 @@ SPEC: dict[str, Any] = {
             "summary": "Counts of a batch's images per status", "parameters": ID,
             "responses": {"200": _json({"$ref": "#/components/schemas/Batch"}, "the batch"), **_errors(404),
                           **KEY_ERRORS}, **KEYED}},
+        "/v1/batches/{id}/retry": {"post": {
+            "summary": "Queue the batch's failed jobs again (optionally only those that failed with one error code)",
+            "parameters": ID,
+            "requestBody": {"required": False, "content": {"application/json": {
+                "schema": _object([], error={"type": "string", "maxLength": 64})}}},
+            "responses": {"202": _json(_object(["retried", "url"], retried=INT, url=TEXT), "queued again"),
+                          **_errors(400, 404, 415), **KEY_ERRORS}, **KEYED}},
         "/v1/search": {"get": {
             "summary": "Captioned images ranked by how well caption, alt text and tags match q",
             "description": "q holds words (stemmed: dogs finds dog), \"quoted phrases\" and -exclusions; "

@@ -3,7 +3,7 @@ from flask import Blueprint, Response, g, jsonify, request, url_for
 from werkzeug.exceptions import UnsupportedMediaType
 
 from captioner.core import jobs, queries, storage
-from captioner.core.errors import InvalidRequest
+from captioner.core.errors import Conflict, InvalidRequest
 
 from . import bodies, get_session, services
 from .auth import check_s3, require_scope
@@ -53,3 +53,18 @@ def submit_image() -> tuple[Response, int, dict]:
 def get_image(image_id: int) -> Response:
     # the job of the model this API submits for, if the image has one; its latest job otherwise
     return jsonify(queries.image_view(get_session(), image_id, services().model_version, tenant=g.tenant))
+
+
+@bp.post("/<id:image_id>/retry")
+@require_scope("write")
+def retry_image(image_id: int) -> tuple[Response, int]:
+    """The image's failed job back to the queue with a fresh attempt count (its error is kept in its
+    history); 409 when it has none."""
+    svc, db = services(), get_session()
+    queries.image_view(db, image_id, svc.model_version, tenant=g.tenant)  # another tenant's image is a 404
+    retried = queries.retry_failed(db, g.tenant, image_id=image_id)
+    if not retried:
+        raise Conflict(f"image {image_id} has no failed job to retry", code="not_failed")
+    db.commit()
+    svc.publish(retried)
+    return jsonify(queries.image_view(db, image_id, svc.model_version, tenant=g.tenant)), 202

@@ -209,7 +209,8 @@ def _rendition(image_id: int, size: str) -> Response:
     if request.if_none_match.contains(tag):
         response = Response(status=304)
     else:
-        response = Response(thumbnails.get(services().settings, image, size), mimetype="image/webp")
+        captioned = browse.captioned(get_session(), image_id)
+        response = Response(thumbnails.get(services().settings, image, size, captioned), mimetype="image/webp")
     response.set_etag(tag)
     response.cache_control.private = True
     response.cache_control.max_age = 365 * 24 * 3600
@@ -298,6 +299,19 @@ def upload() -> Any:
                                              batch_source=source, tenant=g.tenant)
     if batch_id is None:
         return _see_other("web.image_page", image_id=submitted[0].image_id)
+    return _see_other("web.batch_page", batch_id=batch_id)
+
+
+@bp.post("/batches/<id:batch_id>/retry")
+@require_scope("write")
+def retry_batch(batch_id: int) -> Response:
+    """The *Retry failed* button: the batch's failed jobs back to the queue, then its page again."""
+    db = get_session()
+    queries.batch_view(db, batch_id, g.tenant)  # another tenant's batch is a 404, whatever the form says
+    retried = queries.retry_failed(db, g.tenant, batch_id=batch_id)
+    db.commit()
+    services().publish(retried)
+    flash(f"{len(retried)} failed images queued again." if retried else "No failed image to retry.", "success")
     return _see_other("web.batch_page", batch_id=batch_id)
 
 

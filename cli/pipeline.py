@@ -81,7 +81,8 @@ def caption(paths, limit, queue, wait, samples, write_metadata, sidecar_name, ov
               help="Only images captioned by this model version (default: by any version but the current one).")
 @click.option("--all", "every_image", is_flag=True,
               help="Every image without a job for the current model, captioned before or not.")
-def recaption(from_version, every_image) -> None:
+@click.option("--tenant", default="default", show_default=True, help="Whose images.")
+def recaption(from_version, every_image, tenant) -> None:
     """Re-queue images captioned by an older model as backfill jobs for the current model.
 
     The new caption is stored beside the old one and served from then on; alt text a person
@@ -97,7 +98,7 @@ def recaption(from_version, every_image) -> None:
     with context.reported():
         sm = context.database(settings)
         version = captioner.version(settings)
-        done = backfill.recaption(sm, version, publisher(settings), from_version, every_image)
+        done = backfill.recaption(sm, version, publisher(settings), from_version, every_image, tenant)
         if done.batch_id is None:
             click.echo(f"nothing to re-caption: every image has a job for model {version}")
             return
@@ -106,7 +107,7 @@ def recaption(from_version, every_image) -> None:
             with tqdm(total=done.new_jobs, unit="img", desc="re-captioning") as bar:
                 caption_runs.finish(sm, settings, version, done.batch_id, done.new_jobs, bar.update)
             with sm() as s:
-                counts = queries.batch_view(s, done.batch_id)["counts"]
+                counts = queries.batch_view(s, done.batch_id, tenant)["counts"]
             click.echo(f"{counts['done']} done, {counts['failed']} failed")
 
 
@@ -147,4 +148,33 @@ def export(fmt, output, model_version, tenant) -> None:
             output.write(chunk)
 
 
-COMMANDS = [caption, recaption, search, export]
+@click.command()
+@click.option("--batch", "batch_id", type=int, default=None, help="Only the failed jobs of this batch.")
+@click.option("--error", "error_code", default=None, help="Only jobs that failed with this code, e.g. too_many_attempts.")
+@click.option("--tenant", default="default", show_default=True)
+def retry(batch_id, error_code, tenant) -> None:
+    """Queue failed jobs again with a fresh attempt count; each keeps its error in its history.
+
+    With a broker the workers take them; without one they are captioned here."""
+    from captioner.core import captioner, jobs, queries
+    from captioner.core.queue import publisher
+
+    settings = context.settings()
+    with context.reported():
+        sm = context.database(settings)
+        with sm.begin() as s:
+            if batch_id is not None:
+                queries.batch_view(s, batch_id, tenant)  # another tenant's batch: not found
+            retried = queries.retry_failed(s, tenant, batch_id=batch_id, error_code=error_code)
+        publisher(settings)(retried)
+        click.echo(f"{len(retried)} failed jobs queued again")
+        if settings.embedded and retried:
+            version = captioner.version(settings)
+            jobs.run_embedded(sm, settings, version, batch_id, lambda report: None)
+            with sm() as s:
+                ids = [job_id for job_id, _ in retried]
+                done = sum(1 for j in ids if queries.job_status(s, j) == "done")
+            click.echo(f"{done} done, {len(ids) - done} failed")
+
+
+COMMANDS = [caption, recaption, search, export, retry]

@@ -11,15 +11,17 @@ from . import context
 
 @click.command()
 @click.option("--queues", default="interactive,backfill", show_default=True,
-              help="Queues to consume; run separate workers per queue to isolate them fully.")
-@click.option("--concurrency", type=int, default=1, show_default=True,
-              help="Pool processes. One per GPU; on a CPU one process already uses every core through torch.")
+              help="Queues to consume; run separate workers per queue to isolate them fully. "
+                   "`webhooks` (callback deliveries) needs a worker of its own, which captions nothing.")
+@click.option("--concurrency", type=int, default=None,
+              help="Pool processes, default 1: one per GPU; on a CPU one process already uses every core "
+                   "through torch. A webhooks worker: threads, default 16.")
 @click.option("--beat/--no-beat", default=True, show_default=True,
               help="Run the periodic sweep here too (idempotent, so several are harmless).")
 @click.option("--loglevel", default="info", show_default=True)
 @click.option("--hostname", default=None, help="Celery node name, e.g. gpu1@%h: unique per worker on one host.")
 def worker(queues, concurrency, beat, loglevel, hostname) -> None:
-    """Start a Celery worker that captions batches (needs CAPTIONER_BROKER_URL)."""
+    """Start a Celery worker that captions batches, or delivers callbacks (needs CAPTIONER_BROKER_URL)."""
     from captioner.worker.main import start
 
     with context.reported():

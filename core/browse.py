@@ -104,6 +104,11 @@ def image(session: Session, image_id: int, tenant: str) -> Image:
     return row
 
 
+def captioned(session: Session, image_id: int) -> bool:
+    """Whether a worker has captioned the image (for some model): it read and decoded it within the limits."""
+    return session.scalar(select(Job.id).where(Job.image_id == image_id, Job.status == "done").limit(1)) is not None
+
+
 def cards(session: Session, tenant: str, image_ids: list[int]) -> list[dict[str, Any]]:
     """The listing of these images (the tenant's only), in the order given: search results as cards."""
     found = {r[0].id: _card(*r) for r in session.execute(_listed(tenant).where(Image.id.in_(image_ids))).all()}

@@ -2,6 +2,7 @@
 batch (fetch and decode overlapping the model forwards, one write). The worker and the embedded CLI share it."""
 import hashlib
 import logging
+import os
 import secrets
 import time
 from dataclasses import dataclass, field, replace
@@ -31,7 +32,8 @@ class BatchReport:
     released: int  # returned to the queue after a transient error
     forward_size: int  # the largest model forward of the batch
     seconds: float
-    finished: tuple[int, ...] = ()  # job ids now done or failed: their callbacks are due
+    finished: tuple[int, ...] = ()  # job ids now done or failed
+    events: tuple[int, ...] = ()  # outbox rows of their callbacks, written with them: to deliver
     batch: str = ""  # this forward's id, in every log line about it
     # job id -> "done", "requeued" or the error code it failed with: per-request task events
     outcomes: dict[int, str] = field(default_factory=dict)
@@ -137,6 +139,8 @@ def _prepare(settings: Settings, claimed: Claimed, on_device: bool) -> _Prepared
     except CaptioningError as e:
         return _Prepared(claimed, error=e, fetch_s=time.perf_counter() - t0)
     t1 = time.perf_counter()
+    if settings.crash_on_sha256 and hashlib.sha256(data).hexdigest() == settings.crash_on_sha256:
+        os._exit(70)  # the fault suite's poison image: the whole process dies, as in a decoder crash
     try:
         jpeg = decode.baseline_jpeg(data, settings.max_pixels) if on_device else None
         if jpeg is not None:
@@ -201,7 +205,7 @@ def caption_claimed(sm: sessionmaker, settings: Settings, claimed: list[Claimed]
     started = time.perf_counter()
     batch = secrets.token_hex(6)
     if not claimed:
-        return BatchReport(0, 0, 0, 0, 0.0, batch)
+        return BatchReport(0, 0, 0, 0, 0.0, batch=batch)
 
     on_device = captioner.decodes_on_device(settings)
 
@@ -236,10 +240,12 @@ def caption_claimed(sm: sessionmaker, settings: Settings, claimed: list[Claimed]
     retry = [c for c, err in errors if isinstance(err, TransientError) and c.attempts < settings.max_attempts]
     failures = [Failure(c, err.code, err.message) for c, err in errors if c not in retry]
     transient = [c.job_id for c in retry]
+    finished = tuple([r.claimed.job_id for r in results] + [f.claimed.job_id for f in failures])
     write_started = time.perf_counter()
     with sm.begin() as s:  # short transaction: no model work inside it
         queries.complete(s, results, failures, version, forward_size=max(sizes, default=0))
         queries.release(s, transient, count_attempt=True)
+        events = webhooks.record_events(s, list(finished))  # the outbox: committed with the jobs or not at all
     write_s = time.perf_counter() - write_started
     outcomes = {r.claimed.job_id: "done" for r in results}
     for c, err in errors:
@@ -251,9 +257,8 @@ def caption_claimed(sm: sessionmaker, settings: Settings, claimed: list[Claimed]
                  extra={"image_id": r.claimed.image_id, "job_id": r.claimed.job_id, "batch_id": batch})
     stages = {"fetch": [p.fetch_s for p in prepared], "decode": [p.decode_s for p in prepared if p.decode_s],
               "model": [model_s], "write": [write_s]}
-    finished = tuple([r.claimed.job_id for r in results] + [f.claimed.job_id for f in failures])
     return BatchReport(len(results), len(failures), len(transient), max(sizes, default=0), time.perf_counter() - started,
-                       finished, batch, outcomes, stages)
+                       finished, tuple(events), batch, outcomes, stages)
 
 
 def run_embedded(sm: sessionmaker, settings: Settings, model_version: str, batch_id: int | None,
@@ -262,6 +267,8 @@ def run_embedded(sm: sessionmaker, settings: Settings, model_version: str, batch
     The model loads with the first claimed batch: a run with nothing to do stays quick."""
     with sm.begin() as s:
         queries.sweep(s, settings.max_attempts, settings.requeue_after_seconds)  # leases of a killed run
+        left = webhooks.overdue(s, settings.requeue_after_seconds)  # events an earlier run could not send
+    webhooks.deliver_inline(sm, settings, left)
     while True:
         with sm.begin() as s:
             claimed = queries.claim(s, model_version, settings.lease_seconds, captioner.batch_size(settings),
@@ -269,5 +276,5 @@ def run_embedded(sm: sessionmaker, settings: Settings, model_version: str, batch
         if not claimed:
             return
         report = caption_claimed(sm, settings, claimed)
-        webhooks.deliver_inline(sm, settings, list(report.finished))  # no broker: no retry queue either
+        webhooks.deliver_inline(sm, settings, list(report.events))  # no broker: no retry queue either
         on_batch(report)

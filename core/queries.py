@@ -38,6 +38,7 @@ class Claimed:
     image_id: int
     uri: str
     attempts: int  # including this claim
+    batch_limit: int | None = None  # the largest batch it may go in: set after a worker died with it
 
 
 @dataclass(frozen=True)
@@ -209,12 +210,29 @@ def claim(session: Session, model_version: str, lease_seconds: int, limit: int,
         update(Job)
         .where(Job.id == chosen.c.id, Job.status == "queued")
         .values(status="processing", lease_until=now + timedelta(seconds=lease_seconds),
-                attempts=Job.attempts + 1, updated_at=now)
-        .returning(Job.id, Job.image_id, Job.attempts)
+                attempts=Job.attempts + 1, updated_at=now, claim_size=None)
+        .returning(Job.id, Job.image_id, Job.attempts, Job.batch_limit)
         .execution_options(synchronize_session=False)).all()
     uris = dict(session.execute(select(Image.id, Image.uri).where(Image.id.in_([r.image_id for r in rows]))).all())
-    return sorted((Claimed(job_id, image_id, uris[image_id], attempts) for job_id, image_id, attempts in rows),
-                  key=lambda c: c.job_id)
+    return sorted((Claimed(job_id, image_id, uris[image_id], attempts, limit)
+                   for job_id, image_id, attempts, limit in rows), key=lambda c: c.job_id)
+
+
+def isolate(session: Session, claimed: list[Claimed]) -> tuple[list[Claimed], list[tuple[int, str]]]:
+    """Bisection of a batch a worker died with: when claimed jobs carry a batch limit, keep at most
+    that many (those limited first) and give the rest back, uncharged -> (kept, (job id, queue) pairs
+    to publish again). Every kept job learns its batch's size, which the sweep halves if this
+    worker dies too: a poison image ends alone, and its neighbours are captioned."""
+    limits = [c.batch_limit for c in claimed if c.batch_limit]
+    keep = min(limits, default=len(claimed))
+    ordered = sorted(claimed, key=lambda c: (c.batch_limit is None, c.job_id))
+    kept, rest = ordered[:keep], [c.job_id for c in ordered[keep:]]
+    release(session, rest, count_attempt=False)
+    if kept:
+        session.execute(update(Job).where(Job.id.in_([c.job_id for c in kept])).values(claim_size=len(kept))
+                        .execution_options(synchronize_session=False))
+    queues = dict(session.execute(select(Job.id, Job.queue).where(Job.id.in_(rest))).all()) if rest else {}
+    return sorted(kept, key=lambda c: c.job_id), [(j, queues[j]) for j in rest]
 
 
 def complete(session: Session, results: list[Result], failures: list[Failure], model_version: str,
@@ -267,13 +285,25 @@ def sweep(session: Session, max_attempts: int, requeue_after_seconds: int,
     queued has no message left, and it is published again."""
     now = utcnow()
     expired = (Job.status == "processing", Job.lease_until < now)
+    # a worker died with the job in a batch of several: back uncharged, in batches half as large
+    halved = session.execute(
+        update(Job).where(*expired, Job.claim_size > 1)
+        .values(status="queued", lease_until=None, updated_at=now, attempts=Job.attempts - 1,
+                batch_limit=Job.claim_size // 2, claim_size=None)
+        .returning(Job.id, Job.queue).execution_options(synchronize_session=False)).all()
+    session.execute(update(Job).where(*expired, Job.claim_size == 1, Job.attempts >= max_attempts)
+                    .values(status="failed", lease_until=None, error_code="worker_crashed",
+                            error_message=f"the worker died {max_attempts} times captioning this image alone",
+                            updated_at=now, finished_at=now)
+                    .execution_options(synchronize_session=False))
     session.execute(update(Job).where(*expired, Job.attempts >= max_attempts)
                     .values(status="failed", lease_until=None, error_code="too_many_attempts",
                             error_message=f"claimed {max_attempts} times without finishing (worker crash or timeout)",
                             updated_at=now, finished_at=now)
                     .execution_options(synchronize_session=False))
-    returned = session.execute(update(Job).where(*expired).values(status="queued", lease_until=None, updated_at=now)
-                               .returning(Job.id, Job.queue).execution_options(synchronize_session=False)).all()
+    returned = [*halved, *session.execute(
+        update(Job).where(*expired).values(status="queued", lease_until=None, updated_at=now)
+        .returning(Job.id, Job.queue).execution_options(synchronize_session=False)).all()]
     stale_where = [Job.status == "queued", Job.updated_at < now - timedelta(seconds=requeue_after_seconds)]
     if drained is not None:
         stale_where.append(Job.queue.in_(list(drained)))
@@ -374,3 +404,33 @@ def enqueue_page(session: Session, batch_id: int, images: list[NewImage], model_
     ids = list(dict.fromkeys(add_images(session, images, tenant, now).values()))
     created = add_jobs(session, ids, model_version, queue, now)
     return add_to_batch(session, batch_id, ids), created
+
+
+def retry_failed(session: Session, tenant: str, image_id: int | None = None, batch_id: int | None = None,
+                 error_code: str | None = None) -> list[tuple[int, str]]:
+    """Failed jobs of the tenant (of one image, of one batch's model, with one error code, as given)
+    back to queued with a fresh attempt count; each keeps its error in error_history -> (job id,
+    queue) pairs to publish once committed. Another tenant's jobs are never among them."""
+    where = [Job.status == "failed", Image.tenant == tenant]
+    if image_id is not None:
+        where.append(Job.image_id == image_id)
+    if batch_id is not None:
+        where += [Job.image_id.in_(select(BatchImage.image_id).where(BatchImage.batch_id == batch_id)),
+                  Job.model_version == select(Batch.model_version).where(Batch.id == batch_id).scalar_subquery()]
+    if error_code is not None:
+        where.append(Job.error_code == error_code)
+    now = utcnow()
+    failed = session.scalars(select(Job).join(Image, Job.image_id == Image.id).where(*where)
+                             .order_by(Job.id).with_for_update(of=Job)).all()
+    for job in failed:
+        job.error_history = [*(job.error_history or []), {"code": job.error_code, "message": job.error_message,
+                                                         "attempts": job.attempts,
+                                                         "at": (job.finished_at or now).isoformat()}]
+        job.status, job.attempts, job.error_code, job.error_message = "queued", 0, None, None
+        job.lease_until, job.finished_at, job.updated_at = None, None, now
+    session.flush()
+    return [(job.id, job.queue) for job in failed]
+
+
+def job_status(session: Session, job_id: int) -> str | None:
+    return session.scalar(select(Job.status).where(Job.id == job_id))

@@ -14,6 +14,9 @@ CAPTION_TASK = "captioner.caption"
 SWEEP_TASK = "captioner.sweep"
 PROC_ALIVE_TIMEOUT = 300  # seconds a new pool child may take to load the model
 WEBHOOK_TASK = "captioner.webhook"
+# deliveries have a queue and a worker of their own: a slow receiver must never hold a process
+# that captions (`captioner worker --queues webhooks`)
+WEBHOOK_QUEUE = "webhooks"
 EXCHANGE = Exchange("captioner", type="direct")
 VISIBILITY_TIMEOUT = 3600  # seconds; far above flush interval + the worst batch, or Redis redelivers mid-run
 
@@ -27,7 +30,7 @@ def create_celery(settings: Settings) -> Celery:
         # each queue bound by its own name: a bare Queue(name) is bound with the default routing key
         # ("interactive"), so every message reached both queues and backfills were not kept apart.
         # A new exchange name: Redis keeps the old bindings of the "interactive" exchange.
-        task_queues=[Queue(q, EXCHANGE, routing_key=q) for q in QUEUES],
+        task_queues=[Queue(q, EXCHANGE, routing_key=q) for q in (*QUEUES, WEBHOOK_QUEUE)],
         task_default_exchange=EXCHANGE.name,
         task_default_routing_key="interactive",
         task_default_queue="interactive",
@@ -94,13 +97,19 @@ def publish(app: Celery, jobs: list[tuple[int, str]], group: int = 1) -> None:
         log.warning("broker unreachable, %d jobs left for the sweep to publish: %s", len(jobs), e)
 
 
-def publish_webhooks(app: Celery, targets: list[tuple[int, str]]) -> None:
-    """One delivery task per (job id, callback URL), on the interactive queue: an event must not
-    wait behind a library's backfill messages."""
-    with app.producer_or_acquire() as producer:
-        for job_id, url in targets:
-            app.send_task(WEBHOOK_TASK, kwargs={"job_id": job_id, "url": url}, queue="interactive",
-                          producer=producer)
+def publish_webhooks(app: Celery, outbox_ids: list[int]) -> None:
+    """One delivery task per outbox row, on the webhooks queue; its kwargs are the row's id only,
+    so no callback URL (which may carry a token) shows in Flower. A broker error is logged and
+    swallowed: the rows are committed, and the sweep sends them again."""
+    if not outbox_ids:
+        return
+    try:
+        with app.producer_or_acquire() as producer:
+            for outbox_id in outbox_ids:
+                app.send_task(WEBHOOK_TASK, kwargs={"event": outbox_id}, queue=WEBHOOK_QUEUE, producer=producer,
+                              retry=True, retry_policy={"max_retries": 2, "interval_start": 0.2})
+    except OperationalError as e:
+        log.warning("broker unreachable, could not publish %d webhook events (the sweep will): %s", len(outbox_ids), e)
 
 
 def publisher(settings: Settings, app: Celery | None = None) -> Publish:

@@ -68,7 +68,7 @@ class Settings:
     webhook_secret: str | None = None  # HMAC-SHA256 key for callback events; unset = callback_url refused
     # hosts or addresses a callback may reach although they are private/loopback, e.g. "127.0.0.1,localhost"
     webhook_allow: str = ""
-    webhook_timeout_seconds: int = 10  # one delivery attempt's connect + read limit
+    webhook_timeout_seconds: int = 10  # one delivery attempt's wall-clock limit: connect + send + answer
     webhook_max_attempts: int = 6  # deliveries of one event before it is given up (backoff 2, 4, 8 ... s)
     log_format: str = "text"  # "json": one JSON object per line, with image, job and batch ids
     flower_basic_auth: str | None = None  # "user:pass" for `captioner flower`; required unless on 127.0.0.1
@@ -77,6 +77,9 @@ class Settings:
     # signs the web interface's session cookies and CSRF tokens; unset = a random one made once and
     # kept in the database, so every API process of a fleet, and a restarted one, shares it
     secret_key: str | None = None
+    # test-only: a worker that reads the image with this sha256 dies at once (os._exit), as one
+    # killed by a poison image would; the fault suite's poison-image case
+    crash_on_sha256: str | None = None
     session_cookie_secure: bool = False  # web sessions over HTTPS only: set it where TLS ends in front of the API
 
     def __post_init__(self) -> None:

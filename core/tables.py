@@ -20,6 +20,7 @@ from .db import Base
 
 STATUSES = ("queued", "processing", "done", "failed")
 QUEUES = ("interactive", "backfill")  # a single upload must not wait behind a library import
+OUTBOX_STATUSES = ("pending", "delivered", "given_up")
 DECISIONS = ("approved", "edited", "decorative")  # alt-text states only a person sets
 Json = JSON().with_variant(JSONB(), "postgresql")
 # The search index over captions is built by migration b1d2search01 and read by core/search.py
@@ -72,6 +73,10 @@ class Job(Base):
     error_code: Mapped[str | None] = mapped_column(String(64))
     error_message: Mapped[str | None] = mapped_column(Text)
     callback_url: Mapped[str | None] = mapped_column(Text)  # POSTed an event when the job is done or failed
+    # the errors of the runs before each retry, oldest first: [{"code", "message", "attempts", "at"}]
+    error_history: Mapped[list | None] = mapped_column(Json)
+    claim_size: Mapped[int | None]  # jobs in the batch a worker is captioning it in
+    batch_limit: Mapped[int | None]  # the largest batch it may go in, halved each time a worker dies with it
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
@@ -197,6 +202,30 @@ class WebhookDelivery(Base):
 
     def __repr__(self) -> str:
         return f"<WebhookDelivery {self.event_id} attempt={self.attempt} {self.status_code or self.error}>"
+
+
+class WebhookEvent(Base):
+    """The outbox: one event to POST to one callback URL, written in the transaction that finished
+    its job, so it cannot be lost between that commit and the broker. Delivery tasks claim it by
+    moving due_at past their attempt; the sweep re-sends a pending row left due (a lost message)."""
+    __tablename__ = "webhook_events"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    event_id: Mapped[str] = mapped_column(String(64))  # the receiver's deduplication key
+    event: Mapped[str] = mapped_column(String(32))  # image.done, image.failed
+    job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"), index=True)
+    url: Mapped[str] = mapped_column(Text)
+    body: Mapped[str] = mapped_column(Text)  # the JSON as of the job's end, sent unchanged on every attempt
+    status: Mapped[str] = mapped_column(String(16), default="pending")
+    attempts: Mapped[int] = mapped_column(default=0)
+    due_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    __table_args__ = (
+        CheckConstraint(f"status IN {OUTBOX_STATUSES}", name="status"),
+        Index("ix_webhook_events_status_due_at", "status", "due_at"),  # the sweep's scan
+    )
+
+    def __repr__(self) -> str:
+        return f"<WebhookEvent {self.event_id} {self.status} attempts={self.attempts}>"
 
 
 class ServiceSecret(Base):

@@ -49,7 +49,7 @@ def _commands(compose: dict) -> list[list[str]]:
 
 def test_compose_services_and_health_checks(compose):
     services = compose["services"]
-    assert {"postgres", "redis", "s3", "migrate", "api", "worker", "flower"} <= set(services)
+    assert {"postgres", "redis", "s3", "migrate", "api", "worker", "webhooks", "flower"} <= set(services)
     for name in ("postgres", "redis", "s3", "api", "worker", "flower"):
         assert services[name]["healthcheck"]["test"][0] == "CMD", name
     assert services["api"]["depends_on"]["migrate"] == {"condition": "service_completed_successfully"}

@@ -29,7 +29,7 @@ import redis
 from PIL import Image
 from sqlalchemy import func, select
 
-from captioner.core import captioner, jobs, storage
+from captioner.core import captioner, jobs, queries, storage
 from captioner.core.db import make_engine, make_sessionmaker
 from captioner.core.queue import create_celery, publish
 from captioner.bench.seaweed import SeaweedFS
@@ -94,7 +94,9 @@ def utc() -> datetime:
 class Worker:
     """`captioner worker` as an operator starts it (with its beat), configured by environment only."""
 
-    def __init__(self, settings: Settings, log: Path, extra_env: dict[str, str] | None = None):
+    def __init__(self, settings: Settings, log: Path, extra_env: dict[str, str] | None = None,
+                 args: tuple[str, ...] = ()):
+        self.args = args
         self.env = {**os.environ, **(extra_env or {})}
         for f in fields(Settings):
             value = getattr(settings, f.name)
@@ -107,7 +109,7 @@ class Worker:
         offset = self.log.stat().st_size if self.log.exists() else 0
         with open(self.log, "ab") as out:
             # its own process group: kill -9 takes the main process, the pool child and the beat at once
-            self.proc = subprocess.Popen([sys.executable, "-m", "captioner.cli", "worker"], env=self.env,
+            self.proc = subprocess.Popen([sys.executable, "-m", "captioner.cli", "worker", *self.args], env=self.env,
                                          stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         wait_for(lambda: "ready." in self.log.read_text(errors="replace")[offset:] or self.proc.poll() is not None,
                  "the worker to start", DEADLINE_S)
@@ -204,8 +206,10 @@ class Run:
         return row
 
 
-def start_run(settings: Settings, blobs: list[bytes], log: Path, extra_env: dict[str, str] | None = None) -> Run:
-    """A worker, then `blobs` stored and submitted as the API and CLI do (rows committed, then the doorbell)."""
+def start_run(settings: Settings, blobs: list[bytes], log: Path, extra_env: dict[str, str] | None = None,
+              callbacks: tuple[str, str] | None = None) -> Run:
+    """A worker, then `blobs` stored and submitted as the API and CLI do (rows committed, then the
+    doorbell). `callbacks`: (the batch's callback URL, every job's own)."""
     worker = Worker(settings, log, extra_env)
     worker.start()
     engine = make_engine(settings.database_url)
@@ -215,8 +219,15 @@ def start_run(settings: Settings, blobs: list[bytes], log: Path, extra_env: dict
         new.append(jobs.NewImage(uri, f"sha256:{digest}", digest, len(data)))
     app = create_celery(settings)
     started = time.monotonic()
-    _, submitted = jobs.submit_images(make_sessionmaker(engine), new, captioner.version(settings), "backfill",
-                                      lambda j: publish(app, j))
+    sm = make_sessionmaker(engine)
+    if callbacks:  # the jobs' own callbacks are set before the doorbell rings
+        _, submitted = jobs.submit_images(sm, new, captioner.version(settings), "backfill", lambda j: None,
+                                          batch_source="faults", callback_url=callbacks[0])
+        with sm.begin() as s:
+            queries.set_callback(s, [x.job_id for x in submitted], callbacks[1])
+        publish(app, jobs.to_publish(submitted))
+    else:
+        _, submitted = jobs.submit_images(sm, new, captioner.version(settings), "backfill", lambda j: publish(app, j))
     engine.dispose()
     return Run(settings, worker, [s.job_id for s in submitted], started)
 
@@ -446,3 +457,68 @@ def test_one_poison_image_fails_alone_in_its_batch(settings, tmp_path):
     engine.dispose()
     assert code == "invalid_image" and row["done"] == BATCH - 1
     assert sizes == {BATCH - 1}  # one forward: its neighbours were captioned together, without it
+
+
+def _images_per_second(run: Run) -> float:
+    engine = make_engine(run.settings.database_url)
+    with engine.connect() as conn:
+        first, last = conn.execute(select(func.min(Job.finished_at), func.max(Job.finished_at))
+                                   .where(Job.id.in_(run.job_ids))).one()
+    engine.dispose()
+    return (len(run.job_ids) - 1) / max((last - first).total_seconds(), 1e-3)
+
+
+def test_webhook_receivers_under_load_leave_captioning_alone(settings, tmp_path):
+    """A receiver that drips a byte every 0.5 s and one that answers 200 MB get an event per image
+    while the batch is captioned: the captioning worker's images/s stays within 10 % of a run
+    without callbacks (deliveries run on the webhooks worker, each attempt cut at its deadline)."""
+    from test_webhooks import Hostile
+
+    hooks = replace(settings, webhook_secret="s3cret", webhook_allow="127.0.0.1", webhook_timeout_seconds=2)
+    quiet = start_run(hooks, images(128, seed=7), tmp_path / "quiet.log")
+    try:
+        quiet.wait_settled()
+    finally:
+        quiet.worker.stop()
+    quiet.finish("baseline: no callbacks", [])
+    drip, flood = Hostile("drip"), Hostile("flood")
+    deliveries = Worker(hooks, tmp_path / "webhooks.log", args=("--queues", "webhooks", "--no-beat"))
+    deliveries.start()
+    try:
+        loaded = start_run(hooks, images(128, seed=8), tmp_path / "loaded.log", callbacks=(drip.url, flood.url))
+        try:
+            loaded.wait_settled()
+        finally:
+            loaded.worker.stop()
+        wait_for(lambda: drip.served and flood.served, "both receivers to be sent events", 60)
+    finally:
+        deliveries.stop()
+        drip.close()
+        flood.close()
+    loaded.finish("webhook receivers (drip, 200 MB) loaded", [])
+    base, busy = _images_per_second(quiet), _images_per_second(loaded)
+    print(f"\nimages/s without callbacks {base:.1f}, with both receivers {busy:.1f}")
+    assert busy >= 0.9 * base, (base, busy)
+
+
+def test_an_image_that_kills_the_worker_fails_alone(settings, tmp_path):
+    """Found by the audit: a worker death charged every job of its batch an attempt, so one image
+    that crashes the worker failed its 63 neighbours with it. Now the batch comes back in halves
+    (uncharged) until the image is alone, and it alone ends failed, worker_crashed."""
+    import hashlib
+
+    blobs = images(64, seed=9)
+    poison = hashlib.sha256(blobs[41]).hexdigest()
+    tuned = replace(settings, batch_size=64, lease_seconds=8, crash_on_sha256=poison)
+    run = start_run(tuned, blobs, tmp_path / "worker.log")
+    try:
+        run.wait_settled()
+    finally:
+        run.worker.stop()
+    row = run.finish("1 image that kills the worker, batch of 64", [], failed=1)
+    assert run.ids_in("failed") == [run.job_ids[41]] and row["done"] == 63
+    engine = make_engine(settings.database_url)
+    with engine.connect() as conn:
+        [(code,)] = conn.execute(select(Job.error_code).where(Job.id == run.job_ids[41])).all()
+    engine.dispose()
+    assert code == "worker_crashed"

@@ -1,6 +1,6 @@
 """One photo uploaded during a big backfill is captioned in seconds, by a real `captioner worker`
-process on Redis, PostgreSQL and SeaweedFS; its callback event arrives signed, sent by the worker's
-webhook task."""
+process on Redis, PostgreSQL and SeaweedFS; its callback event arrives signed, sent by the webhooks
+worker."""
 import io
 import os
 import re
@@ -46,15 +46,20 @@ def worker(settings, s3, tmp_path_factory):
     with open(log_path, "wb") as log:
         proc = subprocess.Popen([sys.executable, "-m", "captioner.cli", "worker", "--no-beat"], env=env,
                                 stdout=log, stderr=subprocess.STDOUT)
+    with open(log_path.with_name("webhooks.log"), "wb") as log:  # callbacks have a worker of their own
+        hooks = subprocess.Popen([sys.executable, "-m", "captioner.cli", "worker", "--queues", "webhooks",
+                                  "--no-beat"], env=env, stdout=log, stderr=subprocess.STDOUT)
     yield proc, log_path
-    proc.terminate()  # warm shutdown: the batch in hand finishes
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    for p in (proc, hooks):
+        p.terminate()  # warm shutdown: the batch in hand finishes
+        try:
+            p.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
     # the backfill is left unfinished on purpose: its doorbells must not reach another test's worker
-    redis.Redis.from_url(settings.broker_url).delete("interactive", "backfill", "unacked", "unacked_index")
+    redis.Redis.from_url(settings.broker_url).delete("interactive", "backfill", "webhooks", "unacked",
+                                                     "unacked_index")
 
 
 def tiny_jpeg(n: int) -> bytes:

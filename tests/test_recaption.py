@@ -63,3 +63,18 @@ def test_recaption_adds_the_new_models_captions_and_keeps_decisions(sqlite_url, 
     everything = run(["--all"], env, monkeypatch)
     assert "1 images queued" in everything.output and "1 done" in everything.output
     assert client.get(f"/v1/images/{never[0].image_id}").get_json()["status"] == "done"
+
+
+def test_recaption_reaches_the_tenant_it_is_given(sqlite_url, tmp_path, checkpoint, photos, monkeypatch):
+    """Found by the audit: `captioner recaption` only ever reached the default tenant."""
+    sm = make_sessionmaker(make_engine(sqlite_url))
+    _, [acme] = jobs.submit_images(sm, [jobs.file_image(photos[0])], OLD, "backfill", lambda _: None, tenant="acme")
+    with sm.begin() as s:
+        [claimed] = queries.claim(s, OLD, 60, 1, job_ids=[acme.job_id])
+        queries.complete(s, [Result(claimed, "old", "Old.", [("old", 0.9)], [], 0.9, False, 1, 1)], [], OLD,
+                         forward_size=1)
+    env = {"CAPTIONER_DATABASE_URL": sqlite_url, "CAPTIONER_STORAGE": str(tmp_path / "store"),
+           "CAPTIONER_MODEL_PATH": str(checkpoint), "CAPTIONER_BATCH_SIZE": "4"}
+    assert "nothing to re-caption" in run([], env, monkeypatch).output  # the default tenant has no images
+    result = run(["--tenant", "acme"], env, monkeypatch)
+    assert "1 images queued" in result.output and "1 done, 0 failed" in result.output

@@ -438,3 +438,30 @@ def test_thumbnails_are_kept_in_s3_storage(app_settings, api_key, s3):
     assert storage.s3_client().get_object(Bucket=bucket, Key=stored)["Body"].read() == first.data
     storage.s3_client().put_object(Bucket=bucket, Key=stored, Body=b"kept")  # what is stored is what is served
     assert client.get("/images/1/thumbnail").data == b"kept"
+
+
+def test_the_api_decodes_no_uncaptioned_image_and_remembers_a_failure(app, app_settings, api_key, monkeypatch):
+    """Found by the audit: thumbnails and previews decoded untrusted uploads inside the API's
+    request threads, and a failure was decoded again on every request. Now an image no worker has
+    captioned has no rendition (409), one is made in a bounded child process, and a failure is kept."""
+    from captioner.core import decode, thumbnails
+
+    calls = []
+    real = decode.decode
+    monkeypatch.setattr(decode, "decode", lambda *a, **k: calls.append(1) or real(*a, **k))
+    client = signed_in(app, api_key)
+    upload(client, jpeg())
+    r = client.get("/images/1/thumbnail")
+    assert r.status_code == 409 and "captioned" in r.get_data(as_text=True)
+    spawned = []
+    real_bounded = thumbnails.render_bounded
+    monkeypatch.setattr(thumbnails, "render_bounded", lambda *a: spawned.append(1) or real_bounded(*a))
+    caption_queued(app, SURE, needs_review=False)
+    assert client.get("/images/1/thumbnail").status_code == 200
+    assert calls == [] and spawned == [1]  # decoded in the child process, not here
+    # a photo that cannot be rendered: its bytes replaced by junk after the worker read them
+    [original] = list((Path(app_settings.storage) / "sha256").rglob("*"))[-1:]
+    original.write_bytes(b"\xff\xd8\xff\xe0 junk")
+    first = client.get("/images/1/preview")
+    assert first.status_code == 422 and spawned == [1, 1]
+    assert client.get("/images/1/preview").status_code == 422 and spawned == [1, 1]  # remembered, not decoded again

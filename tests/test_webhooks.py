@@ -7,19 +7,21 @@ import json
 import threading
 import time
 from dataclasses import replace
+from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, update
 from conftest import keyed, make_key  # siblings: tests/ is on sys.path
 from test_api import assert_error, jpeg
 
 from captioner.api import create_app
-from captioner.core import captioner, jobs, webhooks
+from captioner.core import captioner, jobs, queries, queue, webhooks
+from captioner.core.queue import create_celery
 from captioner.core.db import make_engine, make_sessionmaker
 from captioner.core.errors import InvalidRequest
 from captioner.core.settings import Settings
-from captioner.core.tables import WebhookDelivery
+from captioner.core.tables import Job, WebhookDelivery, WebhookEvent
 
 SECRET = "s3cret-for-tests"
 TOLERANCE_S = 300
@@ -178,3 +180,167 @@ def test_the_api_takes_callback_urls_and_refuses_bad_ones(app_settings):
                                                           "callback_url": "https://93.184.216.34/hook"}),
                         400, "webhooks_not_configured")
     assert "CAPTIONER_WEBHOOK_SECRET" in body["error"]["message"]
+
+
+class Hostile:
+    """A receiver that answers in a way that would hold a naive client: `drip` sends its headers,
+    then one byte of body every 0.5 s (for up to 30 s); `flood` sends a 200 MB body."""
+
+    def __init__(self, kind: str) -> None:
+        self.served = 0
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802
+                self.rfile.read(int(self.headers["Content-Length"]))
+                hostile.served += 1
+                try:
+                    self.send_response(200)
+                    if kind == "drip":
+                        self.send_header("Content-Length", "60")
+                        self.end_headers()
+                        for _ in range(60):
+                            self.wfile.write(b"x")
+                            self.wfile.flush()
+                            time.sleep(0.5)
+                    else:
+                        chunk = b"x" * (1 << 20)
+                        self.send_header("Content-Length", str(200 * len(chunk)))
+                        self.end_headers()
+                        for _ in range(200):
+                            self.wfile.write(chunk)
+                except OSError:  # the client hung up: what it should do
+                    pass
+
+            def log_message(self, *args) -> None:
+                pass
+
+        hostile = self
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_port}/hook?token=do-not-log-me"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def hostile(request):
+    made = []
+
+    def make(kind: str) -> Hostile:
+        made.append(Hostile(kind))
+        return made[-1]
+    yield make
+    for h in made:
+        h.close()
+
+
+def _clean_deliveries(sm) -> None:
+    with sm.begin() as s:
+        s.execute(WebhookDelivery.__table__.delete())
+
+
+def test_a_dripping_receiver_is_cut_at_the_attempts_deadline(settings, hostile, caplog):
+    """Found by the audit: the timeout was per read, so a receiver dripping a byte every 0.5 s held
+    a delivery (and, then, the captioning process) for as long as it liked. The query string, which
+    may carry a token, is not logged."""
+    sm = make_sessionmaker(make_engine(settings.database_url))
+    _clean_deliveries(sm)
+    drip = hostile("drip")
+    started = time.monotonic()
+    with pytest.raises(webhooks.DeliveryFailed):
+        webhooks.deliver_once(sm, replace(settings, webhook_timeout_seconds=2),
+                              webhooks.Event("evt_d", "image.done", None, drip.url, b"{}"), attempt=1)
+    assert time.monotonic() - started < 5
+    with sm() as s:
+        [row] = s.scalars(select(WebhookDelivery)).all()
+    assert "within 2 s" in row.error
+    assert "do-not-log-me" not in caplog.text and "/hook?..." in caplog.text
+
+
+def test_a_200_mb_answer_is_not_read(settings, hostile):
+    """Found by the audit: a 200 MB response body was read whole into memory."""
+    import tracemalloc
+
+    sm = make_sessionmaker(make_engine(settings.database_url))
+    flood = hostile("flood")
+    tracemalloc.start()
+    try:
+        started = time.monotonic()
+        assert webhooks.deliver_once(sm, settings, webhooks.Event("evt_f", "image.done", None, flood.url, b"{}"),
+                                     attempt=1) is True
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * 1024 * 1024, f"{peak / 2**20:.0f} MiB held while delivering"
+    assert time.monotonic() - started < 5
+
+
+def test_a_non_latin1_host_is_refused_at_submission(settings, app_settings):
+    """Found by the audit: "１２７.0.0.1" resolves (IDNA folds full-width digits) and passed the
+    check, then raised an uncaught UnicodeEncodeError when the event was sent."""
+    for url in ("http://１２７.0.0.1:8080/hook", "http://127.0.0.1/ü", "http://exa mple.com/"):
+        with pytest.raises(InvalidRequest) as e:
+            webhooks.check_callback(url, settings)
+        assert e.value.code == "callback_url_refused" and "ASCII" in e.value.message
+    key = make_key(app_settings.database_url)
+    client = keyed(create_app(replace(app_settings, webhook_secret=SECRET)), key)
+    body = assert_error(client.post("/v1/batches", json={"images": [{"s3": {"bucket": "b", "key": "k.jpg"}}],
+                                                         "callback_url": "http://９３.１８４.２１６.３４/hook"}),
+                        400, "callback_url_refused")
+    assert "punycode" in body["error"]["message"]
+
+
+def test_an_embedded_run_never_aborts_because_of_a_webhook(settings, photos):
+    """Found by the audit: a callback that failed with an error other than a connection error (the
+    non-Latin-1 host, here stored as an older release accepted it) aborted `captioner caption`."""
+    sm = make_sessionmaker(make_engine(settings.database_url))
+    version = captioner.version(settings)
+    _, [sub] = jobs.submit_images(sm, [jobs.file_image(photos[0])], version, "interactive", lambda _: None)
+    with sm.begin() as s:
+        queries.set_callback(s, [sub.job_id], "http://１２７.0.0.1:9/hook")
+    jobs.run_embedded(sm, settings, version, None, lambda report: None)
+    with sm() as s:
+        assert s.get(Job, sub.job_id).status == "done"
+        [event] = s.scalars(select(WebhookEvent)).all()
+        [row] = s.scalars(select(WebhookDelivery).where(WebhookDelivery.job_id == sub.job_id)).all()
+    assert event.status == "given_up" and "ASCII" in row.error
+
+
+def test_an_event_survives_a_broker_error_at_publish(settings, receiver, photos, caplog):
+    """Found by the audit: events were published after the commit with no error handling and
+    nothing re-sent them. Now the event is an outbox row committed with the job: the publish
+    fails (nothing listens on the broker's port), the run goes on, and the sweep sends it."""
+    sm = make_sessionmaker(make_engine(settings.database_url))
+    version = captioner.version(settings)
+    _, [sub] = jobs.submit_images(sm, [jobs.file_image(photos[0])], version, "interactive", lambda _: None,
+                                  callback_url=f"{receiver.url}/outbox")
+    with sm.begin() as s:
+        claimed = queries.claim(s, version, 60, 10)
+    report = jobs.caption_claimed(sm, settings, claimed)
+    dead = create_celery(replace(settings, broker_url="redis://127.0.0.1:9/0"))
+    dead.conf.broker_connection_retry = False
+    queue.publish_webhooks(dead, list(report.events))  # logs, does not raise
+    assert "could not publish 1 webhook events" in caplog.text and receiver.received == []
+    with sm.begin() as s:
+        assert webhooks.overdue(s, requeue_after_seconds=60) == []  # not yet: its message may be on its way
+        s.execute(update(WebhookEvent).values(due_at=WebhookEvent.due_at - timedelta(minutes=2)))
+        again = webhooks.overdue(s, requeue_after_seconds=60)
+    assert again == list(report.events)
+    assert webhooks.deliver_event(sm, settings, again[0]) is None
+    assert webhooks.deliver_event(sm, settings, again[0]) is None  # a duplicate message finds nothing due
+    [(path, headers, body)] = receiver.received
+    assert path == "/outbox" and verify(SECRET, headers, body)["data"]["job_id"] == sub.job_id
+    with sm() as s:
+        assert s.get(WebhookEvent, again[0]).status == "delivered"
+
+
+def test_a_worker_that_captions_does_not_deliver(settings):
+    """Deliveries have a worker of their own: mixing the webhooks queue with caption queues is refused."""
+    from captioner.core.errors import ConfigError
+    from captioner.worker.main import start
+
+    with pytest.raises(ConfigError, match="worker of its own"):
+        start(replace(settings, broker_url="redis://127.0.0.1:9/0"), "interactive,webhooks", None, False, "info", None)

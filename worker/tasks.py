@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 settings = get_settings()
 app = create_celery(settings)
 publish = publisher(settings, app)
+CAPTIONS = True  # whether this worker consumes caption queues (worker/main.py sets it before the pool forks)
 
 
 @lru_cache(maxsize=1)
@@ -54,6 +55,8 @@ def _serve_metrics(**_: Any) -> None:
 
 @signals.worker_process_init.connect
 def _load_model(**_: Any) -> None:
+    if not CAPTIONS:
+        return  # a webhook worker never captions
     # in each pool child right after the fork (so CUDA starts there, not in the parent): the
     # first batch then waits neither for the weights nor for a first forward's warm-up
     import torch
@@ -78,6 +81,8 @@ def caption(requests: list[SimpleRequest]) -> dict[str, str]:
     version = get_model(settings).version
     with sm.begin() as s:
         claimed = queries.claim(s, version, settings.lease_seconds, len(job_ids), job_ids=job_ids)
+        claimed, given_back = queries.isolate(s, claimed)  # smaller batches after a worker died with these
+    publish(given_back)
     report = jobs.caption_claimed(sm, settings, claimed)
     metrics.observe(report)
     stage = {k: sum(v) for k, v in report.stages.items()}
@@ -86,9 +91,8 @@ def caption(requests: list[SimpleRequest]) -> dict[str, str]:
              report.forward_size, report.failed, report.released, report.seconds, stage.get("model", 0.0),
              stage.get("write", 0.0),
              extra={"batch_id": report.batch, "job_ids": [c.job_id for c in claimed]})
+    publish_webhooks(app, list(report.events))  # committed with the jobs; a broker error leaves them to the sweep
     if report.finished:
-        with sm() as s:
-            publish_webhooks(app, webhooks.targets(s, list(report.finished)))
         _write_sidecars(sm, list(report.finished))
     # duplicates and jobs already done or claimed elsewhere are dropped by the claim, on purpose
     return {r.id: _outcome([report.outcomes[j] for j in request_ids(r) if j in report.outcomes]) for r in requests}
@@ -122,24 +126,29 @@ def _outcome(outcomes: list[str]) -> str:
     return next((o for o in outcomes if o != "done"), "done")
 
 
-@app.task(name=WEBHOOK_TASK, bind=True, acks_late=True, autoretry_for=(webhooks.DeliveryFailed,),
-          retry_backoff=2, retry_backoff_max=600, retry_jitter=True, max_retries=settings.webhook_max_attempts - 1)
-def deliver_webhook(self: Any, job_id: int, url: str) -> bool:
-    """POST one job's event to one callback URL; a failed attempt is recorded and retried with
-    exponential backoff (2, 4, 8 ... s, jittered) until webhook_max_attempts."""
-    sm = _sessionmaker()
-    with sm() as s:
-        event = webhooks.event(s, job_id, url)
-    return webhooks.deliver_once(sm, settings, event, attempt=self.request.retries + 1)
+@app.task(name=WEBHOOK_TASK, bind=True, acks_late=True, max_retries=None)
+def deliver_webhook(self: Any, event: int) -> str:
+    """One attempt to POST an outbox row's event; a failed attempt is recorded and tried again
+    with exponential backoff (2, 4, 8 ... s) until webhook_max_attempts. The database holds the
+    count and the due time, so a lost retry message only waits for the sweep."""
+    delay = webhooks.deliver_event(_sessionmaker(), settings, event)
+    if delay is not None:
+        raise self.retry(countdown=delay, max_retries=None)
+    return "finished"
 
 
 @app.task(name=SWEEP_TASK)
 def sweep() -> int:
-    """Return expired leases to the queue and re-publish jobs queued too long (lost messages)."""
+    """Return expired leases to the queue and re-publish jobs queued too long and webhook events
+    left due (lost messages)."""
     idle = drained(app)  # asked before the transaction: no broker round trip while rows are locked
     with _sessionmaker().begin() as s:
         republish = queries.sweep(s, settings.max_attempts, settings.requeue_after_seconds, idle)
+        events = webhooks.overdue(s, settings.requeue_after_seconds)
     publish(republish)
+    publish_webhooks(app, events)
+    if events:
+        log.info("sweep: re-published %d webhook events", len(events))
     if republish:
         log.info("sweep: re-published %d jobs", len(republish))
     return len(republish)

@@ -52,10 +52,10 @@ REPORT: list[dict] = []
 @pytest.fixture(scope="module", autouse=True)
 def report() -> Iterator[None]:
     yield
-    head = f"{'case':<40} {'submitted':>9} {'done':>5} {'failed':>6} {'duplicated':>10} {'redone':>6} " \
+    head = f"{'case':<48} {'submitted':>9} {'done':>5} {'failed':>6} {'duplicated':>10} {'redone':>6} " \
            f"{'resumed':>8} {'recovered':>9} {'total':>6}"
     lines = [head, "-" * len(head)] + [
-        f"{r['case']:<40} {r['submitted']:>9} {r['done']:>5} {r['failed']:>6} {r['duplicated']:>10} "
+        f"{r['case']:<48} {r['submitted']:>9} {r['done']:>5} {r['failed']:>6} {r['duplicated']:>10} "
         f"{r['redone']:>6} {r['resumed']:>7.1f}s {r['recovered']:>8.1f}s {r['total']:>5.1f}s" for r in REPORT]
     lines.append("duplicated: caption rows beyond one per image; redone: images that went through the model more "
                  "than once; resumed / recovered: seconds from the end of the fault to the first job finished / "
@@ -333,6 +333,42 @@ def test_a_redis_restart_mid_run(settings, own_redis, tmp_path):
     run.finish("Redis restart mid-run (empty)", [(back, lost)])
 
 
+def test_webhook_events_survive_a_redis_restart_mid_run(settings, own_redis, tmp_path):
+    """The outbox after a broker error: jobs that finish while Redis is down commit their events
+    with them, the publish fails, and the sweep publishes them once Redis is back. Every finished
+    job's two events (the batch's callback and the job's own) arrive, each exactly once."""
+    from test_webhooks import Receiver, verify
+
+    url, restart = own_redis
+    hooks = replace(settings, broker_url=url, webhook_secret="s3cret", webhook_allow="127.0.0.1")
+    receiver = Receiver()
+    deliveries = Worker(hooks, tmp_path / "webhooks.log", args=("--queues", "webhooks", "--no-beat"))
+    deliveries.start()
+    try:
+        run = start_run(hooks, images(128, seed=10), tmp_path / "worker.log",
+                        callbacks=(f"{receiver.url}/batch", f"{receiver.url}/job"))
+        try:
+            wait_mid_batch(run, done_at_least=32)
+            restart(pause=2.0)  # empty when it comes back: the messages for the outbox rows are gone
+            back = utc()
+            lost = run.ids_in("queued")
+            run.wait_settled()
+            wait_for(lambda: len(receiver.received) >= 2 * len(run.job_ids),
+                     f"every event to arrive ({len(receiver.received)} so far)\n{deliveries.tail()}", DEADLINE_S, 0.5)
+            time.sleep(2)  # a duplicate would come within the sweep's next rounds
+        finally:
+            run.worker.stop()
+    finally:
+        deliveries.stop()
+        receiver.close()
+    run.finish("Redis restart mid-run, webhook events", [(back, lost)])
+    sent = Counter((path, verify("s3cret", headers, body)["data"]["job_id"]) for path, headers, body in receiver.received)
+    print(f"\nwebhook events: {len(sent)} distinct of {2 * len(run.job_ids)} expected, "
+          f"{sum(sent.values()) - len(sent)} sent twice")
+    assert set(sent) == {(path, j) for path in ("/batch", "/job") for j in run.job_ids}
+    assert set(sent.values()) == {1}
+
+
 class PrivatePostgres:
     """A PostgreSQL server of our own in a temporary folder (the shared one must not be restarted).
     PostgreSQL refuses to run as root, so as root it runs as the `postgres` user."""
@@ -520,5 +556,24 @@ def test_an_image_that_kills_the_worker_fails_alone(settings, tmp_path):
     engine = make_engine(settings.database_url)
     with engine.connect() as conn:
         [(code,)] = conn.execute(select(Job.error_code).where(Job.id == run.job_ids[41])).all()
-    engine.dispose()
     assert code == "worker_crashed"
+
+    # the operator's retry once the cause is gone (a fixed worker): the image alone goes through
+    # again, with a fresh attempt count and its error kept, and is captioned exactly once
+    fixed = replace(tuned, crash_on_sha256=None)
+    worker = Worker(fixed, tmp_path / "fixed.log")
+    worker.start()
+    again = Run(fixed, worker, [run.job_ids[41]], time.monotonic())
+    try:
+        with make_sessionmaker(engine).begin() as s:
+            retried = queries.retry_failed(s, "default", error_code="worker_crashed")
+        assert [job_id for job_id, _ in retried] == [run.job_ids[41]]
+        publish(create_celery(fixed), retried)
+        again.wait_settled()
+    finally:
+        worker.stop()
+    again.finish("retry of it after worker_crashed, worker fixed", [])
+    with engine.connect() as conn:
+        [(history,)] = conn.execute(select(Job.error_history).where(Job.id == run.job_ids[41])).all()
+    engine.dispose()
+    assert [h["code"] for h in history] == ["worker_crashed"]

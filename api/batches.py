@@ -59,12 +59,12 @@ def get_batch(batch_id: int) -> Response:
 def retry_batch(batch_id: int) -> tuple[Response, int]:
     """Failed jobs of the batch back to the queue (optionally those that failed with one error code),
     with a fresh attempt count; their errors stay in their history."""
+    db = get_session()
+    queries.batch_view(db, batch_id, g.tenant)  # another tenant's batch is a 404, whatever the body
     body = bodies.json_object(("error",)) if request.content_length else {}  # a body is optional
     code = body.get("error")
     if code is not None and not isinstance(code, str):
         raise InvalidRequest("error must be an error code, e.g. too_many_attempts")
-    db = get_session()
-    queries.batch_view(db, batch_id, g.tenant)  # another tenant's batch is a 404
     retried = queries.retry_failed(db, g.tenant, batch_id=batch_id, error_code=code)
     db.commit()
     services().publish(retried)

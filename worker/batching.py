@@ -51,8 +51,18 @@ class Batches(UpstreamBatches):
         self._withheld: dict[str, int] = {}  # request id -> prefetch slots taken back while it is held
 
     def Strategy(self, task: Any, app: Any, consumer: Any) -> Any:
+        """Called at every consumer start, also after a lost broker connection: what was held for the
+        old channel goes. Its messages were restored to the broker (or lost with it, and the sweep
+        publishes their jobs again), the new channel's prefetch count starts whole, and a batch
+        still in the pool must not keep the new buffer waiting: after a Redis restart the worker
+        held two messages unflushed and took no other one (the fault suite's Redis restart)."""
         self._consumer = consumer
-        return super().Strategy(task, app, consumer)
+        self._withheld.clear()
+        self._in_flight = 0
+        strategy = super().Strategy(task, app, consumer)
+        while not self._buffer.empty():
+            self._buffer.get_nowait()
+        return strategy
 
     def flush(self, requests: Collection[Request]) -> Any:
         # stable sort: interactive first, each queue in arrival order
@@ -78,7 +88,7 @@ class Batches(UpstreamBatches):
                 req.send_event("task-started")
 
         def on_return(result: dict[str, Any] | None) -> None:
-            self._in_flight -= 1
+            self._in_flight = max(0, self._in_flight - 1)
             runtime = time.monotonic() - started
             for req in batch:
                 req.acknowledge()
@@ -93,7 +103,7 @@ class Batches(UpstreamBatches):
             self._flush_waiting()
 
         def on_error(einfo: ExceptionInfo) -> None:
-            self._in_flight -= 1
+            self._in_flight = max(0, self._in_flight - 1)
             lost = isinstance(einfo.exception, WorkerLostError)
             for req in batch:
                 if lost and self.reject_on_worker_lost and not req.delivery_info.get("redelivered"):

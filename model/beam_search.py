@@ -1,6 +1,7 @@
 """Batched beam search: every image's beams advance together as one (B*K) tensor on the device."""
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -11,6 +12,7 @@ from .network import Decoder
 class Hypothesis:
     tokens: list[int]  # word ids, without <start> and <end>
     score: float  # length-normalised log-probability (mean log-prob per token when alpha = 1)
+    word_logps: tuple[float, ...] = ()  # log-probability of each word chosen, <end> included
 
 
 def _banned(seq: torch.Tensor, vocab_size: int) -> torch.Tensor:
@@ -36,6 +38,15 @@ def _banned(seq: torch.Tensor, vocab_size: int) -> torch.Tensor:
 # -> log-probabilities (L*K, V), h, c. `live` only shrinks, and is a new tensor when it does.
 Step = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
                 tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+class Encoded(NamedTuple):
+    """A batch of B images through the encoder, in any runtime: what the search starts from."""
+    step: Step  # the decoder over these images
+    h: torch.Tensor  # (B, D) its initial state
+    c: torch.Tensor
+    logits: torch.Tensor  # (B, 1000) ImageNet classes
+    pooled: torch.Tensor  # (B, F) the features averaged over positions: what retrieval compares
 
 
 def decoder_step(decoder: Decoder, feats: torch.Tensor) -> tuple[Step, torch.Tensor, torch.Tensor]:
@@ -104,6 +115,7 @@ def search(step: Step, h: torch.Tensor, c: torch.Tensor, start: int, end: int, b
     k = 1
     words = torch.full((B,), start, dtype=torch.long, device=device)
     seq = torch.zeros(B, 0, dtype=torch.long, device=device)
+    seq_logp = torch.zeros(B, 0, device=device)
     logp_sum = torch.zeros(B, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     length = torch.zeros(B, device=device)
@@ -134,32 +146,38 @@ def search(step: Step, h: torch.Tensor, c: torch.Tensor, start: int, end: int, b
         top_score, top_idx = cand_score.view(L, k * V).topk(K, dim=1)  # (L, K)
         origin = (top_idx // V + torch.arange(L, device=device).unsqueeze(1) * k).view(-1)  # (L*K,)
         words = (top_idx % V).view(-1)
+        word_logp = logp.view(L, k * V).gather(1, top_idx).view(-1)
         logp_sum = cand_sum.view(L, k * V).gather(1, top_idx).view(-1)
         k = K
         length = (length + (~done).float())[origin]
         prev_done = done[origin]
         seq = torch.cat([seq[origin], words.unsqueeze(1)], dim=1)
+        seq_logp = torch.cat([seq_logp[origin], word_logp.unsqueeze(1)], dim=1)
         done = prev_done | (words == end)
         h, c = h[origin], c[origin]
         finished = done.view(L, K).all(1)  # (L,)
         if bool(finished.any()):
             score = (logp_sum / length.clamp(min=1).pow(alpha)).view(L, K)
             for i in finished.nonzero().flatten().tolist():
-                results[int(live[i])] = _best(seq[i * K:(i + 1) * K], score[i], end, n_best)
+                beams = slice(i * K, (i + 1) * K)
+                results[int(live[i])] = _best(seq[beams], seq_logp[beams], score[i], end, n_best)
             keep = ~finished
             if not bool(keep.any()):
                 break
             rows = keep.repeat_interleave(K)
             live = live[keep]
-            words, h, c, seq, logp_sum, length, done = (
-                x[rows] for x in (words, h, c, seq, logp_sum, length, done))
+            words, h, c, seq, seq_logp, logp_sum, length, done = (
+                x[rows] for x in (words, h, c, seq, seq_logp, logp_sum, length, done))
     return results
 
 
-def _best(seq: torch.Tensor, score: torch.Tensor, end: int, n_best: int) -> list[Hypothesis]:
-    """One image's K finished beams, seq (K, t) and score (K,) -> its n_best hypotheses, best first."""
+def _best(seq: torch.Tensor, seq_logp: torch.Tensor, score: torch.Tensor, end: int,
+          n_best: int) -> list[Hypothesis]:
+    """One image's K finished beams, seq and seq_logp (K, t) and score (K,) -> its n_best
+    hypotheses, best first."""
     hyps = []
     for k in score.argsort(descending=True)[:n_best].tolist():
         row = seq[k].tolist()
-        hyps.append(Hypothesis(row[: row.index(end)] if end in row else row, float(score[k])))
+        n = row.index(end) if end in row else len(row)
+        hyps.append(Hypothesis(row[:n], float(score[k]), tuple(seq_logp[k, : n + 1].tolist())))
     return hyps

@@ -12,7 +12,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from . import encoder as enc
 from . import onnx_runtime, repeats
 from .alt_text import alt_text, sentence
-from .beam_search import decoder_step, search
+from .beam_search import Encoded, decoder_step, search
 from .network import Decoder, DecoderConfig
 from .vocab import SPECIALS, Vocab
 
@@ -44,7 +44,9 @@ class Caption:
     candidates: list[tuple[str, float]]  # n-best (sentence, confidence), best first
     tags: list[tuple[str, float]]  # ImageNet labels with probabilities
     confidence: float  # geometric-mean probability per word of the best caption, 0..1
-    needs_review: bool  # confidence below REVIEW_BELOW
+    needs_review: bool  # a person should check it: quality over the review threshold of risk, or
+    # without a fitted estimator confidence below REVIEW_BELOW
+    quality: float | None = None  # estimated probability that the caption is right (model/quality.py)
 
 
 class RuntimeUnavailable(RuntimeError):
@@ -123,9 +125,9 @@ class Captioner:
     preprocess = staticmethod(enc.preprocess)
 
     @torch.no_grad()
-    def encode(self, batch: torch.Tensor):
-        """batch (B, 3, 224, 224) from `preprocess` -> (the decoder as a beam-search Step over these
-        images, its initial state h, c, the ImageNet logits), in this captioner's runtime."""
+    def encode(self, batch: torch.Tensor) -> Encoded:
+        """batch (B, 3, 224, 224) from `preprocess` -> the beam search's start over these images,
+        in this captioner's runtime."""
         assert batch.dim() == 4 and batch.shape[1] == 3, f"expected (B, 3, H, W), got {tuple(batch.shape)}"
         if self.onnx is not None:
             return self.onnx.encode(batch)
@@ -134,14 +136,15 @@ class Captioner:
         images = batch.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             feats, logits = self.encoder(images)
-        return (*decoder_step(self.decoder, feats.float()), logits)  # feats (B, P, C)
+        feats = feats.float()  # (B, P, C)
+        return Encoded(*decoder_step(self.decoder, feats), logits, feats.mean(1))
 
     @torch.no_grad()
     def caption(self, batch: torch.Tensor, beam: int = 3, n_best: int = 3) -> list[Caption]:
         """batch (B, 3, 224, 224) from `preprocess` -> one Caption per image, one forward pass."""
-        step, h, c, logits = self.encode(batch)
-        hyps = search(step, h, c, **self._search_options(beam, n_best))
-        probs = logits.float().softmax(-1)
+        encoded = self.encode(batch)
+        hyps = search(encoded.step, encoded.h, encoded.c, **self._search_options(beam, n_best))
+        probs = encoded.logits.float().softmax(-1)
         top_p, top_i = probs.topk(TAGS, dim=1)
         out = []
         for image_hyps, ps, idx in zip(hyps, top_p.tolist(), top_i.tolist()):

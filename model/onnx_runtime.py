@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .beam_search import Step, search
+from .beam_search import Encoded, search
 
 log = logging.getLogger(__name__)
 
@@ -84,8 +84,8 @@ class OnnxModel:
         self.providers = self.step_session.get_providers()
         self.threads = threads
 
-    def encode(self, images: torch.Tensor) -> tuple[Step, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """images (B, 3, H, W) -> (a beam-search Step over them, h, c, ImageNet logits)."""
+    def encode(self, images: torch.Tensor) -> Encoded:
+        """images (B, 3, H, W) -> the beam search's start over them."""
         feats, keys, h, c, logits = self.encode_session.run(None, {"images": images.float().cpu().numpy()})
         rows = {"live": None, "feats": feats, "keys": keys}
 
@@ -96,7 +96,8 @@ class OnnxModel:
             logp, h, c = self.step_session.run(None, {"feats": rows["feats"], "keys": rows["keys"],
                                                       "words": words.numpy(), "h": h.numpy(), "c": c.numpy()})
             return torch.from_numpy(logp), torch.from_numpy(h), torch.from_numpy(c)
-        return step, torch.from_numpy(h), torch.from_numpy(c), torch.from_numpy(logits)
+        return Encoded(step, torch.from_numpy(h), torch.from_numpy(c), torch.from_numpy(logits),
+                       torch.from_numpy(feats.mean(1)))
 
 
 def load(encoder: nn.Module, decoder: nn.Module, version: str, cache: Path, threads: int,
@@ -161,7 +162,7 @@ def _check(model: OnnxModel, encoder: nn.Module, decoder: nn.Module, search_opti
     with torch.no_grad():
         feats, _, h, c, logits = _Encode(encoder, decoder).eval()(images)
         want = search(*decoder_step(decoder, feats), **search_options)
-    step, oh, oc, ologits = model.encode(images)
+    step, oh, oc, ologits, _ = model.encode(images)
     diff = max(float((oh - h).abs().max()), float((oc - c).abs().max()), float((ologits - logits).abs().max()))
     got = search(step, oh, oc, **search_options)
     if diff > ATOL:

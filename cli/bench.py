@@ -35,7 +35,8 @@ def bench() -> None:
 @click.option("--rounds", type=click.IntRange(min=1), default=3, show_default=True,
               help="Turns each runtime takes per batch size; each row is its fastest.")
 def bench_model(images, batch_sizes, checkpoint, device, beam, runtimes, rounds) -> None:
-    """Images/s of the encoder and of encoder + beam search per runtime and batch size."""
+    """Images/s of the encoder, of encoder + beam search, and of whole captions (with the re-ranking
+    and quality estimate) per runtime and batch size."""
     from captioner.bench.model import bench_model as run, device_name
 
     settings = context.settings()
@@ -52,10 +53,11 @@ def bench_model(images, batch_sizes, checkpoint, device, beam, runtimes, rounds)
     rows = run(captioners, paths, sizes, beam=beam, rounds=rounds)
     first = captioners[0]
     click.echo(f"device: {first.device} ({device_name(first.device)}), beam {beam}, model {first.version}")
-    click.echo(f"{'runtime':>8} {'precision':>9} {'batch':>6} {'encoder img/s':>14} {'encoder+beam captions/s':>24}")
+    click.echo(f"{'runtime':>8} {'precision':>9} {'batch':>6} {'encoder img/s':>14} {'encoder+beam img/s':>19} "
+               f"{'captions/s':>11}")
     for r in rows:
         click.echo(f"{r['runtime']:>8} {r['precision']:>9} {r['batch']:>6} {r['encoder_img_s']:>14.1f} "
-                   f"{r['captions_img_s']:>24.1f}")
+                   f"{r['search_img_s']:>19.1f} {r['captions_img_s']:>11.1f}")
     click.echo(json.dumps(rows))
 
 

@@ -1,4 +1,4 @@
-"""Model commands: train, evaluate, the retrieval baseline, and describe (no database)."""
+"""Model commands: train, calibrate, evaluate, the retrieval baseline, and describe (no database)."""
 import json
 import shutil
 from dataclasses import asdict, replace
@@ -97,6 +97,45 @@ def evaluate(images, captions, checkpoint, split, output, beam, batch_size, devi
 
 
 @click.command()
+@click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False), default=None, help="Default: the shipped model.")
+@click.option("--output", type=click.Path(dir_okay=False), required=True,
+              help="Where the checkpoint with its estimator goes (a new model version).")
+@click.option("--plot", type=click.Path(dir_okay=False), default=None,
+              help="Reliability diagram and risk-coverage curve [calibration.png beside --output].")
+@click.option("--captions", type=click.Path(exists=True, dir_okay=False), default=None,
+              help=f"[$CAPTIONER_DATA_DIR/{FLICKR_TOKENS}]")
+@click.option("--images", type=click.Path(exists=True, file_okay=False), default=None,
+              help=f"[$CAPTIONER_DATA_DIR/{FLICKR_IMAGES}]")
+@click.option("--train-split", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Photos of the nearest-photo bank (the model's training photos).")
+@click.option("--dev-split", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Held-out photos the estimator is fitted on, never training photos.")
+@click.option("--beam", type=int, default=3, show_default=True)
+@click.option("--batch-size", type=int, default=32, show_default=True)
+@context.runtime_option
+def calibrate(checkpoint, output, plot, captions, images, train_split, dev_split, beam, batch_size, runtime) -> None:
+    """Fit the caption-quality estimator on the dev split and write it into a copy of the checkpoint;
+    the last line is the cross-validated figures as JSON."""
+    from captioner.model.calibrate import calibrate as fit_estimator
+    from captioner.model.inference import DEFAULT_CHECKPOINT
+
+    cfg = _train_config(captions, images, train_split, dev_split)
+    settings = replace(context.settings(), precision="fp32")  # the arithmetic production captions in on a CPU
+    captioner = context.load_model(settings, checkpoint, runtime=runtime)
+    output = Path(output)
+    try:
+        figures = fit_estimator(captioner, Path(checkpoint or DEFAULT_CHECKPOINT), cfg, output,
+                                Path(plot) if plot else output.with_name("calibration.png"),
+                                beam=beam, batch_size=batch_size, risk=settings.review_risk)
+    except (ValueError, FileNotFoundError) as e:
+        raise click.ClickException(str(e))
+    click.echo(f"wrote {output}: AUROC {figures['auroc_quality']} (confidence {figures['auroc_confidence']}), "
+               f"{figures['unreviewed']:.0%} unreviewed at risk {figures['review_risk']}, "
+               f"{figures['wrong_unreviewed']:.1%} of them wrong (cross-validated)")
+    click.echo(json.dumps(figures))
+
+
+@click.command()
 @click.option("--captions", type=click.Path(exists=True, dir_okay=False), default=None,
               help=f"[$CAPTIONER_DATA_DIR/{FLICKR_TOKENS}]")
 @click.option("--images", type=click.Path(exists=True, file_okay=False), default=None,
@@ -138,4 +177,4 @@ def describe(images, checkpoint, beam, as_json, runtime) -> None:
         click.echo("  tags:     " + ", ".join(f"{label} ({p:.2f})" for label, p in result.tags))
 
 
-COMMANDS = [train, evaluate, baseline, describe]
+COMMANDS = [train, calibrate, evaluate, baseline, describe]

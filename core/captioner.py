@@ -104,7 +104,8 @@ def load(settings: Settings, path: Path, device: str | None = None, runtime: str
     _keep_tensors_in_heap()
     try:
         model = inference.load(path, device=device or settings.device, bf16=PRECISIONS[settings.precision],
-                               runtime=runtime or settings.runtime, onnx_cache=settings.onnx_cache)
+                               runtime=runtime or settings.runtime, onnx_cache=settings.onnx_cache,
+                               review_risk=settings.review_risk)
     except inference.RuntimeUnavailable as e:
         raise ConfigError(str(e)) from e
     return model

@@ -47,6 +47,9 @@ class Settings:
     data_dir: str | None = None
     model_path: str | None = None  # checkpoint file; None = the shipped model/checkpoints/default.pt
     beam: int = 3  # beam width for decoding
+    # the share of captions published without review that may be wrong: the model's quality
+    # estimator turns it into a threshold (its dev split's risk-coverage curve, in the checkpoint)
+    review_risk: float = 0.10
     n_best: int = 3  # candidates kept per image
     max_upload_bytes: int = 25 * 1024 * 1024  # larger uploads get 413
     # larger JSON bodies get 413: a parsed body costs many times its size (a 5 MiB one cost 120 MB)
@@ -93,6 +96,8 @@ class Settings:
             raise ConfigError(f"{PREFIX}JPEG_DECODE must be one of {', '.join(JPEG_DECODERS)}, got {self.jpeg_decode!r}")
         if self.log_format not in LOG_FORMATS:
             raise ConfigError(f"{PREFIX}LOG_FORMAT must be one of {', '.join(LOG_FORMATS)}, got {self.log_format!r}")
+        if not 0 < self.review_risk < 1:
+            raise ConfigError(f"{PREFIX}REVIEW_RISK must be a share between 0 and 1, e.g. 0.10, got {self.review_risk!r}")
         if self.flower_basic_auth is not None:
             _check_flower_auth(self.flower_basic_auth)
         if self.secret_key is not None and len(self.secret_key) < MIN_SECRET_CHARS:
@@ -128,6 +133,11 @@ def _convert(name: str, raw: str, kind: type) -> object:
         if value <= 0:
             raise ConfigError(f"{PREFIX}{name.upper()} must be positive, got {value}")
         return value
+    if kind is float:
+        try:
+            return float(raw)
+        except ValueError:
+            raise ConfigError(f"{PREFIX}{name.upper()} must be a number, got {raw!r}") from None
     return raw
 
 
@@ -147,7 +157,7 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         if raw == "":
             continue  # an empty variable means "use the default", as in most twelve-factor setups
         types = (known[name].type, *get_args(known[name].type))
-        kind = bool if bool in types else int if int in types else str
+        kind = bool if bool in types else int if int in types else float if float in types else str
         values[name] = _convert(name, raw, kind)
     return Settings(**values)  # type: ignore[arg-type]
 

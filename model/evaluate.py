@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from .data import read_captions, read_split, tokenize
+from .quality import WRONG_BELOW, auroc
 from .repeats import repeats_content
 
 METRICS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
@@ -31,6 +32,17 @@ def score(references: dict[str, list[str]], predictions: dict[str, str], meteor:
     gts = tok.tokenize({i: [{"caption": c} for c in references[i]] for i in ids})
     res = tok.tokenize({i: [{"caption": predictions[i]}] for i in ids})
     return score_tokenized(gts, res, meteor=meteor)
+
+
+def per_image_cider(references: dict[str, list[str]], predictions: dict[str, str]) -> dict[str, float]:
+    """Each prediction's CIDEr-D against its own references (document frequencies over all of them,
+    as in `score`)."""
+    ids = sorted(predictions)
+    tok = PTBTokenizer()
+    gts = tok.tokenize({i: [{"caption": c} for c in references[i]] for i in ids})
+    res = tok.tokenize({i: [{"caption": predictions[i]}] for i in ids})
+    _, per_image = Cider().compute_score(gts, res)
+    return {i: float(s) for i, s in zip(gts, per_image)}
 
 
 def score_tokenized(gts: dict, res: dict, meteor: bool = True) -> dict[str, float]:
@@ -53,6 +65,21 @@ def score_tokenized(gts: dict, res: dict, meteor: bool = True) -> dict[str, floa
     return out
 
 
+def review_figures(cider: dict[str, float], results: dict) -> dict[str, float]:
+    """How well `quality` (or, without an estimator, `confidence`) tells right captions (per-image
+    CIDEr-D >= quality.WRONG_BELOW) from wrong ones, and how wrong the unreviewed ones are."""
+    names = sorted(results)
+    right = torch.tensor([cider[n] >= WRONG_BELOW for n in names])
+    confidence = torch.tensor([results[n].confidence for n in names])
+    estimate = confidence if results[names[0]].quality is None else torch.tensor([results[n].quality for n in names])
+    unreviewed = torch.tensor([not results[n].needs_review for n in names])
+    best_half = estimate.argsort(descending=True)[: len(names) // 2]
+    return {"wrong": float((~right).float().mean()), "auroc_quality": auroc(estimate, right),
+            "auroc_confidence": auroc(confidence, right), "wrong_in_best_half": float((~right[best_half]).float().mean()),
+            "unreviewed": float(unreviewed.float().mean()),
+            "wrong_unreviewed": float((~right[unreviewed]).float().mean()) if bool(unreviewed.any()) else 0.0}
+
+
 def stutters(caption_words: list[str]) -> bool:
     """True if a word repeats back to back or a 3-word n-gram occurs twice."""
     if any(a == b for a, b in zip(caption_words, caption_words[1:])):
@@ -70,7 +97,7 @@ def rounded(metrics: dict[str, float], digits: int = 4) -> dict[str, float]:
     return {k: (round(v, digits) if isinstance(v, float) and math.isfinite(v) else v) for k, v in metrics.items()}
 
 
-class _Photos(Dataset):
+class Photos(Dataset):
     def __init__(self, folder: Path, names: list[str], preprocess):
         self.folder, self.names, self.preprocess = folder, names, preprocess
 
@@ -86,7 +113,7 @@ def evaluate_folder(captioner, images: Path, captions: Path, output: Path, split
                     beam: int = 3, batch_size: int = 32) -> dict:
     """Caption every image `captions` lists (optionally only those in `split`), score, write JSON.
 
-    Returns the COCO metrics plus `images` (how many were scored), `stutter` (the fraction of
+    Returns the COCO metrics plus `review_figures`, `images` (how many were scored), `stutter` (the fraction of
     captions that repeat a word back to back or a trigram), `content_repeat` (that say a content
     word twice, model/repeats.py) and `content_repeat_human` (the same among the references).
     """
@@ -100,14 +127,18 @@ def evaluate_folder(captioner, images: Path, captions: Path, output: Path, split
         raise FileNotFoundError(f"{len(missing)} listed images are not in {images}, e.g. {missing[0]}")
     if not names:
         raise ValueError(f"{captions} lists no images to evaluate")
-    loader = DataLoader(_Photos(images, names, captioner.preprocess), batch_size=batch_size, num_workers=1)
+    loader = DataLoader(Photos(images, names, captioner.preprocess), batch_size=batch_size, num_workers=1)
     predictions: dict[str, str] = {}
+    results = {}
     done = 0
     for batch in tqdm(loader, desc="captioning", unit="batch"):
-        for name, result in zip(names[done : done + len(batch)], captioner.caption(batch, beam=beam, n_best=1)):
+        # every candidate, as production keeps them: the estimator re-ranks them
+        for name, result in zip(names[done : done + len(batch)], captioner.caption(batch, beam=beam, n_best=beam)):
             predictions[name] = result.text
+            results[name] = result
         done += len(batch)
     metrics = score({n: references[n] for n in names}, predictions)
+    metrics.update(review_figures(per_image_cider(references, predictions), results))
     metrics["images"] = len(names)
     metrics["stutter"] = sum(stutters(tokenize(c)) for c in predictions.values()) / len(names)
     # a content word said twice ("a hat and a hat"), in ours and, for scale, in the people's captions

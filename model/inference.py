@@ -10,9 +10,9 @@ from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from . import encoder as enc
-from . import onnx_runtime, repeats
+from . import onnx_runtime, quality, repeats
 from .alt_text import alt_text, sentence
-from .beam_search import Encoded, decoder_step, search
+from .beam_search import Encoded, Hypothesis, decoder_step, search
 from .network import Decoder, DecoderConfig
 from .vocab import SPECIALS, Vocab
 
@@ -22,7 +22,8 @@ DEFAULT_CHECKPOINT = Path(__file__).parent / "checkpoints" / "default.pt"
 # "auto": ONNX Runtime on a CPU (encoder 4-5x, beam search step 2.5x eager torch's speed there, see
 # docs/benchmarks.md), torch on a GPU, where its kernels and nvJPEG decoding are the tuned path
 RUNTIMES = ("auto", "torch", "onnx")
-REVIEW_BELOW = 0.35  # confidence under which alt text is flagged for a person to check
+REVIEW_BELOW = 0.35  # without a quality estimator: confidence under which alt text is flagged
+REVIEW_RISK = 0.10  # the share of unreviewed captions allowed to be wrong, by default
 TAGS = 5  # ImageNet labels returned per image
 TAG_MIN_PROB = 0.05
 # EXIF orientation -> what makes a decoded (C, H, W) image upright, as Pillow's exif_transpose does
@@ -62,11 +63,13 @@ def bf16_supported(device: torch.device) -> bool:
 
 class Captioner:
     def __init__(self, checkpoint: dict, version: str, device: str | torch.device = "cpu", bf16: bool | None = None,
-                 runtime: str = "torch", onnx_cache: Path | None = None):
+                 runtime: str = "torch", onnx_cache: Path | None = None, review_risk: float = REVIEW_RISK):
         """bf16: run the torch encoder under bf16 autocast (None = where the hardware has bf16 units);
         the decoder and beam search stay in float32, where the scores accumulate.
         runtime: one of RUNTIMES; `self.runtime` says which one captions.
-        onnx_cache: where ONNX exports are kept (default: default_onnx_cache())."""
+        onnx_cache: where ONNX exports are kept (default: default_onnx_cache()).
+        review_risk: captions go to review unless their estimated quality is at or above the
+        threshold at which the dev split's published captions were at most this share wrong."""
         self.device = torch.device(device)
         self.bf16 = bf16_supported(self.device) if bf16 is None else bf16
         self.version = version
@@ -87,6 +90,14 @@ class Captioner:
         self.class_names = enc.class_names()
         self.metrics = checkpoint.get("metrics", {})
         self.repeat_rule = repeats.rule(self.vocab.words, len(SPECIALS))
+        self.estimator, self.neighbours, self.review_threshold = None, None, None
+        if checkpoint.get("quality"):
+            self.estimator = quality.Estimator.from_state(checkpoint["quality"])
+            self.neighbours = quality.Neighbours.from_state(checkpoint["neighbours"])
+            self.review_threshold = self.estimator.threshold(review_risk)
+        else:
+            log.warning("model %s has no caption-quality estimator (captioner calibrate fits one): quality is "
+                        "null and captions with confidence under %.2f go to review", version, REVIEW_BELOW)
         if runtime not in RUNTIMES:
             raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, not {runtime!r}")
         self.runtime, self.onnx = "torch", None
@@ -140,18 +151,41 @@ class Captioner:
         return Encoded(*decoder_step(self.decoder, feats), logits, feats.mean(1))
 
     @torch.no_grad()
+    def hypotheses(self, batch: torch.Tensor, beam: int = 3, n_best: int = 3) -> tuple[Encoded, list[list[Hypothesis]]]:
+        """batch (B, 3, 224, 224) from `preprocess` -> the encoder's output and each image's n-best."""
+        encoded = self.encode(batch)
+        return encoded, search(encoded.step, encoded.h, encoded.c, **self._search_options(beam, n_best))
+
+    def sentence(self, hypothesis: Hypothesis) -> str:
+        return sentence(self.vocab.decode(hypothesis.tokens))
+
+    def _judge(self, hyps: list[list[Hypothesis]], pooled: torch.Tensor) -> tuple[list[list[Hypothesis]], list[float]]:
+        """Re-rank each image's n-best by consensus with its nearest training photos (the chosen one
+        first) and estimate the chosen caption's quality."""
+        width = min(len(h) for h in hyps)  # n_best each, unless a search ran short
+        agreed = quality.agreement([[self.sentence(x) for x in h[:width]] for h in hyps], pooled, self.neighbours)
+        scores = torch.tensor([[x.score for x in h[:width]] for h in hyps])
+        chosen = quality.rerank(scores, agreed, self.estimator.rerank_weight)
+        features = quality.signals([h[c].word_logps for h, c in zip(hyps, chosen.tolist())], agreed, chosen)
+        reordered = [[h[c], *h[:c], *h[c + 1:]] for h, c in zip(hyps, chosen.tolist())]
+        return reordered, [round(q, 4) for q in self.estimator(features).tolist()]
+
+    @torch.no_grad()
     def caption(self, batch: torch.Tensor, beam: int = 3, n_best: int = 3) -> list[Caption]:
         """batch (B, 3, 224, 224) from `preprocess` -> one Caption per image, one forward pass."""
-        encoded = self.encode(batch)
-        hyps = search(encoded.step, encoded.h, encoded.c, **self._search_options(beam, n_best))
+        encoded, hyps = self.hypotheses(batch, beam, n_best)
+        estimates: list[float | None] = [None] * len(hyps)
+        if self.estimator is not None:
+            hyps, estimates = self._judge(hyps, encoded.pooled)
         probs = encoded.logits.float().softmax(-1)
         top_p, top_i = probs.topk(TAGS, dim=1)
         out = []
-        for image_hyps, ps, idx in zip(hyps, top_p.tolist(), top_i.tolist()):
-            candidates = [(sentence(self.vocab.decode(h.tokens)), float(torch.tensor(h.score).exp())) for h in image_hyps]
+        for image_hyps, estimate, ps, idx in zip(hyps, estimates, top_p.tolist(), top_i.tolist()):
+            candidates = [(self.sentence(h), float(torch.tensor(h.score).exp())) for h in image_hyps]
             text, confidence = candidates[0]
+            review = confidence < REVIEW_BELOW if estimate is None else estimate < self.review_threshold
             tags = [(self.class_names[i], round(p, 4)) for p, i in zip(ps, idx) if p >= TAG_MIN_PROB]
-            out.append(Caption(text, alt_text(text), candidates, tags, confidence, confidence < REVIEW_BELOW))
+            out.append(Caption(text, alt_text(text), candidates, tags, confidence, review, estimate))
         return out
 
     def decode_jpegs(self, jpegs: list[tuple[bytes, int]]) -> list[torch.Tensor | None]:
@@ -186,9 +220,9 @@ def checkpoint_version(path: Path) -> str:
 
 
 def load(path: str | Path | None = None, device: str | None = None, bf16: bool | None = None,
-         runtime: str = "torch", onnx_cache: str | Path | None = None) -> Captioner:
+         runtime: str = "torch", onnx_cache: str | Path | None = None, review_risk: float = REVIEW_RISK) -> Captioner:
     """Load a checkpoint (default: the shipped one) onto `device` (default: CUDA if present);
-    `bf16`, `runtime` and `onnx_cache` as in Captioner."""
+    `bf16`, `runtime`, `onnx_cache` and `review_risk` as in Captioner."""
     path = Path(path) if path else DEFAULT_CHECKPOINT
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
@@ -198,4 +232,4 @@ def load(path: str | Path | None = None, device: str | None = None, bf16: bool |
     for key in ("config", "encoder", "vocab", "model", "max_len"):
         if key not in checkpoint:
             raise ValueError(f"{path} is not a captioner checkpoint (no {key!r})")
-    return Captioner(checkpoint, checkpoint_version(path), device, bf16, runtime, onnx_cache)
+    return Captioner(checkpoint, checkpoint_version(path), device, bf16, runtime, onnx_cache, review_risk)

@@ -151,6 +151,6 @@ def test_describe_and_bench_model_take_a_runtime(tiny_checkpoint, photos):
     torch_rows = [("torch", "bf16"), ("torch", "fp32")] if inference.bf16_supported(torch.device("cpu")) else [("torch", "fp32")]
     assert [(r["runtime"], r["precision"], r["batch"]) for r in rows] == [
         (*runtime, batch) for batch in (2, 4) for runtime in [*torch_rows, ("onnx", "fp32")]]
-    assert all(r["encoder_img_s"] > 0 and r["captions_img_s"] > 0 for r in rows)
+    assert all(r["encoder_img_s"] > 0 and r["search_img_s"] > 0 and r["captions_img_s"] > 0 for r in rows)
     result = runner.invoke(cli, ["bench", "model", "--runtime", "torch,tensorrt"])
     assert result.exit_code == 2 and "runtimes are auto, torch, onnx" in result.output

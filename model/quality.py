@@ -1,0 +1,293 @@
+"""How likely a caption is to be right, and which ones a person should check.
+
+A caption counts as wrong when its CIDEr-D against the photo's human captions is under WRONG_BELOW.
+The estimate is a logistic regression over signals the captioner has anyway:
+
+- the best beam's word log-probabilities: their mean (the `confidence`), minimum and spread, and
+  the caption's length;
+- consensus: the caption's CIDEr-D against the captions of the 20 training photos nearest to this
+  one (pooled encoder features, cosine), the nearer weighing more; the same for the beam's own best
+  caption and for all the candidates; and how near the 10 nearest photos are. A caption that
+  agrees with what people wrote about similar photos is rarely wrong; a photo unlike any training
+  photo is often captioned wrongly however fluent the caption.
+
+The same consensus re-ranks the n-best first (`rerank`). On the Flickr8k dev split the consensus
+alone separates right from wrong with an AUROC of 0.79 before re-ranking, the confidence with 0.72
+(model card). The estimator is fitted on held-out captions of the model
+itself (cross-validated on the dev split), never on training photos, whose captions it has
+memorised. It travels in the checkpoint with the nearest-photo bank (features projected to
+PROJECTED dimensions, float16, and the captions as text) and the dev split's risk-coverage curve,
+which turns a tolerated risk ("at most 10 % of what is published is wrong") into a threshold.
+"""
+import math
+import zlib
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+
+from .data import tokenize
+
+WRONG_BELOW = 0.2  # per-image CIDEr-D under which a caption counts as wrong
+FEATURES = ("mean_logp", "min_logp", "spread_logp", "words", "consensus", "consensus_beam_best",
+            "consensus_candidates", "nearest_similarity")
+NEAREST = 10
+NEAREST_WEIGHTED = 20
+WEIGHT_SHARPNESS = 20.0  # softmax temperature over cosine similarities for the weighted consensus
+PROJECTED = 256  # dimensions the nearest-photo bank keeps (principal components of the pooled features)
+SIGMA = 6.0  # CIDEr-D's length penalty
+
+
+# ---------------------------------------------------------------- the nearest training photos
+
+def _ngrams(words: list[str]) -> Counter:
+    return Counter(tuple(words[i : i + n]) for n in range(1, 5) for i in range(len(words) - n + 1))
+
+
+def _spans(starts: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Concatenated ranges [start, start + count) -> one flat index tensor."""
+    offsets = torch.cumsum(counts, 0) - counts
+    return torch.repeat_interleave(starts - offsets, counts) + torch.arange(int(counts.sum()))
+
+
+class Neighbours:
+    """Training photos to compare a new photo's caption with: their pooled features, projected and
+    normalised, and their captions, held as flat tensors of tf-idf n-gram weights so that a batch's
+    CIDEr-D against every neighbour's captions is a few tensor operations."""
+
+    def __init__(self, projection: torch.Tensor, feats: torch.Tensor, captions: list[list[str]]):
+        self.projection = projection.float()  # (F, R)
+        self.feats = feats  # (N, R) float16, unit rows: what the checkpoint stores
+        self._feats_t = feats.float().T.contiguous()  # what a query multiplies
+        self.captions = captions
+        grams = [[_ngrams(tokenize(c)) for c in caps] for caps in captions]
+        df: Counter = Counter()
+        for photo in grams:
+            df.update({g for c in photo for g in c})
+        self.gram_ids = {g: i for i, g in enumerate(df)}
+        self.idf = [math.log(len(captions) / n) for n in df.values()]
+        self.unseen = math.log(len(captions))
+        idf = torch.tensor(self.idf)
+        ids, counts, per_caption, per_photo, lengths = [], [], [], [], []
+        for photo in grams:
+            per_photo.append(len(photo))
+            for c in photo:
+                ids.extend(self.gram_ids[g] for g in c)
+                counts.extend(c.values())
+                per_caption.append(len(c))
+                lengths.append(sum(tf for g, tf in c.items() if len(g) == 1))
+        self.ids = torch.tensor(ids, dtype=torch.long)  # every caption's n-grams, caption after caption
+        self.order = torch.tensor([len(g) - 1 for g in df], dtype=torch.long)[self.ids]
+        self.weights = torch.tensor(counts, dtype=torch.float32) * idf[self.ids]
+        self.entries = torch.tensor(per_caption)  # n-grams per caption
+        self.first_entry = torch.cumsum(self.entries, 0) - self.entries
+        caps_per_photo = torch.tensor(per_photo)
+        self.first_caption = torch.cumsum(caps_per_photo, 0) - caps_per_photo
+        self.caps_per_photo = caps_per_photo
+        self.lengths = torch.tensor(lengths, dtype=torch.float32)
+        owner = torch.repeat_interleave(torch.arange(len(per_caption)), self.entries)
+        self.norms = torch.zeros(len(per_caption) * 4).index_add_(0, owner * 4 + self.order, self.weights**2)
+        self.norms = self.norms.sqrt().view(-1, 4)
+
+    @classmethod
+    def build(cls, pooled: torch.Tensor, captions: list[list[str]], dims: int = PROJECTED) -> "Neighbours":
+        """From the training photos' pooled features (N, F) and their captions. The projection keeps
+        the top principal directions of the uncentred features: their cosine neighbours agree with
+        the full features' (consensus AUROC on dev 0.796 at 256 dimensions, 0.798 at all 1,280)."""
+        _, _, v = torch.linalg.svd(pooled.float(), full_matrices=False)
+        projection = v[:dims].T.contiguous()
+        return cls(projection, torch.nn.functional.normalize(pooled.float() @ projection, dim=1).half(), captions)
+
+    def nearest(self, pooled: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """pooled (B, F) -> cosine similarities and indices (B, k) of the k nearest training photos."""
+        q = torch.nn.functional.normalize(pooled.float() @ self.projection, dim=1)
+        return (q @ self._feats_t).topk(min(k, self._feats_t.shape[1]), dim=1)
+
+    def consensus(self, captions: list[str], photos: torch.Tensor) -> torch.Tensor:
+        """Each caption's CIDEr-D (pycocoevalcap's formula: clipped tf-idf cosine per n-gram order,
+        averaged, Gaussian length penalty, times 10) against each of its photos' captions, averaged
+        per photo: captions (B,), photos (B, k) -> (B, k)."""
+        B, k = photos.shape
+        # the batch's captions: sorted keys image * G + gram, their weights, norms, lengths
+        keys, weights, squares, lengths = [], [], [[0.0] * 4 for _ in captions], []
+        G = len(self.gram_ids)
+        for b, caption in enumerate(captions):
+            words = tokenize(caption)
+            lengths.append(len(words))
+            for gram, tf in _ngrams(words).items():
+                i = self.gram_ids.get(gram)
+                w = tf * (self.unseen if i is None else self.idf[i])
+                squares[b][len(gram) - 1] += w * w
+                if i is not None:  # a gram no training caption has cannot match one
+                    keys.append(b * G + i)
+                    weights.append(w)
+        q_norms, q_lengths = torch.tensor(squares).sqrt(), torch.tensor(lengths, dtype=torch.float32)
+        q_keys = torch.tensor(keys, dtype=torch.long)
+        q_keys, sort = q_keys.sort()
+        q_weights = torch.tensor(weights, dtype=torch.float32)[sort]
+        # every neighbour's captions: (image, photo slot) pair per caption, then their n-grams
+        n_caps = self.caps_per_photo[photos].flatten()  # (B*k,)
+        caps = _spans(self.first_caption[photos].flatten(), n_caps)
+        pair = torch.repeat_interleave(torch.arange(B * k), n_caps)  # per reference caption
+        entries = _spans(self.first_entry[caps], self.entries[caps])
+        ref = torch.repeat_interleave(torch.arange(len(caps)), self.entries[caps])  # per entry
+        r_keys = torch.div(pair[ref], k, rounding_mode="floor") * G + self.ids[entries]
+        at = torch.searchsorted(q_keys, r_keys).clamp(max=max(len(q_keys) - 1, 0))
+        if len(q_keys):
+            q_w = torch.where(q_keys[at] == r_keys, q_weights[at], 0.0)
+        else:
+            q_w = torch.zeros(len(r_keys))
+        r_w = self.weights[entries]
+        dots = torch.zeros(len(caps) * 4).index_add_(0, ref * 4 + self.order[entries], torch.minimum(q_w, r_w) * r_w)
+        image = torch.div(pair, k, rounding_mode="floor")
+        denom = q_norms[image] * self.norms[caps]  # (C, 4)
+        cos = torch.where(denom > 0, dots.view(-1, 4) / denom.clamp_min(1e-12), 0.0).mean(1)
+        penalty = torch.exp(-((q_lengths[image] - self.lengths[caps]) ** 2) / (2 * SIGMA**2))
+        per_caption = cos * penalty * 10
+        return (torch.zeros(B * k).index_add_(0, pair, per_caption) / n_caps).view(B, k)
+
+    def to_state(self) -> dict:
+        text = "\n".join("\t".join(c.replace("\t", " ").replace("\n", " ") for c in caps) for caps in self.captions)
+        packed = zlib.compress(text.encode("utf-8"), 9)
+        return {"projection": self.projection.half(), "feats": self.feats,
+                "captions": torch.frombuffer(bytearray(packed), dtype=torch.uint8)}
+
+    @classmethod
+    def from_state(cls, state: dict) -> "Neighbours":
+        text = zlib.decompress(state["captions"].numpy().tobytes()).decode("utf-8")
+        return cls(state["projection"], state["feats"], [line.split("\t") for line in text.split("\n")])
+
+
+@dataclass(frozen=True)
+class Agreement:
+    """How a batch's candidate captions agree with their photos' nearest training photos."""
+    similarity: torch.Tensor  # (B, NEAREST_WEIGHTED) cosine similarity of each nearest photo, nearest first
+    consensus: torch.Tensor  # (B, C, NEAREST_WEIGHTED) CIDEr-D of candidate c against each one's captions
+
+    def weighted(self) -> torch.Tensor:
+        """(B, C) consensus with the nearest photos, the nearer weighing more."""
+        weights = torch.softmax(self.similarity * WEIGHT_SHARPNESS, dim=1)
+        return (self.consensus * weights.unsqueeze(1)).sum(2)
+
+
+def agreement(candidates: list[list[str]], pooled: torch.Tensor, neighbours: Neighbours) -> Agreement:
+    """Each image's candidate captions (the same number per image) and pooled features (B, F)."""
+    sims, idx = neighbours.nearest(pooled, NEAREST_WEIGHTED)
+    per_image = len(candidates[0])
+    flat = [c for image in candidates for c in image]
+    agree = neighbours.consensus(flat, idx.repeat_interleave(per_image, dim=0))
+    return Agreement(sims, agree.view(len(candidates), per_image, -1))
+
+
+def rerank(scores: torch.Tensor, agreed: Agreement, weight: float) -> torch.Tensor:
+    """(B, C) candidates' beam scores -> each image's choice: the beam score plus `weight` times the
+    weighted consensus (consensus re-ranking: a caption people wrote for similar photos is more
+    often right; on the dev split it moved CIDEr more than any decoding setting)."""
+    return (scores + weight * agreed.weighted()).argmax(1)
+
+
+def signals(word_logps: list[tuple[float, ...]], agreed: Agreement, chosen: torch.Tensor) -> torch.Tensor:
+    """Each image's chosen caption: its words' log-probabilities (<end> included), and the agreement
+    of its candidate `chosen` (B,) -> (B, len(FEATURES))."""
+    rows = []
+    for logps in word_logps:
+        lp = torch.tensor(logps, dtype=torch.float64)
+        rows.append([float(lp.mean()), float(lp.min()), float(lp.std()) if len(lp) > 1 else 0.0, len(lp) - 1])
+    weighted = agreed.weighted()  # (B, C)
+    return torch.cat([torch.tensor(rows, dtype=torch.float32), weighted[torch.arange(len(chosen)), chosen].unsqueeze(1),
+                      weighted[:, :1], weighted.mean(1, keepdim=True),
+                      agreed.similarity[:, :NEAREST].mean(1, keepdim=True)], dim=1)
+
+
+# ---------------------------------------------------------------- the estimator
+
+@dataclass(frozen=True)
+class Estimator:
+    mean: torch.Tensor  # (n,) feature standardisation
+    std: torch.Tensor
+    weights: torch.Tensor  # (n,)
+    bias: float
+    curve_quality: torch.Tensor  # dev split's out-of-fold estimates, descending
+    curve_risk: torch.Tensor  # wrong fraction among the captions with at least that estimate
+    rerank_weight: float = 0.0  # consensus re-ranking of the n-best, chosen on the dev split
+
+    def __call__(self, features: torch.Tensor) -> torch.Tensor:
+        """(B, n) signals -> (B,) estimated probability that each caption is right."""
+        return torch.sigmoid(((features - self.mean) / self.std) @ self.weights + self.bias)
+
+    def threshold(self, risk: float) -> float:
+        """The lowest estimate whose published set (every caption at or above it) was at most
+        `risk` wrong on the dev split: the most coverage the risk allows. 1.0 (review all) when no
+        set is that good."""
+        ok = (self.curve_risk <= risk).nonzero().flatten()
+        return float(self.curve_quality[ok[-1]]) if len(ok) else 1.0
+
+    def to_state(self) -> dict:
+        return {"features": list(FEATURES), "mean": self.mean, "std": self.std, "weights": self.weights,
+                "bias": self.bias, "curve_quality": self.curve_quality, "curve_risk": self.curve_risk,
+                "rerank_weight": self.rerank_weight}
+
+    @classmethod
+    def from_state(cls, state: dict) -> "Estimator":
+        if list(state["features"]) != list(FEATURES):
+            raise ValueError(f"quality estimator fitted on other signals: {state['features']}")
+        return cls(state["mean"], state["std"], state["weights"], float(state["bias"]),
+                   state["curve_quality"], state["curve_risk"], float(state["rerank_weight"]))
+
+
+def fit(features: torch.Tensor, right: torch.Tensor, l2: float = 1e-2) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """L2-regularised logistic regression -> (mean, std, weights, bias)."""
+    mean, std = features.mean(0), features.std(0).clamp_min(1e-6)
+    z = (features - mean) / std
+    w = torch.zeros(features.shape[1], requires_grad=True)
+    b = torch.zeros(1, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], max_iter=500, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(z @ w + b, right.float()) + l2 * (w * w).sum()
+        loss.backward()
+        return loss
+    opt.step(closure)
+    return mean, std, w.detach(), float(b.detach())
+
+
+def out_of_fold(features: torch.Tensor, right: torch.Tensor, folds: int = 5, seed: int = 0) -> torch.Tensor:
+    """Each caption's estimate from a model fitted on the other folds: what to judge it by."""
+    order = torch.randperm(len(right), generator=torch.Generator().manual_seed(seed))
+    out = torch.zeros(len(right))
+    for f in range(folds):
+        held = order[f::folds]
+        train = torch.ones(len(right), dtype=torch.bool)
+        train[held] = False
+        mean, std, w, b = fit(features[train], right[train])
+        out[held] = torch.sigmoid(((features[held] - mean) / std) @ w + b)
+    return out
+
+
+def risk_coverage(quality: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Captions by estimate, best first -> (the estimates, the wrong fraction among the captions up
+    to each one)."""
+    order = quality.argsort(descending=True)
+    wrong = (~right.bool())[order].float()
+    return quality[order], wrong.cumsum(0) / torch.arange(1, len(wrong) + 1)
+
+
+def auroc(score: torch.Tensor, right: torch.Tensor) -> float:
+    """The chance that a right caption scores above a wrong one (ties count half)."""
+    pos, neg = score[right.bool()], score[~right.bool()]
+    if not len(pos) or not len(neg):
+        return float("nan")
+    above = (pos.unsqueeze(1) > neg.unsqueeze(0)).float().mean()
+    ties = (pos.unsqueeze(1) == neg.unsqueeze(0)).float().mean()
+    return float(above + ties / 2)
+
+
+def fitted(features: torch.Tensor, right: torch.Tensor, rerank_weight: float,
+           folds: int = 5) -> tuple[Estimator, torch.Tensor]:
+    """The estimator fitted on every caption, with the risk-coverage curve of out-of-fold estimates
+    (honest, unlike the in-sample fit's), and those estimates."""
+    held_out = out_of_fold(features, right, folds)
+    curve_q, curve_r = risk_coverage(held_out, right)
+    mean, std, w, b = fit(features, right)
+    return Estimator(mean, std, w, b, curve_q, curve_r, rerank_weight), held_out

@@ -103,48 +103,59 @@ class Neighbours:
         q = torch.nn.functional.normalize(pooled.float() @ self.projection, dim=1)
         return (q @ self._feats_t).topk(min(k, self._feats_t.shape[1]), dim=1)
 
-    def consensus(self, captions: list[str], photos: torch.Tensor) -> torch.Tensor:
-        """Each caption's CIDEr-D (pycocoevalcap's formula: clipped tf-idf cosine per n-gram order,
-        averaged, Gaussian length penalty, times 10) against each of its photos' captions, averaged
-        per photo: captions (B,), photos (B, k) -> (B, k)."""
+    def consensus(self, candidates: list[list[str]], photos: torch.Tensor) -> torch.Tensor:
+        """Each image's candidate captions' CIDEr-D (pycocoevalcap's formula: clipped tf-idf cosine
+        per n-gram order, averaged, Gaussian length penalty, times 10) against each of its photos'
+        captions, averaged per photo: candidates (B, C), photos (B, k) -> (B, C, k).
+
+        An image's candidates share its neighbours' captions, so those are read once per image: a
+        table keyed by image and n-gram holds every candidate's weight for it."""
         B, k = photos.shape
-        # the batch's captions: sorted keys image * G + gram, their weights, norms, lengths
-        keys, weights, squares, lengths = [], [], [[0.0] * 4 for _ in captions], []
+        C = len(candidates[0])
         G = len(self.gram_ids)
-        for b, caption in enumerate(captions):
-            words = tokenize(caption)
-            lengths.append(len(words))
-            for gram, tf in _ngrams(words).items():
-                i = self.gram_ids.get(gram)
-                w = tf * (self.unseen if i is None else self.idf[i])
-                squares[b][len(gram) - 1] += w * w
-                if i is not None:  # a gram no training caption has cannot match one
-                    keys.append(b * G + i)
-                    weights.append(w)
-        q_norms, q_lengths = torch.tensor(squares).sqrt(), torch.tensor(lengths, dtype=torch.float32)
-        q_keys = torch.tensor(keys, dtype=torch.long)
-        q_keys, sort = q_keys.sort()
-        q_weights = torch.tensor(weights, dtype=torch.float32)[sort]
+        slots: dict[int, int] = {}  # key image * G + gram -> row of the weight table
+        weights: list[list[float]] = []
+        squares = torch.zeros(B, C, 4, dtype=torch.float64)
+        q_lengths = torch.zeros(B, C)
+        for b, image in enumerate(candidates):
+            for c, caption in enumerate(image):
+                words = tokenize(caption)
+                q_lengths[b, c] = len(words)
+                norms = [0.0] * 4
+                for gram, tf in _ngrams(words).items():
+                    i = self.gram_ids.get(gram)
+                    w = tf * (self.unseen if i is None else self.idf[i])
+                    norms[len(gram) - 1] += w * w
+                    if i is not None:  # a gram no training caption has cannot match one
+                        row = slots.setdefault(b * G + i, len(weights))
+                        if row == len(weights):
+                            weights.append([0.0] * C)
+                        weights[row][c] = w
+                squares[b, c] = torch.tensor(norms, dtype=torch.float64)
+        q_norms = squares.sqrt().float()  # (B, C, 4)
+        q_keys, order = torch.tensor(list(slots), dtype=torch.long).sort()
+        q_weights = torch.tensor(weights, dtype=torch.float32).view(-1, C)[order]  # (keys, C)
         # every neighbour's captions: (image, photo slot) pair per caption, then their n-grams
         n_caps = self.caps_per_photo[photos].flatten()  # (B*k,)
         caps = _spans(self.first_caption[photos].flatten(), n_caps)
         pair = torch.repeat_interleave(torch.arange(B * k), n_caps)  # per reference caption
+        image = torch.div(pair, k, rounding_mode="floor")
         entries = _spans(self.first_entry[caps], self.entries[caps])
         ref = torch.repeat_interleave(torch.arange(len(caps)), self.entries[caps])  # per entry
-        r_keys = torch.div(pair[ref], k, rounding_mode="floor") * G + self.ids[entries]
-        at = torch.searchsorted(q_keys, r_keys).clamp(max=max(len(q_keys) - 1, 0))
+        r_keys = image[ref] * G + self.ids[entries]
         if len(q_keys):
-            q_w = torch.where(q_keys[at] == r_keys, q_weights[at], 0.0)
+            at = torch.searchsorted(q_keys, r_keys).clamp(max=len(q_keys) - 1)
+            q_w = q_weights[at] * (q_keys[at] == r_keys).unsqueeze(1)  # (E, C)
         else:
-            q_w = torch.zeros(len(r_keys))
-        r_w = self.weights[entries]
-        dots = torch.zeros(len(caps) * 4).index_add_(0, ref * 4 + self.order[entries], torch.minimum(q_w, r_w) * r_w)
-        image = torch.div(pair, k, rounding_mode="floor")
-        denom = q_norms[image] * self.norms[caps]  # (C, 4)
-        cos = torch.where(denom > 0, dots.view(-1, 4) / denom.clamp_min(1e-12), 0.0).mean(1)
-        penalty = torch.exp(-((q_lengths[image] - self.lengths[caps]) ** 2) / (2 * SIGMA**2))
-        per_caption = cos * penalty * 10
-        return (torch.zeros(B * k).index_add_(0, pair, per_caption) / n_caps).view(B, k)
+            q_w = torch.zeros(len(r_keys), C)
+        r_w = self.weights[entries].unsqueeze(1)
+        dots = torch.zeros(len(caps) * 4, C).index_add_(0, ref * 4 + self.order[entries], torch.minimum(q_w, r_w) * r_w)
+        denom = q_norms[image] * self.norms[caps].unsqueeze(1)  # (refs, C, 4)
+        cos = torch.where(denom > 0, dots.view(-1, 4, C).transpose(1, 2) / denom.clamp_min(1e-12), 0.0).mean(2)
+        penalty = torch.exp(-((q_lengths[image] - self.lengths[caps].unsqueeze(1)) ** 2) / (2 * SIGMA**2))
+        per_caption = cos * penalty * 10  # (refs, C)
+        per_photo = torch.zeros(B * k, C).index_add_(0, pair, per_caption) / n_caps.unsqueeze(1)
+        return per_photo.view(B, k, C).transpose(1, 2)
 
     def to_state(self) -> dict:
         text = "\n".join("\t".join(c.replace("\t", " ").replace("\n", " ") for c in caps) for caps in self.captions)
@@ -173,10 +184,7 @@ class Agreement:
 def agreement(candidates: list[list[str]], pooled: torch.Tensor, neighbours: Neighbours) -> Agreement:
     """Each image's candidate captions (the same number per image) and pooled features (B, F)."""
     sims, idx = neighbours.nearest(pooled, NEAREST_WEIGHTED)
-    per_image = len(candidates[0])
-    flat = [c for image in candidates for c in image]
-    agree = neighbours.consensus(flat, idx.repeat_interleave(per_image, dim=0))
-    return Agreement(sims, agree.view(len(candidates), per_image, -1))
+    return Agreement(sims, neighbours.consensus(candidates, idx))
 
 
 def rerank(scores: torch.Tensor, agreed: Agreement, weight: float) -> torch.Tensor:

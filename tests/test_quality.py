@@ -33,8 +33,8 @@ def test_consensus_is_pycocoevalcaps_cider_d():
 
     neighbours = _neighbours()
     candidates = ["a black dog runs in the snow", "a dog catches a frisbee", "a boat on a lake"]
-    photos = torch.arange(len(PHOTOS)).repeat(len(candidates), 1)
-    ours = neighbours.consensus(candidates, photos)
+    photos = torch.arange(len(PHOTOS)).unsqueeze(0)
+    ours = neighbours.consensus([candidates], photos)[0]  # one image, three candidates
     for row, candidate in enumerate(candidates):
         scorer = CiderScorer(n=4, sigma=6.0)
         for refs in PHOTOS:
@@ -53,9 +53,11 @@ def test_neighbours_survive_the_checkpoint_format():
     assert again.captions == PHOTOS
     query = torch.eye(len(PHOTOS), 8)[[2]]
     assert again.nearest(query, 1)[1].item() == 2
-    candidates = ["two kids play on the beach"]
-    assert torch.allclose(again.consensus(candidates, torch.tensor([[0, 1, 2, 3]])),
-                          neighbours.consensus(candidates, torch.tensor([[0, 1, 2, 3]])), atol=1e-3)
+    candidates = [["two kids play on the beach"], ["a dog"]]
+    photos = torch.tensor([[0, 1, 2, 3], [3, 2, 1, 0]])
+    got, want = again.consensus(candidates, photos), neighbours.consensus(candidates, photos)
+    assert got.shape == (2, 1, 4) and torch.allclose(got, want, atol=1e-3)
+    assert torch.allclose(got[0, 0], neighbours.consensus([["two kids play on the beach"]], photos[:1])[0, 0])
 
 
 def test_rerank_prefers_the_candidate_the_neighbours_agree_with():

@@ -126,6 +126,9 @@ class Caption(Base):
     candidates: Mapped[list] = mapped_column(Json)  # [[text, score], ...] best first
     tags: Mapped[list] = mapped_column(Json)  # [[label, score], ...]
     confidence: Mapped[float] = mapped_column(Float)
+    # the estimated probability that the caption is right (model/quality.py); None when the
+    # checkpoint that wrote it had no fitted estimator
+    quality: Mapped[float | None] = mapped_column(Float)
     needs_review: Mapped[bool]
     forward_size: Mapped[int]  # images in the model forward that produced it: batching, observed
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -1,5 +1,6 @@
 """captions' quality: the estimated probability that the caption is right, null for captions
-written by a model without a fitted estimator (every caption before this revision)
+written by a model without a fitted estimator (every caption before this revision); the review
+queue's index, in its order (core/browse.py)
 
 Revision ID: c3d4quality1
 Revises: a1b2outbox01
@@ -19,7 +20,12 @@ depends_on = None
 # batch copy of captions would drop the triggers that keep its search index (b1d2search01)
 def upgrade() -> None:
     op.add_column("captions", sa.Column("quality", sa.Float(), nullable=True))
+    op.create_index("ix_captions_review", "captions",
+                    [sa.text("(quality IS NULL)"), sa.text("coalesce(quality, confidence)"), "image_id"],
+                    postgresql_where=sa.text("needs_review"),
+                    sqlite_where=sa.text("needs_review = 1"))  # as SQLAlchemy writes the queue's filter there
 
 
 def downgrade() -> None:
+    op.drop_index("ix_captions_review", table_name="captions")
     op.drop_column("captions", "quality")

@@ -13,6 +13,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     func,
+    text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Mapped, mapped_column
@@ -143,7 +144,8 @@ class Caption(Base):
 # queue reads a few entries instead of sorting every flagged caption (100k images, half flagged,
 # PostgreSQL on a busy 2-core host: 2-16 ms a page, 90-180 ms without it)
 Index("ix_captions_review", Caption.quality.is_(None), func.coalesce(Caption.quality, Caption.confidence),
-      Caption.image_id, postgresql_where=Caption.needs_review, sqlite_where=Caption.needs_review)
+      Caption.image_id, postgresql_where=Caption.needs_review,
+      sqlite_where=text("needs_review = 1"))  # SQLite matches a partial index by the query's own text
 
 
 SCOPES = ("read", "write", "admin")  # each includes the ones before it

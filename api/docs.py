@@ -64,6 +64,8 @@ ALT_ENTRY = _object(["text", "state", "model_version", "by", "at"], text={"type"
                     model_version=NULLABLE_TEXT, by=NULLABLE_TEXT, at={"type": "string", "format": "date-time"})
 HISTORY = {"type": "array", "items": ALT_ENTRY}
 SUGGESTION = {"oneOf": [{"type": "null"}, ALT_ENTRY]}
+# the estimated probability that the caption is right; null when the model has no fitted estimator
+QUALITY = {"type": ["number", "null"], "minimum": 0, "maximum": 1}
 ALT_FIELDS = {"text": NULLABLE_TEXT, "state": ALT_STATE, "model_version": NULLABLE_TEXT, "by": NULLABLE_TEXT,
               "at": {"type": ["string", "null"]}, "suggestion": SUGGESTION, "history": HISTORY}
 
@@ -184,7 +186,8 @@ SPEC: dict[str, Any] = {
                             queue=QUEUE, model_version=TEXT, url=TEXT),
         "Image": _object(
             ["id", "status", "caption", "alt_text", "alt_text_state", "alt_text_suggestion", "alt_text_history",
-             "candidates", "tags", "confidence", "needs_review", "model_version", "error", "source", "sha256", "size",
+             "candidates", "tags", "confidence", "quality", "needs_review", "model_version", "error", "source", "sha256",
+             "size",
              "width", "height", "created_at", "finished_at"],
             id=INT, status={"type": "string", "enum": ["queued", "processing", "done", "failed"]},
             caption={"type": ["string", "null"]}, alt_text={"type": ["string", "null"]}, alt_text_state=ALT_STATE,
@@ -193,7 +196,7 @@ SPEC: dict[str, Any] = {
                                                           score={"type": "number"})},
             tags={"type": "array", "items": _object(["label", "score"], label={"type": "string"},
                                                     score={"type": "number"})},
-            confidence={"type": ["number", "null"]}, needs_review={"type": ["boolean", "null"]},
+            confidence={"type": ["number", "null"]}, quality=QUALITY, needs_review={"type": ["boolean", "null"]},
             model_version={"type": ["string", "null"]},
             error={"oneOf": [{"type": "null"}, _object(["code", "message"], code={"type": ["string", "null"]},
                                                        message={"type": ["string", "null"]})]},
@@ -213,11 +216,11 @@ SPEC: dict[str, Any] = {
                                   warnings={"type": "array", "items": {"type": "string"}}),
         "Results": _object(["query", "results", "next_offset"], query=TEXT,
                            next_offset={"type": ["integer", "null"]}, results={"type": "array", "items": _object(
-            ["id", "source", "caption", "alt_text", "tags", "score", "confidence", "model_version"], id=INT,
+            ["id", "source", "caption", "alt_text", "tags", "score", "confidence", "quality", "model_version"], id=INT,
             source=TEXT, caption={"type": "string"}, alt_text={"type": "string"},
             tags={"type": "array", "items": _object(["label", "score"], label={"type": "string"},
                                                     score={"type": "number"})},
-            score={"type": "number"}, confidence={"type": "number"}, model_version=TEXT)}),
+            score={"type": "number"}, confidence={"type": "number"}, quality=QUALITY, model_version=TEXT)}),
         "Ready": _object(["status", "checks"], status={"type": "string", "enum": ["ready", "not ready"]},
                          checks={"type": "object", "additionalProperties": {"type": "string"}}),
     }},

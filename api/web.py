@@ -260,7 +260,8 @@ def decide(image_id: int) -> Response:
 @bp.get("/review")
 @require_scope("read")
 def review() -> str:
-    """The oldest image whose alt text waits for review (after `after`, when one was skipped)."""
+    """The most doubtful image whose alt text waits for review (the next after `after` in the
+    queue's order, when that one was skipped)."""
     db = get_session()
     after = _number_arg("after")
     waiting = browse.review_queue(db, g.tenant, 2, after)  # this one, and whether another follows

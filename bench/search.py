@@ -93,7 +93,7 @@ def copy_captions(source: sessionmaker, target: sessionmaker, tenant: str) -> No
             for c in claimed:
                 image, cap = by_fingerprint[fingerprints[c.image_id]]
                 results.append(queries.Result(c, cap.text, cap.alt_text, cap.candidates, cap.tags, cap.confidence,
-                                              cap.needs_review, image.width or 0, image.height or 0))
+                                              cap.needs_review, image.width or 0, image.height or 0, quality=cap.quality))
             queries.complete(s, results, [], version, forward_size=0)
 
 

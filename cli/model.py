@@ -172,6 +172,8 @@ def describe(images, checkpoint, beam, as_json, runtime) -> None:
             continue
         click.echo(f"{path}\n  caption:  {result.text}\n  alt text: {result.alt_text}"
                    f"{'  (needs review)' if result.needs_review else ''}")
+        if result.quality is not None:
+            click.echo(f"  quality:  {result.quality:.3f} (estimated probability that the caption is right)")
         for text, conf in result.candidates:
             click.echo(f"    {conf:.3f}  {text}")
         click.echo("  tags:     " + ", ".join(f"{label} ({p:.2f})" for label, p in result.tags))

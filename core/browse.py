@@ -4,11 +4,12 @@ transaction. One image's page is queries.image_view and a batch's progress queri
 in the API.
 
 Pages are keyset pages (ids before or after one already shown), not offsets: page 400 of a large
-library costs what page 1 costs, and an upload arriving meanwhile shifts nothing."""
+library costs what page 1 costs, and an upload arriving meanwhile shifts nothing. The review queue
+is keyset-paged the same way, on its own order (_review_order)."""
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Select, exists, func, select
+from sqlalchemy import Select, exists, func, select, tuple_
 from sqlalchemy.orm import Session, aliased
 
 from . import alttext
@@ -45,6 +46,7 @@ def _card(image: Image, status: str | None, error_code: str | None, caption: Cap
             "caption": caption.text if caption else None,
             "alt_text": alt["text"] if alt else None, "alt_text_state": alt["state"] if alt else None,
             "tags": [label for label, _ in caption.tags] if caption else [],
+            "quality": caption.quality if caption else None,
             "created_at": image.created_at}
 
 
@@ -71,18 +73,38 @@ def images(session: Session, tenant: str, limit: int, before: int | None = None,
 
 def _needing_review(tenant: str) -> Select:
     """Images whose alt text is the model's and flagged: the newest caption needs review and no
-    person has decided yet (a decision, whatever it was, takes an image out of the queue)."""
-    return (select(Image.id).join(Caption, Caption.id == _newest_id(Caption))
-            .where(Image.tenant == tenant, Caption.needs_review,
-                   ~exists().where(AltTextDecision.image_id == Image.id)))
+    person has decided yet (a decision, whatever it was, takes an image out of the queue).
+    Read from the flagged captions, so that the queue's order walks ix_captions_review."""
+    newer = aliased(Caption)
+    return (select(Caption.image_id).join(Image, Image.id == Caption.image_id)
+            .where(Caption.needs_review, Image.tenant == tenant,
+                   ~exists().where(newer.image_id == Caption.image_id, newer.id > Caption.id),
+                   ~exists().where(AltTextDecision.image_id == Caption.image_id)))
+
+
+def _review_order() -> tuple[Any, Any, Any]:
+    """The review queue's order, most doubtful first, by the newest caption: those with a quality
+    estimate by quality ascending, then those without (a model with no fitted estimator) by
+    confidence ascending; the two are different scales, so neither is slotted into the other.
+    The image id breaks ties, which makes it a total order to page on. ix_captions_review holds
+    these keys."""
+    return Caption.quality.is_(None), func.coalesce(Caption.quality, Caption.confidence), Caption.image_id
 
 
 def review_queue(session: Session, tenant: str, limit: int, after: int | None = None) -> list[int]:
-    """Ids of images waiting for review, oldest first (after `after`, to skip ones looked at)."""
+    """Ids of images waiting for review, most doubtful first (_review_order): those after image
+    `after` in that order, to skip ones looked at; from the first when `after` is not the
+    tenant's captioned image."""
+    order = _review_order()
     stmt = _needing_review(tenant)
     if after is not None:
-        stmt = stmt.where(Image.id > after)
-    return list(session.scalars(stmt.order_by(Image.id).limit(limit)))
+        # `after` itself may have left the queue (decided in another tab): its key still places it
+        key = session.execute(select(*order).join(Image, Image.id == Caption.image_id)
+                              .where(Caption.id == _newest_id(Caption), Image.id == after, Image.tenant == tenant)
+                              ).first()
+        if key is not None:
+            stmt = stmt.where(tuple_(*order) > tuple_(*key))
+    return list(session.scalars(stmt.order_by(*order).limit(limit)))
 
 
 def review_count(session: Session, tenant: str, cap: int) -> int:

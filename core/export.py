@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 from . import alttext, queries
 from .tables import Image
 
-FIELDS = ["key", "state", "alt_text", "caption", "confidence", "needs_review", "candidates", "tags",
+FIELDS = ["key", "state", "alt_text", "caption", "confidence", "quality", "needs_review", "candidates", "tags",
           "model_version", "id", "sha256", "width", "height", "captioned_at"]
 FORMATS = ("jsonl", "csv")
 CHUNK = 1000  # rows per fetch
@@ -24,7 +24,7 @@ def records(session: Session, tenant: str, model_version: str | None = None) -> 
     for image, cap, decision in session.execute(query.execution_options(yield_per=CHUNK)):
         alt = alttext.current(cap, decision)
         yield {"key": image.uri, "state": alt["state"], "alt_text": alt["text"], "caption": cap.text,
-               "confidence": cap.confidence, "needs_review": cap.needs_review,
+               "confidence": cap.confidence, "quality": cap.quality, "needs_review": cap.needs_review,
                "candidates": [{"text": t, "score": p} for t, p in cap.candidates],
                "tags": [{"label": t, "score": p} for t, p in cap.tags],
                "model_version": cap.model_version, "id": image.id, "sha256": image.sha256,

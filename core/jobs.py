@@ -234,7 +234,7 @@ def caption_claimed(sm: sessionmaker, settings: Settings, claimed: list[Claimed]
             queries.release(s, [c.job_id for c in claimed], count_attempt=not isinstance(e, KeyboardInterrupt))
         raise
     results = [Result(p.claimed, cap.text, cap.alt_text, cap.candidates, cap.tags, cap.confidence,
-                      cap.needs_review, *p.size) for p, cap in captioned]
+                      cap.needs_review, *p.size, quality=cap.quality) for p, cap in captioned]
     errors = [(p.claimed, p.error) for p in prepared if p.error is not None]
     # a transient error (S3 hiccup) returns the image to the queue, until its attempts run out
     retry = [c for c, err in errors if isinstance(err, TransientError) and c.attempts < settings.max_attempts]

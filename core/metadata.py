@@ -146,13 +146,15 @@ class Wanted:
     keywords: tuple[str, ...]
     model_version: str
     confidence: float
+    quality: float | None  # None: the model had no estimator, and the file gets no Quality tag
 
 
 def wanted(caption: Caption, decision: AltTextDecision | None, min_score: float = KEYWORD_MIN_SCORE) -> Wanted:
     """The caption, the alt text a person decided (else the model's), and the tags above min_score."""
     alt = decision.text if decision is not None else caption.alt_text
     keywords = tuple(dict.fromkeys(str(label) for label, score in caption.tags if score >= min_score))
-    return Wanted(caption.text, alt, keywords, caption.model_version, round(caption.confidence, 4))
+    quality = None if caption.quality is None else round(caption.quality, 4)
+    return Wanted(caption.text, alt, keywords, caption.model_version, round(caption.confidence, 4), quality)
 
 
 def _one_line(text: str) -> str:
@@ -183,10 +185,12 @@ def plan(found: Found, want: Wanted, overwrite: bool) -> tuple[list[str], list[s
     people = [k for k in found.keywords if k not in found.ours.get("Keywords", ())]
     keywords = list(dict.fromkeys([*people, *want.keywords]))
     same &= list(found.keywords) == keywords and found.ours.get("Keywords", ()) == want.keywords
-    same &= found.ours.get("Confidence") == want.confidence
+    same &= found.ours.get("Confidence") == want.confidence and found.ours.get("Quality") == want.quality
     args += ["-XMP-dc:Subject=", *(f"-XMP-dc:Subject={k}" for k in keywords),
              "-XMP-captioner:Keywords=", *(f"-XMP-captioner:Keywords={k}" for k in want.keywords),
-             f"-XMP-captioner:ModelVersion={want.model_version}", f"-XMP-captioner:Confidence={want.confidence}"]
+             f"-XMP-captioner:ModelVersion={want.model_version}", f"-XMP-captioner:Confidence={want.confidence}",
+             # an empty value deletes the tag: a model without an estimator leaves no stale quality behind
+             f"-XMP-captioner:Quality={'' if want.quality is None else want.quality}"]
     return ([] if same else args), overwritten
 
 

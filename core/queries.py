@@ -53,6 +53,7 @@ class Result:
     needs_review: bool
     width: int
     height: int
+    quality: float | None = None  # the estimated probability that the caption is right; None without an estimator
 
 
 @dataclass(frozen=True)
@@ -244,12 +245,12 @@ def complete(session: Session, results: list[Result], failures: list[Failure], m
         stmt = _insert(session, Caption).values([
             {"image_id": r.claimed.image_id, "model_version": model_version, "text": r.text,
              "alt_text": r.alt_text, "candidates": [list(c) for c in r.candidates],
-             "tags": [list(t) for t in r.tags], "confidence": r.confidence, "needs_review": r.needs_review,
-             "forward_size": forward_size, "created_at": now} for r in chunk])
+             "tags": [list(t) for t in r.tags], "confidence": r.confidence, "quality": r.quality,
+             "needs_review": r.needs_review, "forward_size": forward_size, "created_at": now} for r in chunk])
         session.execute(stmt.on_conflict_do_update(
             index_elements=["image_id", "model_version"],
             set_={c: stmt.excluded[c] for c in ("text", "alt_text", "candidates", "tags", "confidence",
-                                                 "needs_review", "forward_size", "created_at")}))
+                                                 "quality", "needs_review", "forward_size", "created_at")}))
         session.execute(update(Image),
                         [{"id": r.claimed.image_id, "width": r.width, "height": r.height} for r in chunk])
         session.execute(update(Job).where(Job.id.in_([r.claimed.job_id for r in chunk]))
@@ -325,6 +326,7 @@ def _image_row(image: Image, job: Job | None, caption: Caption | None, alt: dict
         "candidates": [{"text": t, "score": s} for t, s in caption.candidates] if caption else [],
         "tags": [{"label": t, "score": s} for t, s in caption.tags] if caption else [],
         "confidence": caption.confidence if caption else None,
+        "quality": caption.quality if caption else None,
         "needs_review": caption.needs_review if caption else None,
         "model_version": job.model_version if job else None,
         "error": error,

@@ -71,13 +71,14 @@ def query_index(session: Session, query: str, limit: int, offset: int = 0,
     stmt = build(wanted, excluded).where(Image.tenant == tenant, Caption.id == newest).limit(limit).offset(offset)
     return [{"id": r.id, "source": r.uri, "caption": r.text, "alt_text": r.alt_text,
              "tags": [{"label": label, "score": score} for label, score in r.tags],
-             "score": round(float(r.score), 6), "confidence": r.confidence, "model_version": r.model_version}
+             "score": round(float(r.score), 6), "confidence": r.confidence, "quality": r.quality,
+             "model_version": r.model_version}
             for r in session.execute(stmt)]
 
 
 def _columns(score: Any) -> Select:
     return select(Image.id, Image.uri, Caption.text, Caption.alt_text, Caption.tags, Caption.confidence,
-                  Caption.model_version, score.label("score"))
+                  Caption.quality, Caption.model_version, score.label("score"))
 
 
 def _postgres(wanted: list[Term], excluded: list[Term]) -> Select:

@@ -12,6 +12,8 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    func,
+    text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Mapped, mapped_column
@@ -126,6 +128,9 @@ class Caption(Base):
     candidates: Mapped[list] = mapped_column(Json)  # [[text, score], ...] best first
     tags: Mapped[list] = mapped_column(Json)  # [[label, score], ...]
     confidence: Mapped[float] = mapped_column(Float)
+    # the estimated probability that the caption is right (model/quality.py); None when the
+    # checkpoint that wrote it had no fitted estimator
+    quality: Mapped[float | None] = mapped_column(Float)
     needs_review: Mapped[bool]
     forward_size: Mapped[int]  # images in the model forward that produced it: batching, observed
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
@@ -133,6 +138,14 @@ class Caption(Base):
 
     def __repr__(self) -> str:
         return f"<Caption image={self.image_id} {self.text!r}>"
+
+
+# the review queue's order over flagged captions (core/browse.py: _review_order): a page of the
+# queue reads a few entries instead of sorting every flagged caption (100k images, half flagged,
+# PostgreSQL on a busy 2-core host: 2-16 ms a page, 90-180 ms without it)
+Index("ix_captions_review", Caption.quality.is_(None), func.coalesce(Caption.quality, Caption.confidence),
+      Caption.image_id, postgresql_where=Caption.needs_review,
+      sqlite_where=text("needs_review = 1"))  # SQLite matches a partial index by the query's own text
 
 
 SCOPES = ("read", "write", "admin")  # each includes the ones before it

@@ -28,7 +28,7 @@ def editor(app) -> str:
     return "key " + "_".join(app.config["API_KEY"].split("_")[:2])
 
 
-def caption(app, image_id: int, version: str, alt: str, confidence: float) -> None:
+def caption(app, image_id: int, version: str, alt: str, confidence: float, quality: float | None = None) -> None:
     """A model's result for the image, written as a worker writes it."""
     sm = app.extensions["captioner"].sessionmaker
     with sm.begin() as s:
@@ -36,7 +36,7 @@ def caption(app, image_id: int, version: str, alt: str, confidence: float) -> No
         [sub] = queries.submit(s, [NewImage(uri, f"sha256:{image_id:064d}")], version, "backfill")
         [claimed] = queries.claim(s, version, 60, 1, job_ids=[sub.job_id])
         queries.complete(s, [Result(claimed, alt.rstrip("."), alt, [(alt, confidence)], [("dog", 0.9)], confidence,
-                                    confidence < 0.35, 64, 48)], [], version, forward_size=1)
+                                    confidence < 0.35, 64, 48, quality)], [], version, forward_size=1)
 
 
 def new_image(app, n: int) -> int:
@@ -52,6 +52,7 @@ def test_a_person_decides_and_a_newer_model_only_adds_a_suggestion(app):
     caption(app, 1, OLD, "A dog runs on the grass.", 0.2)
     body = client.get(f"/v1/images/{image_id}").get_json()
     assert body["alt_text"] == "A dog runs on the grass." and body["alt_text_state"] == "needs_review"
+    assert body["quality"] is None  # this model had no quality estimator
 
     r = client.patch(f"/v1/images/{image_id}/alt-text", json={"state": "edited", "text": "  A brown dog runs.  "})
     assert r.status_code == 200, r.get_json()
@@ -59,8 +60,9 @@ def test_a_person_decides_and_a_newer_model_only_adds_a_suggestion(app):
     assert (decided["text"], decided["state"], decided["by"]) == ("A brown dog runs.", "edited", editor(app))
     assert decided["warnings"] == []
 
-    caption(app, 1, NEW, "A dog is running through a field.", 0.8)  # a re-caption by a newer model
+    caption(app, 1, NEW, "A dog is running through a field.", 0.8, quality=0.875)  # a re-caption by a newer model
     body = client.get(f"/v1/images/{image_id}").get_json()
+    assert (body["model_version"], body["confidence"], body["quality"]) == (NEW, 0.8, 0.875)
     assert body["alt_text"] == "A brown dog runs." and body["alt_text_state"] == "edited"
     assert body["alt_text_suggestion"]["text"] == "A dog is running through a field."
     assert body["alt_text_suggestion"]["state"] == "generated" and body["alt_text_suggestion"]["model_version"] == NEW

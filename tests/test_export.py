@@ -25,6 +25,7 @@ ROWS = [
     ("file:///photos/ñandú 狗.jpg", "Un ñandú 🐦 = ok", "=SUM(A1) looks like a formula", True, "default"),
     ("s3://bucket/other.jpg", "Another tenant's photo", "Not exported for default", False, "b"),
 ]
+QUALITY = {ROWS[0][0]: 0.8125, ROWS[2][0]: 0.25}  # the model's estimate; none for the second (no estimator)
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +37,8 @@ def database(each_database):
                                    tenant=tenant)
             [claimed] = queries.claim(s, VERSION, 60, 1, job_ids=[sub.job_id])
             queries.complete(s, [Result(claimed, caption, alt, [(caption, 0.5), ("a dog", 0.25)],
-                                        [("dog, \"good\"", 0.75)], 0.5, review, 640, 480)], [], VERSION, 1)
+                                        [("dog, \"good\"", 0.75)], 0.5, review, 640, 480, QUALITY.get(key))],
+                             [], VERSION, 1)
     return url
 
 
@@ -70,6 +72,7 @@ def test_api_jsonl_round_trip(client):
     assert picked(rows) == expected()
     assert list(rows[0]) == export.FIELDS
     assert rows[0]["tags"] == [{"label": 'dog, "good"', "score": 0.75}] and rows[0]["width"] == 640
+    assert [r["quality"] for r in rows] == [0.8125, None]
 
 
 def test_api_csv_round_trip(client):
@@ -82,6 +85,7 @@ def test_api_csv_round_trip(client):
     assert picked(rows) == expected()
     assert json.loads(rows[0]["tags"]) == [{"label": 'dog, "good"', "score": 0.75}]
     assert rows[1]["needs_review"] == "True"
+    assert [r["quality"] for r in rows] == ["0.8125", ""]  # no estimate: an empty cell
 
 
 def test_api_export_filters_and_refuses_bad_arguments(client):

@@ -142,6 +142,36 @@ def test_io_threads_run_torch_on_one_thread_and_the_forward_keeps_its_own(sqlite
     assert torch.get_num_threads() == 2
 
 
+def test_the_models_quality_estimate_is_stored_and_shown_and_none_stays_null(sqlite_url, checkpoint, photos,
+                                                                              monkeypatch):
+    """Whatever the checkpoint estimates, the caption rows hold what the model handed over: the
+    real model captions, and its answers get a quality (or none) before they are written."""
+    from dataclasses import replace
+
+    caption_batch = captioner.caption_batch
+    given = iter([0.125, None])
+
+    def with_quality(settings, tensors):
+        return [replace(c, quality=next(given)) for c in caption_batch(settings, tensors)]
+
+    monkeypatch.setattr(captioner, "caption_batch", with_quality)
+    settings = Settings(database_url=sqlite_url, model_path=str(checkpoint), device="cpu", jpeg_decode="pillow",
+                        forward_size=2)  # one forward, in the order claimed
+    engine = make_engine(sqlite_url)
+    sm = make_sessionmaker(engine)
+    version = captioner.version(settings)
+    jobs.submit_images(sm, [jobs.file_image(p) for p in photos[:2]], version, "backfill", lambda _: None)
+    with sm.begin() as s:
+        claimed = queries.claim(s, version, 60, limit=2)
+    assert jobs.caption_claimed(sm, settings, claimed).captioned == 2
+    ids = [c.image_id for c in claimed]
+    with sm() as s:
+        stored = dict(s.execute(select(Caption.image_id, Caption.quality)).all())
+        shown = [queries.image_view(s, i, version)["quality"] for i in ids]
+    engine.dispose()
+    assert stored == {ids[0]: 0.125, ids[1]: None} and shown == [0.125, None]
+
+
 def test_a_folder_walk_skips_hidden_files_and_folders(tmp_path):
     from captioner.core.jobs import expand_paths
 

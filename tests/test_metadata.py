@@ -51,7 +51,8 @@ def et():
         yield tool
 
 
-def captioned(sm, path: Path, text: str = CAPTION, version: str = "v1", tags=TAGS, confidence: float = 0.7) -> int:
+def captioned(sm, path: Path, text: str = CAPTION, version: str = "v1", tags=TAGS, confidence: float = 0.7,
+              quality: float | None = None) -> int:
     """The rows a captioning run leaves for `path` (as captioned now)."""
     digest = sha(path)
     with sm.begin() as s:
@@ -62,7 +63,8 @@ def captioned(sm, path: Path, text: str = CAPTION, version: str = "v1", tags=TAG
             s.add(image)
             s.flush()
         s.add(Caption(image_id=image.id, model_version=version, text=text, alt_text=text.rstrip("."),
-                      candidates=[[text, -1.0]], tags=tags, confidence=confidence, needs_review=False, forward_size=1))
+                      candidates=[[text, -1.0]], tags=tags, confidence=confidence, quality=quality, needs_review=False,
+                      forward_size=1))
         return image.id
 
 
@@ -94,7 +96,24 @@ def test_a_sidecar_holds_every_field_as_exiftool_and_a_plain_xml_parser_read_it(
     assert [li.text for li in root.findall(".//dc:subject/rdf:Bag/rdf:li", NS)] == ["Labrador retriever"]
     assert root.find(".//captioner:ModelVersion", NS).text == "v1"
     assert float(root.find(".//captioner:Confidence", NS).text) == 0.7
+    assert "XMP-captioner:Quality" not in tags  # the model had no estimator
 
+    assert metadata.write_files(sm, [et], [str(photo)], "sidecar").counts == {"unchanged": 1}
+
+
+def test_quality_is_written_when_estimated_and_removed_when_a_newer_model_has_none(sm, et, photo):
+    captioned(sm, photo, quality=0.8125)
+    assert metadata.write_files(sm, [et], [str(photo)], "sidecar").counts == {"sidecar": 1}
+    sidecar = photo.with_name(photo.name + ".xmp")
+    [tags] = exif(sidecar)
+    assert tags["XMP-captioner:Quality"] == 0.8125 and tags["XMP-captioner:Confidence"] == 0.7
+    assert float(ET.parse(sidecar).getroot().find(".//captioner:Quality", NS).text) == 0.8125
+    assert metadata.write_files(sm, [et], [str(photo)], "sidecar").counts == {"unchanged": 1}
+
+    captioned(sm, photo, "A dog on a lawn.", version="v2")  # a newer model without an estimator
+    assert metadata.write_files(sm, [et], [str(photo)], "sidecar").counts == {"sidecar": 1}
+    [tags] = exif(sidecar)
+    assert tags["XMP-dc:Description"] == "A dog on a lawn." and "XMP-captioner:Quality" not in tags
     assert metadata.write_files(sm, [et], [str(photo)], "sidecar").counts == {"unchanged": 1}
 
 

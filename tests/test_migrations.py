@@ -89,3 +89,51 @@ def test_downgrades_that_drop_keys_or_decisions_are_refused_unless_forced(databa
     finally:
         get_settings.cache_clear()
     upgrade(url)
+
+
+@pytest.mark.parametrize("database", ["sqlite_url", "own_pg_url"])
+def test_caption_quality_upgrades_to_null_and_downgrades_keeping_the_captions_and_their_search(database, request):
+    from alembic.script import ScriptDirectory
+    from sqlalchemy import inspect, select
+
+    from captioner.core import queries, search
+    from captioner.core.db import make_engine, make_sessionmaker
+    from captioner.core.tables import Caption
+    from captioner.migrations import downgrade, upgrade
+
+    url = request.getfixturevalue(database)
+    below = ScriptDirectory.from_config(alembic_config(url)).get_revision("c3d4quality1").down_revision
+
+    def caption(sm, key: str, text: str, quality: float | None) -> int:
+        with sm.begin() as s:
+            [sub] = queries.submit(s, [queries.NewImage(f"file:///{key}.jpg", f"sha256:{key}")], "v1", "backfill")
+            claimed = queries.Claimed(sub.job_id, sub.image_id, f"file:///{key}.jpg", 1)
+            queries.complete(s, [queries.Result(claimed, text, text, [], [], 0.5, False, 8, 8, quality=quality)],
+                             [], "v1", forward_size=1)
+        return sub.image_id
+
+    engine = make_engine(url)
+    sm = make_sessionmaker(engine)
+    estimated = caption(sm, "quality-1", "A zebra crosses a river.", 0.9)
+    with sm() as s:
+        assert s.scalar(select(Caption.quality).where(Caption.image_id == estimated)) == 0.9
+    engine.dispose()
+
+    downgrade(url, below)
+    engine = make_engine(url)
+    assert "quality" not in {c["name"] for c in inspect(engine).get_columns("captions")}
+    engine.dispose()
+
+    upgrade(url)
+    command.check(alembic_config(url))
+    engine = make_engine(url)
+    sm = make_sessionmaker(engine)
+    later = caption(sm, "quality-2", "An okapi stands in a forest.", None)
+    with sm() as s:
+        qualities = dict(s.execute(select(Caption.image_id, Caption.quality)
+                                   .where(Caption.image_id.in_([estimated, later]))).all())
+        # the index survives both ways (SQLite's is kept by triggers a table copy would have dropped)
+        found = [[r["id"] for r in search.query_index(s, word, 10, 0, "default")] for word in ("zebra", "okapi")]
+    engine.dispose()
+    assert qualities == {estimated: None, later: None}  # a row from before the column has no estimate
+    assert found == [[estimated], [later]]

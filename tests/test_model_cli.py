@@ -138,4 +138,5 @@ def test_describe_json_and_unreadable_file(tiny_set, tmp_path):
     assert result.exit_code == 0
     record = json.loads(result.stdout.strip().splitlines()[0])
     assert record["text"].endswith(".") and len(record["candidates"]) == 3 and record["alt_text"]
+    assert record["quality"] is None or 0 <= record["quality"] <= 1  # None: a checkpoint without an estimator
     assert "notes.jpg: cannot read image" in result.stderr

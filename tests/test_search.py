@@ -44,9 +44,11 @@ def seed(sm) -> dict[str, int]:
         with sm.begin() as s:
             [sub] = queries.submit(s, [NewImage(f"file:///photos/{key}.jpg", f"sha256:{key}")], VERSION,
                                    "interactive", tenant=tenant)
-            # claimed by hand: the migration test seeds the first schema, which lacks today's claim columns
             claimed = queries.Claimed(sub.job_id, sub.image_id, f"file:///photos/{key}.jpg", 1)
-            queries.complete(s, [Result(claimed, caption, alt, [(caption, 0.5)], tags, 0.5, key == "sled", 8, 8)],
+            # one caption has a quality estimate, the others come from a model without an estimator
+            quality = 0.75 if key == "dog-grass" else None
+            queries.complete(s, [Result(claimed, caption, alt, [(caption, 0.5)], tags, 0.5, key == "sled", 8, 8,
+                                        quality)],
                              [], VERSION, forward_size=1)
         out[key] = sub.image_id
     return out
@@ -169,7 +171,8 @@ def test_api_search_results_and_pages(api):
     body = client.get("/v1/search", query_string={"q": "dogs -cat", "limit": 2}).get_json()
     assert body["query"] == "dogs -cat" and len(body["results"]) == 2 and body["next_offset"] == 2
     first = body["results"][0]
-    assert set(first) == {"id", "source", "caption", "alt_text", "tags", "score", "confidence", "model_version"}
+    assert set(first) == {"id", "source", "caption", "alt_text", "tags", "score", "confidence", "quality",
+                          "model_version"}
     assert first["tags"][0].keys() == {"label", "score"} and first["source"].endswith(".jpg")
     assert "/" not in first["source"]  # a local file by its name: never the server's folders
     seen = [r["id"] for r in body["results"]]
@@ -179,6 +182,8 @@ def test_api_search_results_and_pages(api):
         seen += [r["id"] for r in body["results"]]
         offset = body["next_offset"]
     assert len(seen) == len(set(seen)) == 4 and ids["dog-cat"] not in seen
+    quality = {r["id"]: r["quality"] for r in client.get("/v1/search", query_string={"q": "dog"}).get_json()["results"]}
+    assert quality.pop(ids["dog-grass"]) == 0.75 and quality and set(quality.values()) == {None}
 
 
 @pytest.mark.parametrize("query", HOSTILE)
@@ -218,10 +223,20 @@ def test_cli_search(backend, monkeypatch):
 
 def test_migration_indexes_existing_captions_and_downgrades(tmp_path: Path):
     """Captions written before the search migration are found after it; it downgrades cleanly."""
+    from sqlalchemy import insert
+
+    from captioner.core.tables import Caption
+
     url = f"sqlite:///{tmp_path / 'old.db'}"
     upgrade(url, "5c12d53081cc")
     engine = make_engine(url)
-    seed(make_sessionmaker(engine))
+    for key, caption, alt, tags, tenant in CORPUS:  # the columns of the first schema only (no quality)
+        with make_sessionmaker(engine).begin() as s:
+            [sub] = queries.submit(s, [NewImage(f"file:///photos/{key}.jpg", f"sha256:{key}")], VERSION,
+                                   "interactive", tenant=tenant)
+            s.execute(insert(Caption).values(image_id=sub.image_id, model_version=VERSION, text=caption, alt_text=alt,
+                                             candidates=[], tags=tags, confidence=0.5, needs_review=False,
+                                             forward_size=1))
     upgrade(url)
     sm = make_sessionmaker(engine)
     with sm() as s:

@@ -31,7 +31,7 @@ def app(app_settings):
     return app
 
 
-def caption_queued(app, text: str, needs_review: bool) -> list[int]:
+def caption_queued(app, text: str, needs_review: bool, quality: float | None = None) -> list[int]:
     """Write a caption for every queued job, as a worker does -> the image ids."""
     sm = app.extensions["captioner"].sessionmaker
     with sm.begin() as s:
@@ -39,7 +39,8 @@ def caption_queued(app, text: str, needs_review: bool) -> list[int]:
         claimed = queries.claim(s, version, 600, 1000)
         queries.complete(s, [queries.Result(c, text.rstrip("."), text, [(text, 0.3), ("A dog plays.", 0.2)],
                                             [("collie", 0.6), ("grass", 0.3)], 0.3 if needs_review else 0.9,
-                                            needs_review, 640, 480) for c in claimed], [], version, len(claimed))
+                                            needs_review, 640, 480, quality) for c in claimed], [], version,
+                                            len(claimed))
     return [c.image_id for c in claimed]
 
 
@@ -355,6 +356,32 @@ def test_the_review_queue_approves_and_moves_on(app, api_key):
     assert "Nothing to review" in text(client.get("/review"))
     states = [keyed(app, api_key).get(f"/v1/images/{i}/alt-text").get_json()["state"] for i in (1, 2, 3, 4)]
     assert states == ["approved", "edited", "decorative", "generated"]
+
+
+def test_the_review_queue_shows_the_most_doubtful_first_and_skips_in_that_order(app, api_key):
+    client = signed_in(app, api_key)
+    for n, quality in enumerate((0.6, None, 0.1)):  # image 2: a model without a quality estimate
+        upload(client, jpeg((n, n, n)))
+        caption_queued(app, UNSURE, needs_review=True, quality=quality)
+
+    def shown(page: str) -> int:
+        return int(re.search(r"<h2>Image (\d+) ", page).group(1))
+
+    page = text(client.get("/review"))
+    assert shown(page) == 3 and "quality 0.100" in page
+    page = text(client.get("/review?after=3"))
+    assert shown(page) == 1 and "quality 0.600" in page
+    page = text(client.get("/review?after=1"))
+    assert shown(page) == 2 and "quality 0." not in page
+    assert "after the ones you skipped" in text(client.get("/review?after=2"))
+    decide(client, 3, state="approved", return_to="review")
+    assert shown(text(client.get("/review"))) == 1
+
+    image = text(client.get("/images/1"))
+    assert "<dt>Quality</dt><dd>0.600 (estimated probability that the caption is right)</dd>" in image
+    assert "<dt>Quality</dt><dd>—</dd>" in text(client.get("/images/2"))
+    gallery = text(client.get("/"))
+    assert gallery.count('class="quality"') == 2 and "quality 0.60</span>" in gallery and "quality 0.10</span>" in gallery
 
 
 # ---------------------------------------------------------------- uploads, batches, thumbnails

@@ -1,7 +1,9 @@
 """The long-running processes (worker, API, Flower) and the database schema."""
+import json
 import os
 import sys
 import tempfile
+from dataclasses import asdict
 from pathlib import Path
 
 import click
@@ -69,6 +71,51 @@ def serve(host, port, workers, threads) -> None:
                              "--threads", str(threads), "--access-logfile", "-", "captioner.api:create_app()"])
 
 
+@click.command()
+@click.option("--json", "as_json", is_flag=True, help="One JSON object instead of the tables.")
+def status(as_json) -> None:
+    """Queues (jobs queued, the oldest one's age), workers (live or lost, last heartbeat, model)
+    and failed jobs by error code, from the database: what /readyz and /metrics report."""
+    from captioner.core import liveness
+    from captioner.core.queue import WEBHOOK_QUEUE
+
+    settings = context.settings()
+    with context.database(settings)() as s:
+        state = liveness.report(s, settings.worker_timeout_seconds, with_failures=True)
+    if as_json:
+        click.echo(json.dumps({"queues": {name: asdict(q) for name, q in state.queues.items()},
+                               "stalled": state.stalled(),
+                               "workers": [asdict(w) for w in state.workers],
+                               "failures": {code: asdict(f) for code, f in state.failures.items()},
+                               "worker_timeout_seconds": settings.worker_timeout_seconds}, default=str))
+        return
+    click.echo(f"{'queue':<12} {'queued':>8} {'oldest':>10} {'workers':>8}")
+    for name, q in state.queues.items():
+        note = "  stalled: no live worker consumes it" if name in state.stalled() else ""
+        click.echo(f"{name:<12} {q.queued:>8} {_age(q.oldest_seconds) if q.queued else '-':>10} {q.workers:>8}{note}")
+    if not settings.embedded:
+        click.echo(f"{WEBHOOK_QUEUE:<12} {'':>8} {'':>10} {state.consumers(WEBHOOK_QUEUE):>8}")
+    click.echo(f"\nworkers (lost after {settings.worker_timeout_seconds} s without a heartbeat)")
+    for w in state.workers:
+        click.echo(f"  {'live' if w.live else 'LOST':<4}  {w.hostname} pid {w.pid}  {','.join(w.queues)}  "
+                   f"model {w.model_version or '-'} ({w.runtime or '-'})  last beat {_age(w.seconds_since_beat)} ago")
+    if not state.workers:
+        click.echo("  none" + (" (embedded mode: `captioner caption` processes queued jobs)" if settings.embedded else ""))
+    click.echo("\nfailed jobs by error code (last hour / total)")
+    for code, f in sorted(state.failures.items(), key=lambda item: -item[1].total):
+        click.echo(f"  {code:<24} {f.last_hour:>6} / {f.total}")
+    if not state.failures:
+        click.echo("  none")
+
+
+def _age(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
 @click.group()
 def db() -> None:
     """Database schema."""
@@ -101,4 +148,4 @@ def db_downgrade(revision, force) -> None:
     click.echo(f"database at {revision}: {shown(settings.database_url)}")
 
 
-COMMANDS = [worker, flower, serve, db]
+COMMANDS = [worker, flower, serve, status, db]

@@ -1,10 +1,10 @@
 """The long-running processes (worker, API, Flower) and the database schema."""
+import importlib.util
 import json
 import os
 import sys
 import tempfile
 from dataclasses import asdict
-from pathlib import Path
 
 import click
 
@@ -60,15 +60,19 @@ def flower(host, port) -> None:
 def serve(host, port, workers, threads) -> None:
     """Start the HTTP API under gunicorn."""
     context.settings()  # fail here, with the message, rather than inside each gunicorn worker
-    # prometheus_client's multiprocess mode: each gunicorn worker counts in files here and
-    # /metrics sums them (a fresh folder: counters restart with the server, as Prometheus expects)
-    os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="captioner-api-metrics-"))
-    gunicorn = Path(sys.executable).with_name("gunicorn")
-    if not gunicorn.exists():
+    if importlib.util.find_spec("gunicorn") is None:
         raise click.ClickException("the API runs under gunicorn, which this installation lacks: "
                                    "pip install 'captioner[api]'")
-    os.execv(str(gunicorn), [str(gunicorn), "--bind", f"{host}:{port}", "--workers", str(workers),
-                             "--threads", str(threads), "--access-logfile", "-", "captioner.api:create_app()"])
+    # this interpreter's gunicorn (python -m), so that it imports this interpreter's captioner
+    argv = [sys.executable, "-m", "gunicorn", "--bind", f"{host}:{port}", "--workers", str(workers), "--threads", str(threads),
+            "--access-logfile", "-"]
+    if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+        # prometheus_client's multiprocess mode: each gunicorn worker counts in files here and
+        # /metrics sums them (a fresh folder: counters restart with the server, as Prometheus
+        # expects); gunicorn's on_exit hook removes it when the server stops
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="captioner-api-metrics-")
+        argv += ["--config", "python:captioner.api.server_hooks"]
+    os.execv(sys.executable, [*argv, "captioner.api:create_app()"])
 
 
 @click.command()

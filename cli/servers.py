@@ -36,8 +36,10 @@ def worker(queues, concurrency, beat, loglevel, hostname) -> None:
 def flower(host, port) -> None:
     """Start Flower, the Celery monitor, on the broker (needs CAPTIONER_BROKER_URL).
 
-    Basic auth comes from CAPTIONER_FLOWER_BASIC_AUTH=user:password, required unless Flower listens
-    on 127.0.0.1 only: Flower's pages and API can revoke tasks and shut workers down."""
+    Basic auth comes from CAPTIONER_FLOWER_BASIC_AUTH=user:password (not a --basic-auth option: a
+    password in argv shows in `ps`), required unless Flower listens on 127.0.0.1: Flower's pages and
+    API can revoke tasks and shut workers down. Without it, on 127.0.0.1, the pages show workers and
+    tasks and Flower's HTTP API (/api/*, which the pages' buttons call too) answers 401."""
     from captioner.core.queue import create_celery
 
     settings = context.settings()
@@ -49,6 +51,9 @@ def flower(host, port) -> None:
     if settings.flower_basic_auth:
         # Flower's own variable rather than --basic-auth: a password in argv shows in `ps`
         os.environ["FLOWER_BASIC_AUTH"] = settings.flower_basic_auth
+    else:
+        click.echo("no CAPTIONER_FLOWER_BASIC_AUTH: Flower's pages only, on 127.0.0.1; its HTTP API (/api/*) "
+                   "answers 401 until CAPTIONER_FLOWER_BASIC_AUTH=user:password is set", err=True)
     create_celery(settings).start(["flower", f"--address={host}", f"--port={port}"])
 
 

@@ -13,15 +13,17 @@ from typing import Any
 from celery import bootsteps
 from sqlalchemy.exc import SQLAlchemyError
 
-from captioner.core import liveness
+from captioner.core import captioner, liveness
 from captioner.core.db import make_engine, make_sessionmaker
+from captioner.core.queue import WEBHOOK_QUEUE
 from captioner.core.settings import Settings
 
 log = logging.getLogger(__name__)
 
 
-def heartbeat_step(settings: Settings, model_version: str | None, runtime: str | None) -> type:
-    """A consumer bootstep for this worker: it starts once the task consumer consumes its queues."""
+def heartbeat_step(settings: Settings) -> type:
+    """A consumer bootstep: it starts once the task consumer consumes its queues. worker/tasks.py
+    adds it to the app, so `celery -A captioner.worker.tasks:app worker` beats too."""
 
     class Heartbeat(bootsteps.StartStopStep):
         label = "heartbeat"
@@ -43,6 +45,8 @@ def heartbeat_step(settings: Settings, model_version: str | None, runtime: str |
                 return
             self.who = (consumer.hostname, os.getpid())
             self.queues = sorted(q.name for q in consumer.task_consumer.queues)
+            captions = self.queues != [WEBHOOK_QUEUE]  # a webhooks worker loads no model
+            self.model = (captioner.version(settings), captioner.runtime_plan(settings)) if captions else (None, None)
             self.stopping.clear()
             self._beat()  # at once: the worker counts from its first consumed message on
             self.thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
@@ -70,7 +74,7 @@ def heartbeat_step(settings: Settings, model_version: str | None, runtime: str |
         def _beat(self) -> None:
             try:
                 with self.sessions.begin() as s:
-                    liveness.beat(s, *self.who, self.queues, model_version, runtime)
+                    liveness.beat(s, *self.who, self.queues, *self.model)
             except SQLAlchemyError as e:  # the database is down: say so once, not every few seconds
                 if not self.failing:
                     log.warning("heartbeat not written: %s: %s", e.__class__.__name__, e)

@@ -19,21 +19,18 @@ def start(settings: Settings, queues: str, concurrency: int | None, beat: bool, 
     if webhooks and names != [WEBHOOK_QUEUE]:
         raise ConfigError(f"the {WEBHOOK_QUEUE} queue gets a worker of its own (`captioner worker --queues "
                           f"{WEBHOOK_QUEUE}`): a slow receiver must not hold a process that captions")
-    # a missing checkpoint stops here, not in every pool child
-    model_version = None if webhooks else captioner.version(settings)
+    if not webhooks:
+        captioner.version(settings)  # a missing checkpoint stops here, not in every pool child
     if settings.worker_metrics_port:
         # prometheus_client's multiprocess mode, chosen when it is imported: the prefork children
         # write their samples to files here and the main process serves their sum
         os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="captioner-metrics-"))
     from . import tasks
-    from .heartbeat import heartbeat_step
     from .tasks import app
 
     concurrency = concurrency or (WEBHOOK_THREADS if webhooks else 1)
     tasks.CAPTIONS = not webhooks
     app.conf.worker_concurrency = concurrency  # also read by the pool processes (their torch threads)
-    app.steps["consumer"].add(heartbeat_step(settings, model_version,
-                                             None if webhooks else captioner.runtime_plan(settings)))
     # --without-mingle: after a Redis restart the worker reconnected, logged "mingle: searching for
     # neighbors" and never consumed again (celery/celery#8030; seen in the fault suite's Redis
     # restart). Mingle only syncs revoked ids between workers; the database is our truth.

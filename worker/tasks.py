@@ -24,11 +24,13 @@ from captioner.core.settings import get_settings
 
 from . import metrics
 from .batching import Batches, request_ids
+from .heartbeat import heartbeat_step
 
 log = logging.getLogger(__name__)
 settings = get_settings()
 app = create_celery(settings)
 publish = publisher(settings, app)
+app.steps["consumer"].add(heartbeat_step(settings))  # /readyz and /metrics count this worker while it consumes
 CAPTIONS = True  # whether this worker consumes caption queues (worker/main.py sets it before the pool forks)
 
 

@@ -164,7 +164,8 @@ SPEC: dict[str, Any] = {
                 "text/csv": {"schema": {"type": "string"}}}}, **_errors(400), **KEY_ERRORS}, **KEYED}},
         "/healthz": {"get": {"summary": "The process is alive",
                              "responses": {"200": _json(_object(["status"], status={"const": "ok"}), "ok")}}},
-        "/readyz": {"get": {"summary": "Database, broker, storage and model are usable",
+        "/readyz": {"get": {"summary": "Database, broker, storage and model are usable, and every queue "
+                                       "holding jobs has a live worker",
                             "responses": {"200": _json({"$ref": "#/components/schemas/Ready"}, "ready"),
                                           "503": _json({"$ref": "#/components/schemas/Ready"},
                                                        "not ready, with the failing checks")}}},
@@ -221,8 +222,12 @@ SPEC: dict[str, Any] = {
             tags={"type": "array", "items": _object(["label", "score"], label={"type": "string"},
                                                     score={"type": "number"})},
             score={"type": "number"}, confidence={"type": "number"}, quality=QUALITY, model_version=TEXT)}),
-        "Ready": _object(["status", "checks"], status={"type": "string", "enum": ["ready", "not ready"]},
-                         checks={"type": "object", "additionalProperties": {"type": "string"}}),
+        "Ready": _object(["status", "checks", "queues"], status={"type": "string", "enum": ["ready", "not ready"]},
+                         checks={"type": "object", "additionalProperties": {"type": "string"}},
+                         queues={"type": "object", "description": "per job queue; empty when the database is down",
+                                 "additionalProperties": _object(
+                                     ["queued", "oldest_queued_seconds", "workers"], queued={"type": "integer"},
+                                     oldest_queued_seconds={"type": "number"}, workers={"type": "integer"})}),
     }},
 }
 

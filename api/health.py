@@ -1,11 +1,12 @@
 "Liveness and readiness probes for the orchestrator."
 from flask import Blueprint, Response, jsonify
 from sqlalchemy import text
+from sqlalchemy.exc import SQLAlchemyError
 
-from captioner.core import captioner, storage
+from captioner.core import captioner, liveness, storage
 from captioner.core.errors import CaptioningError
 
-from . import get_session, services
+from . import Services, get_session, services
 
 bp = Blueprint("health", __name__)
 
@@ -17,7 +18,8 @@ def healthz() -> Response:
 
 @bp.get("/readyz")
 def readyz() -> tuple[Response, int]:
-    """200 only when the database, the broker, storage and the model checkpoint are usable."""
+    """200 only when the database, the broker, storage and the model checkpoint are usable, and no
+    queue holds jobs that no live worker consumes (distributed mode)."""
     svc = services()
     checks: dict[str, str] = {}
     try:
@@ -44,5 +46,27 @@ def readyz() -> tuple[Response, int]:
     except CaptioningError as e:
         checks["model"] = f"error: {e.message}"
     checks["runtime"] = captioner.runtime_plan(svc.settings)  # what a worker on a host like this one runs
+    queues = _queues(svc, checks)
     ready = all(not v.startswith("error") for v in checks.values())
-    return jsonify({"status": "ready" if ready else "not ready", "checks": checks}), 200 if ready else 503
+    return jsonify({"status": "ready" if ready else "not ready", "checks": checks, "queues": queues}), \
+        200 if ready else 503
+
+
+def _queues(svc: Services, checks: dict[str, str]) -> dict[str, dict]:
+    """Jobs queued, the oldest one's age and the live workers per queue (two indexed queries);
+    checks["workers"] is an error when a queue holds jobs that no live worker consumes."""
+    try:
+        state = liveness.report(get_session(), svc.settings.worker_timeout_seconds)
+    except SQLAlchemyError:
+        return {}  # checks["database"] already says why
+    if svc.celery is None:
+        checks["workers"] = "not used (embedded mode: `captioner caption` processes queued jobs)"
+    elif stalled := state.stalled():
+        checks["workers"] = "error: no live worker consumes " + ", ".join(
+            f"{name} ({state.queues[name].queued} jobs queued, the oldest for {state.queues[name].oldest_seconds:.0f} s)"
+            for name in stalled)
+    else:
+        checks["workers"] = f"ok: {sum(w.live for w in state.workers)} live"
+    return {name: {"queued": q.queued, "oldest_queued_seconds": round(q.oldest_seconds, 1), "workers": q.workers}
+            for name, q in state.queues.items()}
+

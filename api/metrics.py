@@ -1,4 +1,6 @@
-"""Prometheus metrics of the API: requests by route, method and status, and their latency.
+"""Prometheus metrics of the API: requests by route, method and status, and their latency; and,
+read from the database at each scrape, jobs queued and the oldest one's age per queue, live
+workers per queue and failed jobs by error code.
 
 GET /metrics needs `Authorization: Bearer <CAPTIONER_METRICS_TOKEN>`; with no token configured it
 is not served at all (404). A token rather than a separate bind: the API already has one port that
@@ -8,14 +10,20 @@ sets prometheus_client's multiprocess mode so a scrape sees the sum of all of th
 import hmac
 import os
 import time
+from typing import Iterator
 
 from flask import Blueprint, Flask, Response, g, request
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import Collector
 from werkzeug.datastructures import WWWAuthenticate
 from werkzeug.exceptions import NotFound, Unauthorized
 
-from . import services
+from captioner.core import liveness
+from captioner.core.queue import WEBHOOK_QUEUE
+
+from . import Services, services
 
 REQUESTS = Counter("captioner_http_requests", "HTTP requests answered", ["route", "method", "status"])
 LATENCY = Histogram("captioner_http_request_seconds", "Seconds from request to response", ["route", "method"],
@@ -60,4 +68,36 @@ def metrics() -> Response:
     given = request.headers.get("Authorization", "")
     if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
         raise Unauthorized("send Authorization: Bearer <CAPTIONER_METRICS_TOKEN>", www_authenticate=WWWAuthenticate("Bearer"))
-    return Response(generate_latest(_registry()), mimetype=CONTENT_TYPE_LATEST)
+    queues = CollectorRegistry()
+    queues.register(QueueCollector(services()))
+    # content_type, not mimetype: CONTENT_TYPE_LATEST already carries its charset, which Flask would add again
+    return Response(generate_latest(_registry()) + generate_latest(queues), content_type=CONTENT_TYPE_LATEST)
+
+
+class QueueCollector(Collector):
+    """The work waiting and who works it, read from the database at scrape time (the jobs table is
+    the truth, and the API answers with no worker left to export anything); aggregates only, no tenant.
+    Computed once per scrape, not summed across gunicorn processes like the HTTP counters."""
+
+    def __init__(self, svc: Services):
+        self.svc = svc
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        with self.svc.sessionmaker() as s:
+            state = liveness.report(s, self.svc.settings.worker_timeout_seconds, with_failures=True)
+        queued = GaugeMetricFamily("captioner_jobs_queued", "Jobs waiting for a worker, per queue", labels=["queue"])
+        oldest = GaugeMetricFamily("captioner_jobs_oldest_queued_seconds",
+                                   "Seconds since the oldest queued job was submitted; 0 when none", labels=["queue"])
+        for name, q in state.queues.items():
+            queued.add_metric([name], q.queued)
+            oldest.add_metric([name], q.oldest_seconds)
+        workers = GaugeMetricFamily("captioner_workers_live",
+                                    "Workers with a heartbeat younger than CAPTIONER_WORKER_TIMEOUT_SECONDS, per queue "
+                                    "they consume", labels=["queue"])
+        for name in (*state.queues, WEBHOOK_QUEUE):
+            workers.add_metric([name], state.consumers(name))
+        failed = GaugeMetricFamily("captioner_jobs_failed", "Jobs failed now, by error code (a retry removes them)",
+                                   labels=["code"])
+        for code, count in sorted(state.failures.items()):
+            failed.add_metric([code], count.total)
+        yield from (queued, oldest, workers, failed)

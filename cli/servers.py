@@ -1,8 +1,10 @@
 """The long-running processes (worker, API, Flower) and the database schema."""
+import importlib.util
+import json
 import os
 import sys
 import tempfile
-from pathlib import Path
+from dataclasses import asdict
 
 import click
 
@@ -34,8 +36,10 @@ def worker(queues, concurrency, beat, loglevel, hostname) -> None:
 def flower(host, port) -> None:
     """Start Flower, the Celery monitor, on the broker (needs CAPTIONER_BROKER_URL).
 
-    Basic auth comes from CAPTIONER_FLOWER_BASIC_AUTH=user:password, required unless Flower listens
-    on 127.0.0.1 only: Flower's pages and API can revoke tasks and shut workers down."""
+    Basic auth comes from CAPTIONER_FLOWER_BASIC_AUTH=user:password (not a --basic-auth option: a
+    password in argv shows in `ps`), required unless Flower listens on 127.0.0.1: Flower's pages and
+    API can revoke tasks and shut workers down. Without it, on 127.0.0.1, the pages show workers and
+    tasks and Flower's HTTP API (/api/*, which the pages' buttons call too) answers 401."""
     from captioner.core.queue import create_celery
 
     settings = context.settings()
@@ -47,6 +51,9 @@ def flower(host, port) -> None:
     if settings.flower_basic_auth:
         # Flower's own variable rather than --basic-auth: a password in argv shows in `ps`
         os.environ["FLOWER_BASIC_AUTH"] = settings.flower_basic_auth
+    else:
+        click.echo("no CAPTIONER_FLOWER_BASIC_AUTH: Flower's pages only, on 127.0.0.1; its HTTP API (/api/*) "
+                   "answers 401 until CAPTIONER_FLOWER_BASIC_AUTH=user:password is set", err=True)
     create_celery(settings).start(["flower", f"--address={host}", f"--port={port}"])
 
 
@@ -58,15 +65,64 @@ def flower(host, port) -> None:
 def serve(host, port, workers, threads) -> None:
     """Start the HTTP API under gunicorn."""
     context.settings()  # fail here, with the message, rather than inside each gunicorn worker
-    # prometheus_client's multiprocess mode: each gunicorn worker counts in files here and
-    # /metrics sums them (a fresh folder: counters restart with the server, as Prometheus expects)
-    os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="captioner-api-metrics-"))
-    gunicorn = Path(sys.executable).with_name("gunicorn")
-    if not gunicorn.exists():
+    if importlib.util.find_spec("gunicorn") is None:
         raise click.ClickException("the API runs under gunicorn, which this installation lacks: "
                                    "pip install 'captioner[api]'")
-    os.execv(str(gunicorn), [str(gunicorn), "--bind", f"{host}:{port}", "--workers", str(workers),
-                             "--threads", str(threads), "--access-logfile", "-", "captioner.api:create_app()"])
+    # this interpreter's gunicorn (python -m), so that it imports this interpreter's captioner
+    argv = [sys.executable, "-m", "gunicorn", "--bind", f"{host}:{port}", "--workers", str(workers), "--threads", str(threads),
+            "--access-logfile", "-"]
+    if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+        # prometheus_client's multiprocess mode: each gunicorn worker counts in files here and
+        # /metrics sums them (a fresh folder: counters restart with the server, as Prometheus
+        # expects); gunicorn's on_exit hook removes it when the server stops
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="captioner-api-metrics-")
+        argv += ["--config", "python:captioner.api.server_hooks"]
+    os.execv(sys.executable, [*argv, "captioner.api:create_app()"])
+
+
+@click.command()
+@click.option("--json", "as_json", is_flag=True, help="One JSON object instead of the tables.")
+def status(as_json) -> None:
+    """Queues (jobs queued, the oldest one's age), workers (live or lost, last heartbeat, model)
+    and failed jobs by error code, from the database: what /readyz and /metrics report."""
+    from captioner.core import liveness
+    from captioner.core.queue import WEBHOOK_QUEUE
+
+    settings = context.settings()
+    with context.database(settings)() as s:
+        state = liveness.report(s, settings.worker_timeout_seconds, with_failures=True)
+    if as_json:
+        click.echo(json.dumps({"queues": {name: asdict(q) for name, q in state.queues.items()},
+                               "stalled": state.stalled(),
+                               "workers": [asdict(w) for w in state.workers],
+                               "failures": {code: asdict(f) for code, f in state.failures.items()},
+                               "worker_timeout_seconds": settings.worker_timeout_seconds}, default=str))
+        return
+    click.echo(f"{'queue':<12} {'queued':>8} {'oldest':>10} {'workers':>8}")
+    for name, q in state.queues.items():
+        note = "  stalled: no live worker consumes it" if name in state.stalled() else ""
+        click.echo(f"{name:<12} {q.queued:>8} {_age(q.oldest_seconds) if q.queued else '-':>10} {q.workers:>8}{note}")
+    if not settings.embedded:
+        click.echo(f"{WEBHOOK_QUEUE:<12} {'':>8} {'':>10} {state.consumers(WEBHOOK_QUEUE):>8}")
+    click.echo(f"\nworkers (lost after {settings.worker_timeout_seconds} s without a heartbeat)")
+    for w in state.workers:
+        click.echo(f"  {'live' if w.live else 'LOST':<4}  {w.hostname} pid {w.pid}  {','.join(w.queues)}  "
+                   f"model {w.model_version or '-'} ({w.runtime or '-'})  last beat {_age(w.seconds_since_beat)} ago")
+    if not state.workers:
+        click.echo("  none" + (" (embedded mode: `captioner caption` processes queued jobs)" if settings.embedded else ""))
+    click.echo("\nfailed jobs by error code (last hour / total)")
+    for code, f in sorted(state.failures.items(), key=lambda item: -item[1].total):
+        click.echo(f"  {code:<24} {f.last_hour:>6} / {f.total}")
+    if not state.failures:
+        click.echo("  none")
+
+
+def _age(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 @click.group()
@@ -101,4 +157,4 @@ def db_downgrade(revision, force) -> None:
     click.echo(f"database at {revision}: {shown(settings.database_url)}")
 
 
-COMMANDS = [worker, flower, serve, db]
+COMMANDS = [worker, flower, serve, status, db]

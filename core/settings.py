@@ -77,6 +77,12 @@ class Settings:
     flower_basic_auth: str | None = None  # "user:pass" for `captioner flower`; required unless on 127.0.0.1
     metrics_token: str | None = None  # bearer token for the API's /metrics; unset = /metrics not served
     worker_metrics_port: int | None = None  # the worker's Prometheus port; unset = no metrics server
+    # the address the worker's metrics server listens on: loopback unless a scraper on another host
+    # needs it (0.0.0.0 = every interface; the worker's metrics carry no token)
+    worker_metrics_host: str = "127.0.0.1"
+    # a worker whose last heartbeat is older than this is gone (killed, or its host lost): /readyz and
+    # /metrics stop counting it. Workers beat every quarter of it; one stopped cleanly leaves at once
+    worker_timeout_seconds: int = 20
     # signs the web interface's session cookies and CSRF tokens; unset = a random one made once and
     # kept in the database, so every API process of a fleet, and a restarted one, shares it
     secret_key: str | None = None

@@ -86,6 +86,10 @@ class Job(Base):
         UniqueConstraint("image_id", "model_version"),  # submitting twice does no work twice
         CheckConstraint(f"status IN {STATUSES}", name="status"),
         Index("ix_jobs_status_queue", "status", "queue"),  # claim and sweep scan by status
+        # queue depth and the oldest queued job per queue, for /readyz and /metrics on every probe:
+        # a scan of the queued rows' index entries alone, never of done or failed ones
+        Index("ix_jobs_queued_queue_created_at", "queue", "created_at",
+              postgresql_where=text("status = 'queued'"), sqlite_where=text("status = 'queued'")),
     )
 
     def __repr__(self) -> str:
@@ -266,3 +270,21 @@ class MetadataWrite(Base):
 
     def __repr__(self) -> str:
         return f"<MetadataWrite image={self.image_id} {self.path}>"
+
+
+class WorkerBeat(Base):
+    """A running worker process's heartbeat, written every few seconds by the worker itself: the
+    database, not the broker, so the API and `captioner status` see workers (and their absence)
+    with one query, and nothing waits on a broadcast that no worker answers. A worker stopped
+    cleanly deletes its row; a killed one's row ages out (CAPTIONER_WORKER_TIMEOUT_SECONDS)."""
+    __tablename__ = "worker_beats"
+    hostname: Mapped[str] = mapped_column(String(255), primary_key=True)  # Celery's node name, e.g. celery@gpu1
+    pid: Mapped[int] = mapped_column(primary_key=True)
+    queues: Mapped[str] = mapped_column(String(255))  # the queues it consumes, comma-separated
+    model_version: Mapped[str | None] = mapped_column(String(64))  # None: a webhooks worker captions nothing
+    runtime: Mapped[str | None] = mapped_column(String(16))
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    last_beat: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    def __repr__(self) -> str:
+        return f"<WorkerBeat {self.hostname} pid={self.pid} {self.queues}>"

@@ -150,3 +150,25 @@ def test_worker_serves_metrics_of_its_pool_and_logs_json(deployment):
     assert len(captioned) >= PHOTOS
     assert all(isinstance(line["image_id"], int) and isinstance(line["job_id"], int) and line["batch_id"]
                for line in captioned)
+
+
+def test_flower_without_credentials_serves_its_pages_on_loopback_and_refuses_its_api(redis_url, tmp_path):
+    """What the docs promise for `captioner flower` with no CAPTIONER_FLOWER_BASIC_AUTH."""
+    port = _port()
+    env = {**os.environ, "CAPTIONER_BROKER_URL": redis_url, "CAPTIONER_DATABASE_URL": f"sqlite:///{tmp_path / 'c.db'}"}
+    for name in ("CAPTIONER_FLOWER_BASIC_AUTH", "FLOWER_BASIC_AUTH", "FLOWER_UNAUTHENTICATED_API"):
+        env.pop(name, None)
+    flower = _start(["flower", "--port", str(port)], env, tmp_path / "flower.log")
+    try:
+        deadline = time.monotonic() + 60
+        while _get(f"http://127.0.0.1:{port}/healthcheck")[0] != 200:
+            assert flower.poll() is None and time.monotonic() < deadline, (tmp_path / "flower.log").read_text()
+            time.sleep(0.3)
+        assert _get(f"http://127.0.0.1:{port}/workers")[0] == 200
+        assert _get(f"http://127.0.0.1:{port}/api/workers")[0] == 401
+    finally:
+        _stop(flower)
+    assert "its HTTP API (/api/*) answers 401 until CAPTIONER_FLOWER_BASIC_AUTH" in (tmp_path / "flower.log").read_text()
+    refused = subprocess.run([sys.executable, "-m", "captioner.cli", "flower", "--host", "0.0.0.0"], env=env,
+                             capture_output=True, text=True)
+    assert refused.returncode == 1 and "set CAPTIONER_FLOWER_BASIC_AUTH=user:password to listen on 0.0.0.0" in refused.stderr

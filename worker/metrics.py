@@ -53,9 +53,9 @@ class QueueDepth(Collector):
         yield gauge
 
 
-def serve(app: Celery, port: int) -> Any:
+def serve(app: Celery, host: str, port: int) -> Any:
     """The main process's /metrics: the pool children's samples (multiprocess files) + queue depths."""
     registry = CollectorRegistry()
     MultiProcessCollector(registry)
     registry.register(QueueDepth(app))
-    return start_http_server(port, registry=registry)
+    return start_http_server(port, addr=host, registry=registry)

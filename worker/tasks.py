@@ -13,7 +13,7 @@ from celery import signals
 from celery_batches import SimpleRequest
 from sqlalchemy.orm import sessionmaker
 
-from captioner.core import jobs, logs, metadata, queries, webhooks
+from captioner.core import jobs, liveness, logs, metadata, queries, webhooks
 from captioner.core.captioner import batch_size, describe, warm_up
 from captioner.core.captioner import get as get_model
 from captioner.core.db import make_engine, make_sessionmaker
@@ -24,11 +24,13 @@ from captioner.core.settings import get_settings
 
 from . import metrics
 from .batching import Batches, request_ids
+from .heartbeat import heartbeat_step
 
 log = logging.getLogger(__name__)
 settings = get_settings()
 app = create_celery(settings)
 publish = publisher(settings, app)
+app.steps["consumer"].add(heartbeat_step(settings))  # /readyz and /metrics count this worker while it consumes
 CAPTIONS = True  # whether this worker consumes caption queues (worker/main.py sets it before the pool forks)
 
 
@@ -49,8 +51,8 @@ def _log_format(logger: logging.Logger, **_: Any) -> None:
 def _serve_metrics(**_: Any) -> None:
     # in the main process once the pool has forked: the children must not inherit the socket
     if settings.worker_metrics_port:
-        metrics.serve(app, settings.worker_metrics_port)
-        log.info("metrics on :%d/metrics", settings.worker_metrics_port)
+        metrics.serve(app, settings.worker_metrics_host, settings.worker_metrics_port)
+        log.info("metrics on %s:%d/metrics", settings.worker_metrics_host, settings.worker_metrics_port)
 
 
 @signals.worker_process_init.connect
@@ -145,6 +147,7 @@ def sweep() -> int:
     with _sessionmaker().begin() as s:
         republish = queries.sweep(s, settings.max_attempts, settings.requeue_after_seconds, idle)
         events = webhooks.overdue(s, settings.requeue_after_seconds)
+        liveness.forget_lost(s)
     publish(republish)
     publish_webhooks(app, events)
     if events:

@@ -285,7 +285,7 @@ def upload() -> Any:
     images, refused = [], []
     for f in files:
         try:
-            images.append(jobs.stored_upload(svc.settings, f.read()))
+            images.append(jobs.stored_upload(svc.settings, f.read(), f.filename))
         except InvalidImage as e:
             refused.append(f"{f.filename}: {e.message}")
     if not images:

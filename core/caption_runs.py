@@ -48,7 +48,8 @@ def submit(sm: sessionmaker, settings: Settings, paths: Iterable[str], limit: in
 
 def _shared(settings: Settings, image: NewImage) -> NewImage:
     uri, _ = storage.store(settings.storage, storage.read(image.uri, settings.max_upload_bytes))
-    return NewImage(uri, image.fingerprint, image.sha256, image.size)
+    # the copy is stored under its hash: the file's own name stays its source
+    return NewImage(uri, image.fingerprint, image.sha256, image.size, storage.public_source(image.uri))
 
 
 def pending(submitted: list[Submitted]) -> tuple[int, int]:

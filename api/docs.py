@@ -267,29 +267,22 @@ SPEC: dict[str, Any] = {
 }
 
 METHODS = ("get", "put", "post", "delete", "patch")
-REFUSED = "method not allowed"  # the tag of the operations that only answer 405
 
 
-def _refusals(paths: dict[str, dict[str, Any]]) -> None:
-    """Every method a path does not serve answers 405 with an Allow header: each is an operation
-    of its own here, so that a client looking up what DELETE /v1/batches/{id} does finds the
-    answer it gets (and the way to cancel). A request that matches no route needs a key like any
-    /v1 route (401, 429), on every path: nothing tells a caller without one which routes exist."""
+def _method_not_allowed(paths: dict[str, dict[str, Any]]) -> None:
+    """Every method a path does not serve answers 405 with an Allow header, key or no key. OpenAPI
+    has no place for the answer to an operation that does not exist, so each operation of the
+    path lists it: a client looking up DELETE /v1/batches/{id} finds that only GET is served there
+    (and POST /v1/batches/{id}/cancel beside it)."""
     for path, item in paths.items():
         served = ", ".join(m.upper() for m in METHODS if m in item)
-        answers = {"405": {**_errors(405)["405"], "description": f"this path serves {served} only",
-                           "headers": {"Allow": {"description": "the methods this path serves",
-                                                 "schema": {"type": "string"}}}}, **_errors(401, 429)}
-        if "{id}" in path:  # an id outside 1..MAX_ID names no path at all
-            answers.update(_errors(404))
-        for method in METHODS:
-            if method not in item:
-                item[method] = {"summary": f"Not allowed: {path} serves {served}", "tags": [REFUSED],
-                                "operationId": f"refused_{method}_{path}", "parameters": ID if "{id}" in path else [],
-                                "responses": answers, **KEYED}
+        refused = {**_errors(405)["405"], "description": f"another method than {served} on {path}",
+                   "headers": {"Allow": {"description": "the methods this path serves", "schema": {"type": "string"}}}}
+        for op in item.values():
+            op["responses"]["405"] = refused
 
 
-_refusals(SPEC["paths"])
+_method_not_allowed(SPEC["paths"])
 
 PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{{ spec.info.title }} API</title>
@@ -301,7 +294,7 @@ Every <code>/v1</code> route needs <code>Authorization: Bearer KEY</code> (a key
 <code>captioner keys create</code>).
 Machine-readable: <a href="/openapi.json">/openapi.json</a>.</p>
 <p>Any other method on a path answers <code>405</code> with an <code>Allow</code> header.</p>
-{% for path, ops in spec.paths.items() %}{% for method, op in ops.items() if refused not in op.get('tags', []) %}
+{% for path, ops in spec.paths.items() %}{% for method, op in ops.items() %}
 <h2><code>{{ method|upper }} {{ path }}</code></h2><p>{{ op.summary }}</p>
 <p>Responses: {% for status in op.responses %}<code>{{ status }}</code> {% endfor %}</p>
 {% endfor %}{% endfor %}</body></html>"""
@@ -314,4 +307,4 @@ def openapi() -> Response:
 
 @bp.get("/docs")
 def docs_page() -> str:
-    return render_template_string(PAGE, spec=SPEC, refused=REFUSED)
+    return render_template_string(PAGE, spec=SPEC)

@@ -203,6 +203,24 @@ def test_every_status_the_api_answers_is_documented(client, app_settings):
     assert tried > 500
 
 
+# codes no API client gets: the base class's and the defaults of classes every raise gives a finer
+# code, the CLI's and the worker's, and the web pages' own (they answer in HTML; docs/security.md)
+NOT_API_CODES = {"error", "access_denied", "conflict", "unauthenticated", "exiftool_missing", "too_many_images",
+                 "webhook_failed", "signed_out", "csrf_failed"}
+
+
+def test_every_error_code_is_in_the_http_api_doc():
+    from conftest import REPO
+
+    source = "\n".join(p.read_text() for folder in ("core", "api") for p in (REPO / folder).glob("*.py"))
+    codes = (set(re.findall(r'code ?= ?"([a-z_]+)"', source)) | set(re.findall(r'_response\(\d+, "([a-z_]+)"', source))
+             # Flask's own, named after the status (api/errors.py)
+             | {"not_found", "method_not_allowed", "request_entity_too_large", "unsupported_media_type"})
+    assert {"not_failed", "insufficient_scope", "rate_limited"} <= codes  # the scan finds them
+    doc = (REPO / "docs" / "http-api.md").read_text()
+    assert sorted(c for c in codes - NOT_API_CODES if f"`{c}`" not in doc) == []
+
+
 def test_search_needs_words(client):
     assert_error(client.get("/v1/search"), 400, "invalid_request")
     assert client.get("/v1/search?q=dog").get_json() == {"query": "dog", "results": [], "next_offset": None}

@@ -14,7 +14,7 @@ from sqlalchemy import update
 
 from captioner.api import create_app
 from captioner.cli import cli
-from captioner.core import batches, jobs, queries
+from captioner.core import batches, captioner, jobs, queries
 from captioner.core.settings import Settings, get_settings
 from captioner.core.tables import Job, utcnow
 from conftest import keyed, make_key
@@ -40,6 +40,8 @@ def captioned(each_database, tiny_checkpoint, photos, tmp_path_factory):
     env = {"CAPTIONER_DATABASE_URL": url, "CAPTIONER_MODEL_PATH": str(tiny_checkpoint),
            "CAPTIONER_STORAGE": str(tmp_path_factory.mktemp("store"))}
     with pytest.MonkeyPatch.context() as mp:
+        # the tiny model loads in this process: it must not stay the model later tests get
+        mp.setattr(captioner, "_loaded", None)
         mp.delenv("CAPTIONER_BROKER_URL", raising=False)
         for key, value in env.items():
             mp.setenv(key, value)

@@ -89,4 +89,4 @@ def summary(sm: sessionmaker, batch_id: int, model_version: str, submitted: list
             Image.id.in_([x.image_id for x in submitted[:samples]]))).all()
     counts = view["counts"]
     return Summary(view["total"], counts, counts["done"] - already, already, failures,
-                   [(Path(image.uri).name, caption.text) for image, caption, _ in shown])
+                   [(image.name or Path(image.uri).name, caption.text) for image, caption, _ in shown])

@@ -83,7 +83,7 @@ def batch_images(batch_id: int) -> Response:
     """The batch's images (those with ?status=, if given), oldest first: failures with their code
     and message, captions of the done ones."""
     limit, offset = _page()
-    status = request.args.get("status") or None
+    status = request.args.get("status")  # "" is no status: a 400, as the document says
     rows = batches.images(get_session(), batch_id, g.tenant, status, limit + 1, offset)
     items = [{**i, "url": url_for("images.get_image", image_id=i["id"])} for i in rows[:limit]]
     return jsonify({"batch_id": batch_id, "status": status, "images": items,

@@ -13,6 +13,7 @@ from flask_limiter import Limiter, RateLimitExceeded
 from flask_limiter.util import get_remote_address
 from limits import parse, parse_many
 from limits.errors import StorageError
+from werkzeug.exceptions import MethodNotAllowed
 
 from captioner.core import auth
 from captioner.core.errors import AccessDenied, ConfigError, Unauthenticated
@@ -133,7 +134,9 @@ def _session_caller() -> auth.Caller | None:
 def _identify() -> Response | None:
     """Set g.tenant and g.scopes for this request, or answer 401 (the API) or send the browser
     to the sign-in page (the web interface)."""
-    if request.endpoint in OPEN:
+    # A method a path does not serve is a 405 (with Allow) whoever asks: the public OpenAPI
+    # document says which paths exist. A path that does not exist stays a 401 without a key.
+    if request.endpoint in OPEN or isinstance(request.routing_exception, MethodNotAllowed):
         return None
     if services().settings.auth == "off":
         caller = auth.Caller("default", ALL_SCOPES, None, None)

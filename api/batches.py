@@ -1,15 +1,38 @@
-"/v1/batches: many S3 images at once (a prefix or a list), and progress counts."
+"""/v1/batches: many S3 images at once (a prefix or a list), progress counts, the images of a batch
+by status (failures with their code and message), retrying and cancelling."""
 from concurrent.futures import ThreadPoolExecutor
 
 from flask import Blueprint, Response, g, jsonify, request, url_for
 
-from captioner.core import backfill, jobs, queries, storage
+from captioner.core import backfill, batches, jobs, queries, storage
 from captioner.core.errors import InvalidRequest
 
-from . import bodies, get_session, services
+from . import MAX_ID, bodies, get_session, services
 from .auth import check_s3, require_scope
 
 bp = Blueprint("batches", __name__, url_prefix="/v1/batches")
+
+MAX_LIMIT = 100  # items per page of the lists; page on with offset and next_offset, as in /v1/search
+
+
+def _page() -> tuple[int, int]:
+    """(limit, offset) of a list request."""
+    return bodies.int_arg("limit", 20, 1, MAX_LIMIT), bodies.int_arg("offset", 0, 0, MAX_ID)
+
+
+def _next_offset(rows: list, limit: int, offset: int) -> int | None:
+    """One row more than asked says whether there is a next page."""
+    return offset + limit if len(rows) > limit and offset + limit <= MAX_ID else None
+
+
+@bp.get("")
+@require_scope("read")
+def list_batches() -> Response:
+    """The tenant's batches, newest first."""
+    limit, offset = _page()
+    rows = batches.listing(get_session(), g.tenant, limit + 1, offset)
+    items = [{**b, "url": url_for("batches.get_batch", batch_id=b["id"])} for b in rows[:limit]]
+    return jsonify({"batches": items, "next_offset": _next_offset(rows, limit, offset)})
 
 
 @bp.post("")
@@ -52,6 +75,29 @@ def submit_batch() -> tuple[Response, int, dict]:
 @require_scope("read")
 def get_batch(batch_id: int) -> Response:
     return jsonify(queries.batch_view(get_session(), batch_id, g.tenant))
+
+
+@bp.get("/<id:batch_id>/images")
+@require_scope("read")
+def batch_images(batch_id: int) -> Response:
+    """The batch's images (those with ?status=, if given), oldest first: failures with their code
+    and message, captions of the done ones."""
+    limit, offset = _page()
+    status = request.args.get("status")  # "" is no status: a 400, as the document says
+    rows = batches.images(get_session(), batch_id, g.tenant, status, limit + 1, offset)
+    items = [{**i, "url": url_for("images.get_image", image_id=i["id"])} for i in rows[:limit]]
+    return jsonify({"batch_id": batch_id, "status": status, "images": items,
+                    "next_offset": _next_offset(rows, limit, offset)})
+
+
+@bp.post("/<id:batch_id>/cancel")
+@require_scope("write")
+def cancel_batch(batch_id: int) -> Response:
+    """The batch's queued jobs fail with code `cancelled`; those being captioned finish. Idempotent."""
+    db = get_session()
+    cancelled = batches.cancel(db, batch_id, g.tenant)
+    db.commit()
+    return jsonify({"cancelled": cancelled, "url": url_for("batches.get_batch", batch_id=batch_id)})
 
 
 @bp.post("/<id:batch_id>/retry")

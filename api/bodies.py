@@ -26,6 +26,25 @@ KEY = r"^[^\x00-\x1f\x7f]{1,1024}$"
 PREFIX = r"^[^\x00-\x1f\x7f]{0,1024}$"
 
 
+def int_arg(name: str, default: int, low: int, high: int) -> int:
+    """An integer query parameter (limit, offset), within bounds."""
+    try:
+        value = int(request.args.get(name, default))
+    except ValueError:
+        raise InvalidRequest(f"{name} must be an integer") from None
+    if not low <= value <= high:
+        raise InvalidRequest(f"{name} must be between {low} and {high}")
+    return value
+
+
+def flag_arg(name: str) -> bool:
+    """A boolean query parameter: true or false (1 or 0), false when absent."""
+    value = request.args.get(name, "false")
+    if value not in ("true", "false", "1", "0"):
+        raise InvalidRequest(f"{name} must be true or false")
+    return value in ("true", "1")
+
+
 def known_fields(value: dict[str, Any], where: str, allowed: Collection[str]) -> None:
     """Refuse a field we do not read: a typo (`"queu"`) must not be silently ignored."""
     unknown = sorted(set(value) - set(allowed))
@@ -56,15 +75,17 @@ def json_object(allowed: Collection[str]) -> dict[str, Any]:
     return body
 
 
-def upload() -> bytes:
-    """The bytes of the multipart field `file`; `queue` and `callback_url` are the only other fields read."""
+def upload() -> tuple[bytes, str | None]:
+    """(the bytes, the file name) of the multipart field `file`; `queue` and `callback_url` are the
+    only other fields read."""
     fields = {**request.form, **request.files}
     if None in fields:  # werkzeug's key for a part whose Content-Disposition has no name
         raise InvalidRequest("every multipart part needs a name")
     known_fields(fields, "", ("file", "queue", "callback_url"))
     if "file" not in request.files:
         raise InvalidRequest("multipart uploads need the image in a file field named 'file'")
-    return request.files["file"].read()
+    file = request.files["file"]
+    return file.read(), file.filename
 
 
 def callback_url(value: Any, settings: Settings) -> str | None:

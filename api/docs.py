@@ -6,8 +6,10 @@ from flask import Blueprint, Response, jsonify, render_template_string
 
 from captioner.core.export import FORMATS
 from captioner.core.search import MAX_OFFSET, MAX_QUERY_CHARS
+from captioner.core.tables import STATUSES
 
 from . import MAX_ID
+from .batches import MAX_LIMIT as MAX_LIST_LIMIT
 from .bodies import BUCKET, KEY, PREFIX
 from .search import MAX_LIMIT, QUERY
 
@@ -43,6 +45,13 @@ CALLBACK_NOTE = (" An optional `callback_url` (multipart or JSON field) receives
                  "done or failed; 400 callback_url_refused for private addresses, 400 webhooks_not_configured "
                  "without CAPTIONER_WEBHOOK_SECRET.")
 ID = [{"name": "id", "in": "path", "required": True, "schema": {"type": "integer", "minimum": 1, "maximum": MAX_ID}}]
+# the lists of batches and of a batch's images page as /v1/search does: limit, offset, next_offset
+PAGING = [{"name": "limit", "in": "query",
+           "schema": {"type": "integer", "minimum": 1, "maximum": MAX_LIST_LIMIT, "default": 20}},
+          {"name": "offset", "in": "query",
+           "schema": {"type": "integer", "minimum": 0, "maximum": MAX_ID, "default": 0}}]
+STATUS = {"type": "string", "enum": list(STATUSES)}
+NEXT_OFFSET = {"type": ["integer", "null"]}
 # 403: an S3 bucket the service cannot read (missing or forbidden: one answer, so bucket names do not leak);
 # 404: an S3 key that does not exist; 413: an upload over CAPTIONER_MAX_UPLOAD_BYTES or a JSON body over
 # CAPTIONER_MAX_JSON_BYTES; 415: another media type
@@ -52,6 +61,7 @@ SUBMIT_ERRORS = _errors(400, 403, 404, 413, 415, 503)
 KEYED: dict[str, Any] = {"security": [{"bearer": []}]}
 KEY_ERRORS = _errors(401, 403, 429)
 NULLABLE_TEXT = {"type": ["string", "null"]}
+COUNTS = _object(list(STATUSES), **{s: INT for s in STATUSES})
 # a person's alt text: no control characters, at least one character that is not white space.
 # Not-white-space spelt out: Python's str.strip() and the JSON Schema (ECMA) `\S` disagree
 # (\x1c-\x1f, \x85, \ufeff)
@@ -114,7 +124,12 @@ SPEC: dict[str, Any] = {
             "summary": "Every suggestion and decision, oldest first", "parameters": ID,
             "responses": {"200": _json(_object(["history"], history=HISTORY), "the history"), **_errors(404),
                           **KEY_ERRORS}, **KEYED}},
-        "/v1/batches": {"post": {
+        "/v1/batches": {"get": {
+            "summary": "The tenant's batches, newest first, with counts per status",
+            "parameters": PAGING,
+            "responses": {"200": _json(_object(["batches", "next_offset"], next_offset=NEXT_OFFSET, batches={
+                "type": "array", "items": {"$ref": "#/components/schemas/BatchSummary"}}), "a page of batches"),
+                          **_errors(400), **KEY_ERRORS}, **KEYED}, "post": {
             "summary": "Submit every image under an S3 prefix, or a list of S3 objects",
             "description": "A prefix is listed and enqueued page by page; the same prefix again makes no new jobs. "
                            'With `"write_metadata": "sidecar"` the worker writes each caption as an XMP object '
@@ -130,9 +145,26 @@ SPEC: dict[str, Any] = {
                                                truncated={"type": "boolean"}), "queued"),
                           **SUBMIT_ERRORS, **KEY_ERRORS}, **KEYED}},
         "/v1/batches/{id}": {"get": {
-            "summary": "Counts of a batch's images per status", "parameters": ID,
+            "summary": "Counts of a batch's images per status, and its failures by error code", "parameters": ID,
             "responses": {"200": _json({"$ref": "#/components/schemas/Batch"}, "the batch"), **_errors(404),
                           **KEY_ERRORS}, **KEYED}},
+        "/v1/batches/{id}/images": {"get": {
+            "summary": "A batch's images (those with one status, if given), oldest first: a failed one's error "
+                       "code and message, a done one's caption",
+            "parameters": [*ID, {"name": "status", "in": "query", "schema": STATUS}, *PAGING],
+            "responses": {"200": _json(_object(["batch_id", "status", "images", "next_offset"], batch_id=INT,
+                                               status={"enum": [*STATUSES, None]}, next_offset=NEXT_OFFSET,
+                                               images={"type": "array",
+                                                       "items": {"$ref": "#/components/schemas/BatchImage"}}),
+                                       "a page of the batch's images"),
+                          **_errors(400, 404), **KEY_ERRORS}, **KEYED}},
+        "/v1/batches/{id}/cancel": {"post": {
+            "summary": "Cancel a batch: its queued images fail with the code cancelled (workers skip them); those "
+                       "being captioned finish, done ones stay. Idempotent; retrying the batch resumes them",
+            "parameters": ID,
+            "responses": {"200": _json(_object(["cancelled", "url"], cancelled=INT, url=TEXT),
+                                       "how many queued images this call cancelled"),
+                          **_errors(404), **KEY_ERRORS}, **KEYED}},
         "/v1/batches/{id}/retry": {"post": {
             "summary": "Queue the batch's failed jobs again (optionally only those that failed with one error code)",
             "parameters": ID,
@@ -155,10 +187,14 @@ SPEC: dict[str, Any] = {
                           **_errors(400), **KEY_ERRORS}, **KEYED}},
         "/v1/export": {"get": {
             "summary": "Every caption with its image key, alt text and alt-text state, for CMS imports",
-            "description": "Streamed, unpaginated: JSON lines (one object per caption) or CSV with a header row.",
+            "description": "Streamed, unpaginated: JSON lines (one object per caption) or CSV with a header row. "
+                           "With include_failed=true, failed images too (state failed, no caption), and every "
+                           "record has error_code and error_message.",
             "parameters": [{"name": "format", "in": "query",
                             "schema": {"type": "string", "enum": list(FORMATS), "default": "jsonl"}},
-                           {"name": "model_version", "in": "query", "schema": {"type": "string"}}],
+                           {"name": "model_version", "in": "query", "schema": {"type": "string"}},
+                           {"name": "include_failed", "in": "query",
+                            "schema": {"type": "string", "enum": ["true", "false", "1", "0"], "default": "false"}}],
             "responses": {"200": {"description": "the captions", "content": {
                 "application/x-ndjson": {"schema": {"type": "string"}},
                 "text/csv": {"schema": {"type": "string"}}}}, **_errors(400), **KEY_ERRORS}, **KEYED}},
@@ -205,13 +241,20 @@ SPEC: dict[str, Any] = {
             width={"type": ["integer", "null"]}, height={"type": ["integer", "null"]},
             created_at={"type": "string", "format": "date-time"},
             finished_at={"type": ["string", "null"], "format": "date-time"}),
-        "Batch": _object(["id", "source", "total", "model_version", "counts", "images_per_second", "eta_seconds",
-                          "created_at"],
-                         id=INT, source=TEXT, total=INT, model_version=TEXT,
+        "Batch": _object(["id", "source", "total", "model_version", "counts", "failures", "images_per_second",
+                          "eta_seconds", "created_at"],
+                         id=INT, source=TEXT, total=INT, model_version=TEXT, counts=COUNTS,
+                         failures={"type": "object", "additionalProperties": INT},
                          images_per_second={"type": ["number", "null"]}, eta_seconds={"type": ["number", "null"]},
-                         created_at={"type": "string", "format": "date-time"},
-                         counts=_object(["queued", "processing", "done", "failed"],
-                                        **{s: INT for s in ("queued", "processing", "done", "failed")})),
+                         created_at={"type": "string", "format": "date-time"}),
+        "BatchSummary": _object(["id", "source", "total", "model_version", "counts", "created_at", "url"],
+                                id=INT, source=TEXT, total=INT, model_version=TEXT, counts=COUNTS,
+                                created_at={"type": "string", "format": "date-time"}, url=TEXT),
+        "BatchImage": _object(["id", "source", "status", "error", "caption", "url"], id=INT, source=TEXT,
+                              status=STATUS, caption={"type": ["string", "null"]}, url=TEXT,
+                              error={"oneOf": [{"type": "null"}, _object(["code", "message"],
+                                                                         code={"type": ["string", "null"]},
+                                                                         message={"type": ["string", "null"]})]}),
         "AltText": _object(list(ALT_FIELDS), **ALT_FIELDS),
         "AltTextDecided": _object([*ALT_FIELDS, "warnings"], **ALT_FIELDS,
                                   warnings={"type": "array", "items": {"type": "string"}}),
@@ -231,6 +274,24 @@ SPEC: dict[str, Any] = {
     }},
 }
 
+METHODS = ("get", "put", "post", "delete", "patch")
+
+
+def _method_not_allowed(paths: dict[str, dict[str, Any]]) -> None:
+    """Every method a path does not serve answers 405 with an Allow header, key or no key. OpenAPI
+    has no place for the answer to an operation that does not exist, so each operation of the
+    path lists it: a client looking up DELETE /v1/batches/{id} finds that only GET is served there
+    (and POST /v1/batches/{id}/cancel beside it)."""
+    for path, item in paths.items():
+        served = ", ".join(m.upper() for m in METHODS if m in item)
+        refused = {**_errors(405)["405"], "description": f"another method than {served} on {path}",
+                   "headers": {"Allow": {"description": "the methods this path serves", "schema": {"type": "string"}}}}
+        for op in item.values():
+            op["responses"]["405"] = refused
+
+
+_method_not_allowed(SPEC["paths"])
+
 PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{{ spec.info.title }} API</title>
 <style>body{font:15px/1.5 system-ui,sans-serif;max-width:52rem;margin:2rem auto;padding:0 1rem}
@@ -240,6 +301,7 @@ code{background:#f3f3f3;padding:0 .3em}h2{margin-top:2rem;font-size:1.1rem}</sty
 Every <code>/v1</code> route needs <code>Authorization: Bearer KEY</code> (a key from
 <code>captioner keys create</code>).
 Machine-readable: <a href="/openapi.json">/openapi.json</a>.</p>
+<p>Any other method on a path answers <code>405</code> with an <code>Allow</code> header.</p>
 {% for path, ops in spec.paths.items() %}{% for method, op in ops.items() %}
 <h2><code>{{ method|upper }} {{ path }}</code></h2><p>{{ op.summary }}</p>
 <p>Responses: {% for status in op.responses %}<code>{{ status }}</code> {% endfor %}</p>

@@ -24,12 +24,12 @@ def _accepted(sub: queries.Submitted, model_version: str) -> tuple[Response, int
 def submit_image() -> tuple[Response, int, dict]:
     svc = services()
     if request.mimetype == "multipart/form-data":
-        data = bodies.upload()  # an empty file is an invalid image (422), as it is for the worker
+        data, filename = bodies.upload()  # an empty file is an invalid image (422), as it is for the worker
         queue = bodies.queue(request.form.get("queue", "interactive"))
         callback_url = bodies.callback_url(request.form.get("callback_url"), svc.settings)
         version = svc.current_model_version()
         sub = jobs.submit_upload(svc.sessionmaker, svc.settings, data, version, queue, svc.publish,
-                                 g.tenant, callback_url)
+                                 g.tenant, callback_url, filename)
         return _accepted(sub, version)
     if not request.is_json:
         raise UnsupportedMediaType("send the image as multipart/form-data (field 'file') or an S3 object as "

@@ -4,7 +4,7 @@ from flask import Blueprint, Response, g, jsonify, request
 from captioner.core import search, storage
 from captioner.core.errors import InvalidRequest
 
-from . import get_session
+from . import bodies, get_session
 from .auth import require_scope
 
 MAX_LIMIT = 100
@@ -15,24 +15,14 @@ QUERY = "^[^\\x00]*[^\\W_][^\\x00]*$"
 bp = Blueprint("search", __name__, url_prefix="/v1/search")
 
 
-def _int_arg(name: str, default: int, low: int, high: int) -> int:
-    try:
-        value = int(request.args.get(name, default))
-    except ValueError:
-        raise InvalidRequest(f"{name} must be an integer") from None
-    if not low <= value <= high:
-        raise InvalidRequest(f"{name} must be between {low} and {high}")
-    return value
-
-
 @bp.get("")
 @require_scope("read")
 def search_captions() -> Response:
     q = request.args.get("q", "")
     if not q.strip():
         raise InvalidRequest("give the words to search for as ?q=")
-    limit = _int_arg("limit", 20, 1, MAX_LIMIT)
-    offset = _int_arg("offset", 0, 0, search.MAX_OFFSET)
+    limit = bodies.int_arg("limit", 20, 1, MAX_LIMIT)
+    offset = bodies.int_arg("offset", 0, 0, search.MAX_OFFSET)
     # one row more than asked says whether there is a next page
     rows = search.query_index(get_session(), q, limit + 1, offset, tenant=g.tenant)
     next_offset = offset + limit if len(rows) > limit and offset + limit <= search.MAX_OFFSET else None

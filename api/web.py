@@ -16,9 +16,10 @@ from flask.sessions import SecureCookieSession, SecureCookieSessionInterface
 from flask_wtf.csrf import CSRFError, CSRFProtect
 from werkzeug.exceptions import HTTPException
 
-from captioner.core import alttext, auth, browse, jobs, queries, search, thumbnails
+from captioner.core import alttext, auth, batches as core_batches, browse, jobs, queries, search, thumbnails
 from captioner.core.errors import Conflict, InvalidImage, InvalidRequest, Unauthenticated
 from captioner.core.settings import Settings
+from captioner.core.tables import STATUSES
 
 from . import MAX_ID, get_session, services
 from .auth import SESSION_LIFETIME, guarded, require_scope
@@ -29,6 +30,7 @@ csrf = CSRFProtect()
 
 PAGE = 24  # cards per page: 24 thumbnails of 10-20 kB
 REVIEW_COUNT_CAP = 1000  # the menu shows "999+" beyond this
+FAILURES = 50  # failed images a batch's page lists with their error; GET /v1/batches/<id>/images has them all
 # pages and forms of this site only; no inline script or style, no framing (clickjacking)
 CSP = ("default-src 'self'; img-src 'self'; script-src 'self'; style-src 'self'; object-src 'none'; "
        "base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
@@ -286,7 +288,7 @@ def upload() -> Any:
     images, refused = [], []
     for f in files:
         try:
-            images.append(jobs.stored_upload(svc.settings, f.read()))
+            images.append(jobs.stored_upload(svc.settings, f.read(), f.filename))
         except InvalidImage as e:
             refused.append(f"{f.filename}: {e.message}")
     if not images:
@@ -316,6 +318,18 @@ def retry_batch(batch_id: int) -> Response:
     return _see_other("web.batch_page", batch_id=batch_id)
 
 
+@bp.post("/batches/<id:batch_id>/cancel")
+@require_scope("write")
+def cancel_batch(batch_id: int) -> Response:
+    """The *Cancel* button: the batch's queued images fail with code cancelled, then its page again."""
+    db = get_session()
+    cancelled = core_batches.cancel(db, batch_id, g.tenant)  # another tenant's batch is a 404
+    db.commit()
+    flash(f"{cancelled} queued images cancelled; those being captioned finish." if cancelled else
+          "Nothing left to cancel: no image of this batch is queued.", "success")
+    return _see_other("web.batch_page", batch_id=batch_id)
+
+
 @bp.get("/batches")
 @require_scope("read")
 def batches() -> str:
@@ -329,6 +343,12 @@ def batches() -> str:
 def batch_page(batch_id: int) -> str:
     db = get_session()
     batch = queries.batch_view(db, batch_id, g.tenant)
+    status = request.args.get("status") or None
+    if status is not None and status not in STATUSES:
+        raise InvalidRequest(f"status must be one of {', '.join(STATUSES)}")
     page = browse.images(db, g.tenant, PAGE, before=_number_arg("before"), after=_number_arg("after"),
-                         batch_id=batch_id)
-    return render_template("batch.html", batch=batch, page=page, nav="batches")
+                         batch_id=batch_id, status=status)
+    # the failures with their code and message, above the cards (which name the code alone)
+    failed = core_batches.images(db, batch_id, g.tenant, "failed", FAILURES + 1)
+    return render_template("batch.html", batch=batch, page=page, status=status, statuses=STATUSES,
+                           failed=failed[:FAILURES], more_failed=len(failed) > FAILURES, nav="batches")

@@ -2,7 +2,7 @@
 core/, model/, worker/ or bench/, and print. Nothing imports this package."""
 import click
 
-from . import admin, bench, metadata, model, pipeline, servers
+from . import admin, batches, bench, metadata, model, pipeline, servers
 
 # the base install has none of these: which extra brings each (pyproject.toml)
 EXTRA_OF = {"torch": "worker", "torchvision": "worker", "timm": "worker", "celery_batches": "worker",
@@ -27,6 +27,6 @@ def cli() -> None:
     """Caption photos: train and evaluate the model, run the pipeline, search the results."""
 
 
-for _module in (model, pipeline, metadata, servers, admin, bench):
+for _module in (model, pipeline, batches, metadata, servers, admin, bench):
     for _command in _module.COMMANDS:
         cli.add_command(_command)

@@ -139,12 +139,14 @@ def search(words, limit, offset, tenant, as_json) -> None:
 @click.option("--output", type=click.File("w", encoding="utf-8"), default="-", show_default=True)
 @click.option("--model-version", default=None, help="Only captions of this model version.")
 @click.option("--tenant", default="default", show_default=True)
-def export(fmt, output, model_version, tenant) -> None:
+@click.option("--include-failed", is_flag=True,
+              help="Also failed images: state failed, no caption, and error_code and error_message columns.")
+def export(fmt, output, model_version, tenant, include_failed) -> None:
     """Write every caption with its image key, alt text, state, candidates and tags (for CMS imports)."""
     from captioner.core import export as exporter
 
     with context.database(context.settings())() as s:
-        for chunk in exporter.lines(fmt, exporter.records(s, tenant, model_version)):
+        for chunk in exporter.lines(fmt, exporter.records(s, tenant, model_version, include_failed), include_failed):
             output.write(chunk)
 
 

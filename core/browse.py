@@ -51,12 +51,14 @@ def _card(image: Image, status: str | None, error_code: str | None, caption: Cap
 
 
 def images(session: Session, tenant: str, limit: int, before: int | None = None, after: int | None = None,
-           batch_id: int | None = None) -> Page:
-    """A page of the tenant's images (of one batch, if given), newest first: those with ids below
-    `before`, or the `limit` just above `after`, or the newest."""
+           batch_id: int | None = None, status: str | None = None) -> Page:
+    """A page of the tenant's images (of one batch, with one status, if given), newest first: those
+    with ids below `before`, or the `limit` just above `after`, or the newest."""
     stmt = _listed(tenant)
     if batch_id is not None:
         stmt = stmt.where(Image.id.in_(select(BatchImage.image_id).where(BatchImage.batch_id == batch_id)))
+    if status is not None:
+        stmt = stmt.where(Job.status == status)
     if after is not None:
         rows = session.execute(stmt.where(Image.id > after).order_by(Image.id).limit(limit + 1)).all()
         if len(rows) > limit:  # still newer ones above: this is a page in the middle

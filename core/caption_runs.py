@@ -48,7 +48,8 @@ def submit(sm: sessionmaker, settings: Settings, paths: Iterable[str], limit: in
 
 def _shared(settings: Settings, image: NewImage) -> NewImage:
     uri, _ = storage.store(settings.storage, storage.read(image.uri, settings.max_upload_bytes))
-    return NewImage(uri, image.fingerprint, image.sha256, image.size)
+    # the copy is stored under its hash: the file's own name stays its source
+    return NewImage(uri, image.fingerprint, image.sha256, image.size, storage.public_source(image.uri))
 
 
 def pending(submitted: list[Submitted]) -> tuple[int, int]:
@@ -88,4 +89,4 @@ def summary(sm: sessionmaker, batch_id: int, model_version: str, submitted: list
             Image.id.in_([x.image_id for x in submitted[:samples]]))).all()
     counts = view["counts"]
     return Summary(view["total"], counts, counts["done"] - already, already, failures,
-                   [(Path(image.uri).name, caption.text) for image, caption, _ in shown])
+                   [(image.name or Path(image.uri).name, caption.text) for image, caption, _ in shown])

@@ -45,16 +45,18 @@ def to_publish(submitted: Iterable[Submitted]) -> list[tuple[int, str]]:
     return list(dict.fromkeys((s.job_id, s.queue) for s in submitted if s.status == "queued"))
 
 
-def stored_upload(settings: Settings, data: bytes) -> NewImage:
-    """Uploaded bytes, checked to be an image and stored -> the image to submit."""
+def stored_upload(settings: Settings, data: bytes, filename: str | None = None) -> NewImage:
+    """Uploaded bytes, checked to be an image and stored -> the image to submit, named by the
+    file name it was sent with (sanitised; the bytes are stored under their hash whatever it is)."""
     decode.sniff(data, settings.max_pixels)  # refuse junk now, with a clear error, not later in a worker
     uri, digest = storage.store(settings.storage, data)
-    return NewImage(uri, f"sha256:{digest}", digest, len(data))
+    return NewImage(uri, f"sha256:{digest}", digest, len(data), storage.upload_name(filename))
 
 
 def submit_upload(sm: sessionmaker, settings: Settings, data: bytes, model_version: str, queue: str,
-                  publish: Publish, tenant: str = "default", callback_url: str | None = None) -> Submitted:
-    image = stored_upload(settings, data)
+                  publish: Publish, tenant: str = "default", callback_url: str | None = None,
+                  filename: str | None = None) -> Submitted:
+    image = stored_upload(settings, data, filename)
     with sm.begin() as s:
         [sub] = queries.submit(s, [image], model_version, queue, tenant)
         if callback_url:

@@ -22,6 +22,7 @@ class NewImage:
     fingerprint: str  # identity for deduplication within a tenant
     sha256: str | None = None
     size: int | None = None
+    name: str | None = None  # an upload's file name (storage.upload_name), shown as its source
 
 
 @dataclass(frozen=True)
@@ -139,7 +140,8 @@ def add_images(session: Session, images: list[NewImage], tenant: str, now: datet
     images_t = Image.__table__
     ids: dict[str, int] = dict(_insert_new(
         session, images_t, {"uri": [i.uri for i in images], "fingerprint": [i.fingerprint for i in images],
-                            "sha256": [i.sha256 for i in images], "size": [i.size for i in images]},
+                            "sha256": [i.sha256 for i in images], "size": [i.size for i in images],
+                            "name": [i.name for i in images]},
         {"tenant": tenant, "created_at": now}, ["tenant", "fingerprint"], [images_t.c.fingerprint, images_t.c.id]))
     # Only the images the tenant had already are looked up: a first listing costs one statement.
     # The lookup stays a statement of its own, not a CTE beside the insert: ON CONFLICT skips a row
@@ -330,7 +332,7 @@ def _image_row(image: Image, job: Job | None, caption: Caption | None, alt: dict
         "needs_review": caption.needs_review if caption else None,
         "model_version": job.model_version if job else None,
         "error": error,
-        "source": storage.public_source(image.uri),
+        "source": storage.public_source(image.uri, image.name),
         "sha256": image.sha256,
         "size": image.size,
         "width": image.width,
@@ -361,16 +363,21 @@ def batch_view(session: Session, batch_id: int, tenant: str = "default") -> dict
         select(Job.status, func.count()).join(BatchImage, BatchImage.image_id == Job.image_id)
         .where(BatchImage.batch_id == batch_id, Job.model_version == batch.model_version)
         .group_by(Job.status)).all())
-    # the rate counts images finished since the batch began (earlier ones were already done)
+    # the rate counts images finished since the batch began (earlier ones were already done), and
+    # not those cancelled, which no worker spent time on
     finished, last = session.execute(
         select(func.count(), func.max(Job.finished_at)).join(BatchImage, BatchImage.image_id == Job.image_id)
         .where(BatchImage.batch_id == batch_id, Job.model_version == batch.model_version,
-               Job.finished_at >= batch.created_at)).one()
+               Job.finished_at >= batch.created_at, func.coalesce(Job.error_code, "") != "cancelled")).one()
     left = counts.get("queued", 0) + counts.get("processing", 0)
     seconds = (last - batch.created_at).total_seconds() if last else 0.0
     rate = finished / seconds if finished and seconds > 0 else None
     return {"id": batch.id, "source": batch.source, "total": batch.total, "model_version": batch.model_version,
             "counts": {s: counts.get(s, 0) for s in ("queued", "processing", "done", "failed")},
+            # the failed ones by error code, most frequent first (cancelled: see core/batches.py)
+            "failures": dict(sorted(((code or "unknown", n)
+                                     for code, n in failures_by_code(session, batch_id).items()),
+                                    key=lambda item: (-item[1], item[0]))),
             "images_per_second": round(rate, 3) if rate else None,
             "eta_seconds": round(left / rate, 1) if rate and left else (0.0 if not left else None),
             "created_at": batch.created_at.isoformat()}

@@ -69,7 +69,8 @@ def query_index(session: Session, query: str, limit: int, offset: int = 0,
     other = aliased(Caption)
     newest = select(func.max(other.id)).where(other.image_id == Caption.image_id).correlate(Caption).scalar_subquery()
     stmt = build(wanted, excluded).where(Image.tenant == tenant, Caption.id == newest).limit(limit).offset(offset)
-    return [{"id": r.id, "source": r.uri, "caption": r.text, "alt_text": r.alt_text,
+    # an upload's file name when it has one
+    return [{"id": r.id, "source": r.name or r.uri, "caption": r.text, "alt_text": r.alt_text,
              "tags": [{"label": label, "score": score} for label, score in r.tags],
              "score": round(float(r.score), 6), "confidence": r.confidence, "quality": r.quality,
              "model_version": r.model_version}
@@ -77,7 +78,7 @@ def query_index(session: Session, query: str, limit: int, offset: int = 0,
 
 
 def _columns(score: Any) -> Select:
-    return select(Image.id, Image.uri, Caption.text, Caption.alt_text, Caption.tags, Caption.confidence,
+    return select(Image.id, Image.uri, Image.name, Caption.text, Caption.alt_text, Caption.tags, Caption.confidence,
                   Caption.quality, Caption.model_version, score.label("score"))
 
 

@@ -11,6 +11,7 @@ import hashlib
 import os
 import re
 import tempfile
+import unicodedata
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
@@ -133,10 +134,27 @@ def location(root: str, key: str) -> str:
     return (Path(root).resolve() / key).as_uri()
 
 
-def public_source(uri: str) -> str:
-    """What the API shows as an image's source: an S3 URI as it is (the tenant's own bucket and
-    key, or an upload's content key), a local file by its name alone: the server's folders are
-    nobody's business."""
+MAX_NAME = 255  # characters of an upload's file name kept
+
+
+def upload_name(filename: str | None) -> str | None:
+    """The name an upload was sent with, as metadata only (never a path: it is not used to store
+    anything): its last path segment (browsers send C:\\...\\photo.jpg, curl sends what it is
+    given), Unicode NFC, control characters removed, at most MAX_NAME characters; None when
+    nothing is left, or only "." or "..". """
+    if not filename:
+        return None
+    last = re.split(r"[/\\]", unicodedata.normalize("NFC", filename))[-1]
+    name = "".join(c for c in last if unicodedata.category(c)[0] != "C").strip()[:MAX_NAME]
+    return name if name not in ("", ".", "..") else None
+
+
+def public_source(uri: str, name: str | None = None) -> str:
+    """What the API shows as an image's source: an upload's file name when it had one, an S3 URI
+    as it is (the tenant's own bucket and key, or an upload's content key), a local file by its
+    name alone: the server's folders are nobody's business."""
+    if name:
+        return name
     if uri.startswith("file://"):
         return Path(unquote(urlsplit(uri).path)).name
     return uri

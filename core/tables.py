@@ -44,6 +44,9 @@ class Image(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     tenant: Mapped[str] = mapped_column(String(64), default="default")
     uri: Mapped[str] = mapped_column(Text)  # s3://bucket/key or file:///abs/path, read by the worker
+    # an upload's file name, sanitised (storage.upload_name): its source and export key; the first
+    # name wins when the same bytes come again (they are the same image)
+    name: Mapped[str | None] = mapped_column(String(255))
     # sha256:<hex> when we have seen the bytes; s3:<bucket>/<key>@<etag> for an S3 object we only listed
     fingerprint: Mapped[str] = mapped_column(String(1100))
     sha256: Mapped[str | None] = mapped_column(String(64))

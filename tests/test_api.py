@@ -2,12 +2,15 @@
 submissions stay queued). The full path with a broker and workers is in test_distributed.py."""
 import io
 import json
+import re
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
 from PIL import Image
+
+from captioner.core import queries
 
 from conftest import keyed, make_key
 
@@ -88,8 +91,28 @@ def test_upload_is_queued_stored_once_and_deduplicated(client, app_settings):
     view = client.get(f"/v1/images/{body['id']}").get_json()
     assert view["status"] == "queued" and view["caption"] is None and view["error"] is None
     assert view["candidates"] == [] and view["tags"] == [] and view["size"] > 0
-    # the stored file's name, never the server's folder it lies in
-    assert view["source"] == view["sha256"] and app_settings.storage not in json.dumps(view)
+    # the name it was uploaded with (the first one: b.jpg was the same bytes), never where it is stored
+    assert view["source"] == "a.jpg" and app_settings.storage not in json.dumps(view)
+    assert view["sha256"] not in json.dumps(view).replace(f'"sha256": "{view["sha256"]}"', "")
+
+
+def test_an_uploads_file_name_is_kept_as_metadata_never_as_a_path(client, app_settings):
+    for sent, shown in [("../../etc/passwd.jpg", "passwd.jpg"), ("photos/2024/IMG 1.JPG", "IMG 1.JPG"),
+                        ("a\x00b\u202e.jpg", "ab.jpg"), ("..", None), ("x" * 300 + ".jpg", "x" * 255)]:
+        r = client.post("/v1/images", data={"file": (io.BytesIO(jpeg(color=(len(sent), 1, 2))), sent)})
+        view = client.get(r.headers["Location"]).get_json()
+        assert view["source"] == (shown or view["sha256"]), sent
+    stored = [p.relative_to(app_settings.storage) for p in Path(app_settings.storage).rglob("*") if p.is_file()]
+    assert all(p.parts[0] == "sha256" for p in stored) and len(stored) == 5  # stored by content, whatever the name
+
+
+def test_upload_names_are_sanitised():
+    from captioner.core.storage import upload_name
+
+    assert upload_name("C:\\Users\\ann\\IMG_0001.JPG") == "IMG_0001.JPG"  # an old browser's whole path
+    assert upload_name(" e\u0301t\u00e9.png ") == "\u00e9t\u00e9.png"  # NFC, trimmed
+    assert upload_name("a\tb\u200b\ufeff.jpg") == "ab.jpg"  # control and format characters
+    assert upload_name("dir/") is None and upload_name("") is None and upload_name(None) is None
 
 
 def test_health_and_readiness(client):
@@ -111,18 +134,91 @@ def test_readiness_fails_without_a_checkpoint(app_settings, tmp_path):
     assert ready.status_code == 503 and ready.get_json()["checks"]["model"].startswith("error")
 
 
-def test_openapi_documents_every_route(client):
+def _api_routes(app) -> dict[str, set[str]]:
+    """Documented path ({id} for every id) -> the methods its rules serve; the web interface's
+    pages are HTML for people, not part of the API."""
+    routes: dict[str, set[str]] = {}
+    for rule in app.url_map.iter_rules():
+        if rule.endpoint != "static" and not rule.endpoint.startswith("web."):
+            path = re.sub(r"<(?:\w+:)?\w+>", "{id}", rule.rule)
+            routes.setdefault(path, set()).update(m.lower() for m in rule.methods - {"HEAD", "OPTIONS"})
+    return routes
+
+
+def test_openapi_documents_every_route_and_method(client):
     from captioner.api.docs import SPEC
 
     spec = client.get("/openapi.json").get_json()
     assert spec == json.loads(json.dumps(SPEC))  # what test_api_fuzz.py fuzzes is what clients get
-    app = client.application
-    # the web interface's pages are HTML for people, not part of the API
-    routes = {rule.rule.replace("<id:image_id>", "{id}").replace("<id:batch_id>", "{id}")
-              for rule in app.url_map.iter_rules() if rule.endpoint != "static" and not rule.endpoint.startswith("web.")}
-    assert routes == set(spec["paths"])
+    routes = _api_routes(client.application)
+    assert set(routes) == set(spec["paths"])
+    for path, served in routes.items():
+        assert set(spec["paths"][path]) == served, path  # every rule + method, and nothing the app does not serve
+        for method, op in spec["paths"][path].items():
+            # every path refuses some method: 405 with the Allow header
+            assert "Allow" in op["responses"]["405"]["headers"], (method, path)
+            if path.startswith("/v1/"):  # behind require_scope: no key, a scope the key lacks, the rate limit
+                assert {"401", "403", "429"} <= set(op["responses"]), (method, path)
+            if "{id}" in path:
+                assert "404" in op["responses"], (method, path)
+            if op.get("requestBody") or any(p["in"] == "query" for p in op.get("parameters", [])):
+                assert "400" in op["responses"], (method, path)
     page = client.get("/docs")
-    assert page.status_code == 200 and b"POST /v1/images" in page.data
+    assert page.status_code == 200 and b"POST /v1/images" in page.data and b"405" in page.data
+
+
+def test_every_status_the_api_answers_is_documented(client, app_settings):
+    """Probe every path with every method, without a key, with a key lacking the scope, with ids
+    that do not exist and ids that do, with query parameters out of range and with bodies that
+    are not JSON or not JSON at all: each answer's status must be documented for that operation,
+    and a method the path does not serve must answer 405 as every operation there documents."""
+    from captioner.api import MAX_ID
+    from captioner.api.docs import METHODS, SPEC
+    from captioner.core.db import make_engine, make_sessionmaker
+
+    image_id = client.post("/v1/images", data={"file": (io.BytesIO(jpeg()), "a.jpg")}).get_json()["id"]
+    engine = make_engine(app_settings.database_url)
+    with make_sessionmaker(engine).begin() as s:
+        batch_id = queries.create_batch(s, "1 image", "v", [image_id]).id
+    engine.dispose()
+    read = keyed(client.application, make_key(app_settings.database_url, scope="read"))
+    anonymous = client.application.test_client()
+    bad_queries = [{}, {"limit": "0"}, {"limit": "x"}, {"offset": "-1"}, {"status": "lost"}, {"status": ""},
+                   {"format": "xml"}, {"include_failed": "maybe"}, {"q": "dog"}, {"q": "%%"}]
+    bodies = [{}, {"json": {"unknown": 1}}, {"data": b"{not json", "content_type": "application/json"},
+              {"data": b"text", "content_type": "text/plain"}]
+    tried = 0
+    for path, ops in SPEC["paths"].items():
+        for method in METHODS:
+            documented = set(ops[method]["responses"]) if method in ops else {"405"}
+            for some_id in (image_id, batch_id, MAX_ID):
+                url = path.replace("{id}", str(some_id))
+                for caller in (anonymous, read, client):
+                    for query in bad_queries if method == "get" else [{}]:
+                        for body in bodies if method in ("post", "put", "patch") else [{}]:
+                            r = caller.open(url, method=method.upper(), query_string=query, **body)
+                            assert str(r.status_code) in documented, \
+                                f"{method.upper()} {url}?{query} {body} answered {r.status_code}: {r.get_data()[:200]}"
+                            tried += 1
+    assert tried > 500
+
+
+# codes no API client gets: the base class's and the defaults of classes every raise gives a finer
+# code, the CLI's and the worker's, and the web pages' own (they answer in HTML; docs/security.md)
+NOT_API_CODES = {"error", "access_denied", "conflict", "unauthenticated", "exiftool_missing", "too_many_images",
+                 "webhook_failed", "signed_out", "csrf_failed"}
+
+
+def test_every_error_code_is_in_the_http_api_doc():
+    from conftest import REPO
+
+    source = "\n".join(p.read_text() for folder in ("core", "api") for p in (REPO / folder).glob("*.py"))
+    codes = (set(re.findall(r'code ?= ?"([a-z_]+)"', source)) | set(re.findall(r'_response\(\d+, "([a-z_]+)"', source))
+             # Flask's own, named after the status (api/errors.py)
+             | {"not_found", "method_not_allowed", "request_entity_too_large", "unsupported_media_type"})
+    assert {"not_failed", "insufficient_scope", "rate_limited"} <= codes  # the scan finds them
+    doc = (REPO / "docs" / "http-api.md").read_text()
+    assert sorted(c for c in codes - NOT_API_CODES if f"`{c}`" not in doc) == []
 
 
 def test_search_needs_words(client):

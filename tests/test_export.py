@@ -146,3 +146,29 @@ def test_one_record_per_image_newest_caption_and_a_persons_decision_first(databa
         s.execute(delete(Caption).where(Caption.model_version == "newer-model"))
         s.commit()
     engine.dispose()
+
+
+def test_an_upload_is_exported_by_its_file_name(client, database):
+    """The key of an upload is the name it was sent with, not its content-addressed storage key;
+    the same bytes sent again under another name keep the first."""
+    for name in ("Holiday 2024/beach.jpg", "renamed.jpg"):
+        r = client.post("/v1/images", data={"file": (io.BytesIO(_png()), name)})
+        assert r.status_code == 202, r.get_json()
+    version = client.application.extensions["captioner"].current_model_version()  # the fake checkpoint's
+    engine = make_engine(database)
+    with make_sessionmaker(engine).begin() as s:
+        [claimed] = queries.claim(s, version, 60, 10)
+        queries.complete(s, [Result(claimed, "A beach", "A beach.", [("A beach", 0.9)], [], 0.9, False, 8, 8)], [],
+                         version, 1)
+    engine.dispose()
+    rows = [json.loads(line) for line in client.get("/v1/export").get_data(as_text=True).splitlines()]
+    [row] = [r for r in rows if r["model_version"] == version]
+    assert row["key"] == "beach.jpg" and row["caption"] == "A beach"
+
+
+def _png() -> bytes:
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new("RGB", (8, 8), (10, 200, 30)).save(out, "PNG")
+    return out.getvalue()

@@ -44,6 +44,7 @@ def seed(sm) -> dict[str, int]:
         with sm.begin() as s:
             [sub] = queries.submit(s, [NewImage(f"file:///photos/{key}.jpg", f"sha256:{key}")], VERSION,
                                    "interactive", tenant=tenant)
+            # claimed by hand: search tests seed jobs and captions directly
             claimed = queries.Claimed(sub.job_id, sub.image_id, f"file:///photos/{key}.jpg", 1)
             # one caption has a quality estimate, the others come from a model without an estimator
             quality = 0.75 if key == "dog-grass" else None
@@ -223,20 +224,19 @@ def test_cli_search(backend, monkeypatch):
 
 def test_migration_indexes_existing_captions_and_downgrades(tmp_path: Path):
     """Captions written before the search migration are found after it; it downgrades cleanly."""
-    from sqlalchemy import insert
-
-    from captioner.core.tables import Caption
-
     url = f"sqlite:///{tmp_path / 'old.db'}"
     upgrade(url, "5c12d53081cc")
     engine = make_engine(url)
-    for key, caption, alt, tags, tenant in CORPUS:  # the columns of the first schema only (no quality)
-        with make_sessionmaker(engine).begin() as s:
-            [sub] = queries.submit(s, [NewImage(f"file:///photos/{key}.jpg", f"sha256:{key}")], VERSION,
-                                   "interactive", tenant=tenant)
-            s.execute(insert(Caption).values(image_id=sub.image_id, model_version=VERSION, text=caption, alt_text=alt,
-                                             candidates=[], tags=tags, confidence=0.5, needs_review=False,
-                                             forward_size=1))
+    # the first schema's own columns, in SQL: today's insert code writes columns it lacks
+    with engine.begin() as conn:
+        for n, (key, caption, alt, tags, tenant) in enumerate(CORPUS, start=1):
+            conn.execute(text("INSERT INTO images (id, tenant, uri, fingerprint, created_at) "
+                              "VALUES (:id, :tenant, :uri, :fp, CURRENT_TIMESTAMP)"),
+                         {"id": n, "tenant": tenant, "uri": f"file:///photos/{key}.jpg", "fp": f"sha256:{key}"})
+            conn.execute(text("INSERT INTO captions (image_id, model_version, text, alt_text, candidates, tags, "
+                              "confidence, needs_review, forward_size, created_at) VALUES (:id, :version, :text, "
+                              ":alt, '[]', :tags, 0.5, 0, 1, CURRENT_TIMESTAMP)"),
+                         {"id": n, "version": VERSION, "text": caption, "alt": alt, "tags": json.dumps(tags)})
     upgrade(url)
     sm = make_sessionmaker(engine)
     with sm() as s:

@@ -405,6 +405,41 @@ def test_one_upload_opens_its_page_several_make_a_batch(app, api_key):
     assert upload(client).status_code == 400
 
 
+def test_a_batch_page_lists_its_failures_filters_by_status_and_cancels(app, app_settings, api_key):
+    client = signed_in(app, api_key)
+    assert upload(client, jpeg((1, 1, 1)), jpeg((2, 2, 2)), jpeg((3, 3, 3))).headers["Location"] == "/batches/1"
+    sm = app.extensions["captioner"].sessionmaker
+    with sm.begin() as s:  # a worker captions the first, the second fails, the third waits
+        version = s.scalars(select(Job.model_version)).first()
+        ok, bad = queries.claim(s, version, 600, 2)
+        queries.complete(s, [queries.Result(ok, "A kite", "A kite.", [("A kite", 0.9)], [], 0.9, False, 8, 8)],
+                         [queries.Failure(bad, "invalid_image", "truncated or corrupt JPEG file")], version, 1)
+    page = text(client.get("/batches/1"))
+    assert "Failed images" in page and "truncated or corrupt JPEG file" in page
+    assert "<td>photo1.jpg</td>" in page and "<code>invalid_image</code> 1" in page  # its name; failures by code
+    assert "Cancel the 1 queued" in page and "Failed (1)" in page
+    failed_only = text(client.get("/batches/1?status=failed"))
+    assert failed_only.count('class="card"') == 1 and 'aria-current="page">Failed (1)' in failed_only
+    assert text(client.get("/batches/1?status=queued")).count('class="card"') == 1
+    assert client.get("/batches/1?status=lost").status_code == 400
+
+    reader = signed_in(app, make_key(app_settings.database_url, scope="read"))
+    assert "Cancel the" not in text(reader.get("/batches/1"))
+    r = reader.post("/batches/1/cancel", data={"csrf_token": csrf_token(reader, "/batches/1")})
+    assert r.status_code == 403
+    theirs = signed_in(app, make_key(app_settings.database_url, tenant="other"))
+    assert theirs.post("/batches/1/cancel", data={"csrf_token": csrf_token(theirs, "/")}).status_code == 404
+    assert client.post("/batches/1/cancel").status_code == 400  # no CSRF token
+
+    r = client.post("/batches/1/cancel", data={"csrf_token": csrf_token(client, "/batches/1")})
+    assert r.status_code == 303 and r.headers["Location"] == "/batches/1"
+    page = text(client.get("/batches/1"))
+    assert "1 queued images cancelled" in page and "Cancel the" not in page
+    assert "batch 1 was cancelled" in page and "<code>cancelled</code> 1" in page
+    r = client.post("/batches/1/cancel", data={"csrf_token": csrf_token(client, "/batches/1")})  # again: nothing
+    assert "Nothing left to cancel" in text(client.get(r.headers["Location"]))
+
+
 def _big_photo() -> bytes:
     """A 2000x1500 JPEG with detail (a gradient and stripes), standing in for a camera photo."""
     im = Image.linear_gradient("L").resize((2000, 1500)).convert("RGB")

@@ -12,8 +12,9 @@ from typing import Any, Callable, Iterable, Iterator
 
 from sqlalchemy.orm import sessionmaker
 
-from . import captioner, decode, queries, storage, webhooks
+from . import captioner, decode, prefixes, queries, storage, webhooks
 from .errors import CaptioningError, InvalidRequest, TransientError
+from .prefixes import Skipped
 from .queries import Claimed, Failure, NewImage, Result, Submitted
 from .queue import Publish
 from .settings import Settings
@@ -93,14 +94,17 @@ def submit_images(sm: sessionmaker, images: list[NewImage], model_version: str, 
     return batch_id, submitted
 
 
-def expand_paths(paths: Iterable[str], limit: int | None, s3_limit: int) -> Iterator[NewImage]:
+def expand_paths(paths: Iterable[str], limit: int | None, s3_limit: int, max_bytes: int,
+                 skipped: Skipped, trust_suffixes: bool = False) -> Iterator[NewImage]:
     """Files, folders (recursively, image suffixes only, hidden files and folders skipped: macOS's
-    `._IMG.jpg`, a metadata write's temporary copy) and s3://bucket/prefix -> images."""
+    `._IMG.jpg`, a metadata write's temporary copy) and s3://bucket/prefix (every object, chosen by
+    its first bytes; those left out are added to `skipped`) -> images."""
     count = 0
     for raw in paths:
         if raw.startswith("s3://"):
             bucket, prefix = storage.split_s3(raw)
-            found: Iterable[NewImage] = (s3_image(o) for o in storage.list_prefix(bucket, prefix, s3_limit))
+            found: Iterable[NewImage] = (s3_image(o) for o in prefixes.images(bucket, prefix, max_bytes, s3_limit,
+                                                                               skipped, trust_suffixes))
         else:
             path = Path(raw)
             if path.is_dir():
@@ -128,6 +132,7 @@ class _Prepared:
     decode_s: float = 0.0  # bytes -> model input tensor
     jpeg: bytes | None = None  # a baseline JPEG left for the model's device to decode
     orientation: int = 1  # its EXIF orientation
+    sha256: str | None = None  # of the bytes read, for an image whose digest was not known (an S3 object)
 
 
 def _prepare(settings: Settings, claimed: Claimed, on_device: bool) -> _Prepared:
@@ -138,20 +143,25 @@ def _prepare(settings: Settings, claimed: Claimed, on_device: bool) -> _Prepared
         data = storage.read(claimed.uri, settings.max_upload_bytes)
     except CaptioningError as e:
         return _Prepared(claimed, error=e, fetch_s=time.perf_counter() - t0)
+    # hashed here, where the bytes are read anyway (hashlib releases the GIL): an S3 object's
+    # digest was unknown at submit time, which read only its listing
+    digest = hashlib.sha256(data).hexdigest() if claimed.sha256 is None or settings.crash_on_sha256 else None
     t1 = time.perf_counter()
-    if settings.crash_on_sha256 and hashlib.sha256(data).hexdigest() == settings.crash_on_sha256:
+    if settings.crash_on_sha256 and digest == settings.crash_on_sha256:
         os._exit(70)  # the fault suite's poison image: the whole process dies, as in a decoder crash
+    learnt = digest if claimed.sha256 is None else None
     try:
         jpeg = decode.baseline_jpeg(data, settings.max_pixels) if on_device else None
         if jpeg is not None:
             orientation, size = jpeg
             return _Prepared(claimed, size=size, fetch_s=t1 - t0, decode_s=time.perf_counter() - t1, jpeg=data,
-                             orientation=orientation)
+                             orientation=orientation, sha256=learnt)
         image = decode.decode(data, settings.max_pixels)
         tensor = captioner.preprocess(image)
     except CaptioningError as e:
-        return _Prepared(claimed, error=e, fetch_s=t1 - t0, decode_s=time.perf_counter() - t1)
-    return _Prepared(claimed, tensor, image.info["source_size"], fetch_s=t1 - t0, decode_s=time.perf_counter() - t1)
+        return _Prepared(claimed, error=e, fetch_s=t1 - t0, decode_s=time.perf_counter() - t1, sha256=learnt)
+    return _Prepared(claimed, tensor, image.info["source_size"], fetch_s=t1 - t0, decode_s=time.perf_counter() - t1,
+                     sha256=learnt)
 
 
 def _decode_on_device(settings: Settings, waiting: list[_Prepared]) -> list[_Prepared]:
@@ -234,11 +244,12 @@ def caption_claimed(sm: sessionmaker, settings: Settings, claimed: list[Claimed]
             queries.release(s, [c.job_id for c in claimed], count_attempt=not isinstance(e, KeyboardInterrupt))
         raise
     results = [Result(p.claimed, cap.text, cap.alt_text, cap.candidates, cap.tags, cap.confidence,
-                      cap.needs_review, *p.size) for p, cap in captioned]
+                      cap.needs_review, *p.size, sha256=p.sha256) for p, cap in captioned]
     errors = [(p.claimed, p.error) for p in prepared if p.error is not None]
+    digests = {p.claimed.job_id: p.sha256 for p in prepared if p.sha256}
     # a transient error (S3 hiccup) returns the image to the queue, until its attempts run out
     retry = [c for c, err in errors if isinstance(err, TransientError) and c.attempts < settings.max_attempts]
-    failures = [Failure(c, err.code, err.message) for c, err in errors if c not in retry]
+    failures = [Failure(c, err.code, err.message, digests.get(c.job_id)) for c, err in errors if c not in retry]
     transient = [c.job_id for c in retry]
     finished = tuple([r.claimed.job_id for r in results] + [f.claimed.job_id for f in failures])
     write_started = time.perf_counter()

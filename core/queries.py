@@ -39,6 +39,7 @@ class Claimed:
     uri: str
     attempts: int  # including this claim
     batch_limit: int | None = None  # the largest batch it may go in: set after a worker died with it
+    sha256: str | None = None  # the image's, when known (uploads, files); an S3 object's is learnt when read
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,7 @@ class Result:
     needs_review: bool
     width: int
     height: int
+    sha256: str | None = None  # of the bytes read, to store where the image had none
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,7 @@ class Failure:
     claimed: Claimed
     code: str
     message: str
+    sha256: str | None = None  # of the bytes read, if they were
 
 
 def _postgresql(session: Session) -> bool:
@@ -213,8 +216,9 @@ def claim(session: Session, model_version: str, lease_seconds: int, limit: int,
                 attempts=Job.attempts + 1, updated_at=now, claim_size=None)
         .returning(Job.id, Job.image_id, Job.attempts, Job.batch_limit)
         .execution_options(synchronize_session=False)).all()
-    uris = dict(session.execute(select(Image.id, Image.uri).where(Image.id.in_([r.image_id for r in rows]))).all())
-    return sorted((Claimed(job_id, image_id, uris[image_id], attempts, limit)
+    images = {image_id: (uri, sha256) for image_id, uri, sha256 in session.execute(
+        select(Image.id, Image.uri, Image.sha256).where(Image.id.in_([r.image_id for r in rows]))).all()}
+    return sorted((Claimed(job_id, image_id, images[image_id][0], attempts, limit, images[image_id][1])
                    for job_id, image_id, attempts, limit in rows), key=lambda c: c.job_id)
 
 
@@ -250,12 +254,15 @@ def complete(session: Session, results: list[Result], failures: list[Failure], m
             index_elements=["image_id", "model_version"],
             set_={c: stmt.excluded[c] for c in ("text", "alt_text", "candidates", "tags", "confidence",
                                                  "needs_review", "forward_size", "created_at")}))
-        session.execute(update(Image),
-                        [{"id": r.claimed.image_id, "width": r.width, "height": r.height} for r in chunk])
+        session.execute(update(Image), [{"id": r.claimed.image_id, "width": r.width, "height": r.height,
+                                         "sha256": r.sha256 or r.claimed.sha256} for r in chunk])
         session.execute(update(Job).where(Job.id.in_([r.claimed.job_id for r in chunk]))
                         .values(status="done", lease_until=None, error_code=None, error_message=None,
                                 updated_at=now, finished_at=now)
                         .execution_options(synchronize_session=False))
+    learnt = [{"id": f.claimed.image_id, "sha256": f.sha256} for f in failures if f.sha256 and not f.claimed.sha256]
+    if learnt:  # a file that is not an image still has a digest, which tells its copies apart
+        session.execute(update(Image), learnt)
     if failures:
         session.execute(update(Job), [
             {"id": f.claimed.job_id, "status": "failed", "lease_until": None, "error_code": f.code,

@@ -144,11 +144,12 @@ def test_io_threads_run_torch_on_one_thread_and_the_forward_keeps_its_own(sqlite
 
 def test_a_folder_walk_skips_hidden_files_and_folders(tmp_path):
     from captioner.core.jobs import expand_paths
+    from captioner.core.prefixes import Skipped
 
     for name in ("a.jpg", "sub/b.JPG", "._a.jpg", ".cache/c.jpg", "sub/.d.captioner-tmp.jpg", "notes.txt"):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_bytes(b"x")
-    found = {i.uri.removeprefix(tmp_path.resolve().as_uri() + "/") for i in expand_paths([str(tmp_path)], None, 10)}
+    found = {i.uri.removeprefix(tmp_path.resolve().as_uri() + "/") for i in expand_paths([str(tmp_path)], None, 10, 100, Skipped())}
     assert found == {"a.jpg", "sub/b.JPG"}
     # named on its own, a hidden file is taken: the user asked for it
-    assert len(list(expand_paths([str(tmp_path / "._a.jpg")], None, 10))) == 1
+    assert len(list(expand_paths([str(tmp_path / "._a.jpg")], None, 10, 100, Skipped()))) == 1

@@ -146,6 +146,12 @@ def test_worker_serves_metrics_of_its_pool_and_logs_json(deployment):
     assert samples[("captioner_queue_depth", (("queue", "interactive"),))] == 0
 
     lines = [json.loads(line) for line in log_path.read_text().splitlines() if line.startswith("{")]
+    # "ready." only once the pool child has loaded its model: the consumer starts after that
+    messages = [line["message"] for line in lines]
+    loaded = [i for i, m in enumerate(messages) if m.startswith("model loaded in 1 pool process after")]
+    ready = [i for i, m in enumerate(messages) if m.endswith(" ready.")]
+    child = [i for i, m in enumerate(messages) if m.startswith("model ") and " loaded: runtime " in m]
+    assert child and loaded and ready and child[0] < loaded[0] < ready[0], messages[:20]
     captioned = [line for line in lines if line["message"].endswith(" captioned")]
     assert len(captioned) >= PHOTOS
     assert all(isinstance(line["image_id"], int) and isinstance(line["job_id"], int) and line["batch_id"]

@@ -6,10 +6,12 @@ runs in the pool's child process, where the model is loaded once, lazily (CUDA c
 before the fork)."""
 import logging
 import os
+import select
+import time
 from functools import lru_cache
 from typing import Any
 
-from celery import signals
+from celery import bootsteps, signals
 from celery_batches import SimpleRequest
 from sqlalchemy.orm import sessionmaker
 
@@ -18,8 +20,8 @@ from captioner.core.captioner import batch_size, describe, warm_up
 from captioner.core.captioner import get as get_model
 from captioner.core.db import make_engine, make_sessionmaker
 from captioner.core.errors import CaptioningError
-from captioner.core.queue import (CAPTION_TASK, SWEEP_TASK, WEBHOOK_TASK, create_celery, drained, publish_webhooks,
-                                    publisher)
+from captioner.core.queue import (CAPTION_TASK, PROC_ALIVE_TIMEOUT, SWEEP_TASK, WEBHOOK_TASK, create_celery, drained,
+                                    publish_webhooks, publisher)
 from captioner.core.settings import get_settings
 
 from . import metrics
@@ -30,6 +32,9 @@ settings = get_settings()
 app = create_celery(settings)
 publish = publisher(settings, app)
 CAPTIONS = True  # whether this worker consumes caption queues (worker/main.py sets it before the pool forks)
+# Each pool child writes a byte here once its model is loaded and warm. Made in the main process
+# before the pool forks, so every child inherits it (children replaced later write to nobody).
+_MODEL_LOADED = os.pipe()
 
 
 @lru_cache(maxsize=1)
@@ -69,6 +74,33 @@ def _load_model(**_: Any) -> None:
     model = get_model(settings)
     warm_up(settings)
     log.info("model %s loaded: %s", model.version, describe(model))
+    os.write(_MODEL_LOADED[1], b"1")
+
+
+class ModelsLoaded(bootsteps.StartStopStep):
+    """The worker's start waits here, after the pool has forked and before the consumer starts, until
+    every pool child has loaded its model: Celery's "ready." line, the worker_ready signal and the
+    first message taken then mean a batch can run now. Celery alone said ready while the children
+    were still loading (7 s before the first caption could start on the 2-core host)."""
+    requires = ("celery.worker.components:Pool",)
+
+    def start(self, worker: Any) -> None:
+        if not CAPTIONS:
+            return
+        started, expected, loaded = time.monotonic(), worker.concurrency, 0
+        deadline = started + PROC_ALIVE_TIMEOUT
+        while loaded < expected and (left := deadline - time.monotonic()) > 0:
+            if select.select([_MODEL_LOADED[0]], [], [], left)[0]:
+                loaded += len(os.read(_MODEL_LOADED[0], expected - loaded))
+        if loaded < expected:  # a child that failed to load is replaced once the loop runs; say so, go on
+            log.error("only %d of %d pool processes loaded the model within %d s", loaded, expected,
+                      PROC_ALIVE_TIMEOUT)
+        else:
+            log.info("model loaded in %d pool process%s after %.1f s", loaded, "es" if loaded > 1 else "",
+                     time.monotonic() - started)
+
+
+app.steps["worker"].add(ModelsLoaded)
 
 
 @app.task(name=CAPTION_TASK, base=Batches, flush_every=batch_size(settings),

@@ -3,7 +3,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Collection, Iterable, Iterator
 
-from sqlalchemy import Column, Row, Select, Table, bindparam, func, select, update
+from sqlalchemy import Column, Row, Select, Table, and_, bindparam, case, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import Session, aliased
@@ -213,13 +213,25 @@ def claim(session: Session, model_version: str, lease_seconds: int, limit: int,
         update(Job)
         .where(Job.id == chosen.c.id, Job.status == "queued")
         .values(status="processing", lease_until=now + timedelta(seconds=lease_seconds),
-                attempts=Job.attempts + 1, updated_at=now, claim_size=None)
+                attempts=Job.attempts + 1, updated_at=now, claim_size=None, started_at=None)
         .returning(Job.id, Job.image_id, Job.attempts, Job.batch_limit)
         .execution_options(synchronize_session=False)).all()
     images = {image_id: (uri, sha256) for image_id, uri, sha256 in session.execute(
         select(Image.id, Image.uri, Image.sha256).where(Image.id.in_([r.image_id for r in rows]))).all()}
     return sorted((Claimed(job_id, image_id, images[image_id][0], attempts, limit, images[image_id][1])
                    for job_id, image_id, attempts, limit in rows), key=lambda c: c.job_id)
+
+
+def mark_started(session: Session, job_ids: list[int]) -> None:
+    """Claimed jobs whose model forward begins now: they show as processing from here on. Their
+    lease is untouched: claimed, they were already no other worker's to take."""
+    session.execute(update(Job).where(Job.id.in_(job_ids), Job.status == "processing").values(started_at=utcnow())
+                    .execution_options(synchronize_session=False))
+
+
+def visible_status(status: str, started_at: datetime | None) -> str:
+    """A job's status as people see it: a claimed job waiting for its forward is still queued."""
+    return "queued" if status == "processing" and started_at is None else status
 
 
 def isolate(session: Session, claimed: list[Claimed]) -> tuple[list[Claimed], list[tuple[int, str]]]:
@@ -273,7 +285,7 @@ def release(session: Session, job_ids: list[int], count_attempt: bool) -> None:
     """Return claimed jobs to the queue now (an interrupted run, a transient fetch error)
     instead of waiting for their lease to expire."""
     for chunk in _chunks(job_ids):
-        values: dict[str, Any] = {"status": "queued", "lease_until": None, "updated_at": utcnow()}
+        values: dict[str, Any] = {"status": "queued", "lease_until": None, "started_at": None, "updated_at": utcnow()}
         if not count_attempt:
             values["attempts"] = Job.attempts - 1
         session.execute(update(Job).where(Job.id.in_(chunk), Job.status == "processing").values(**values)
@@ -295,7 +307,7 @@ def sweep(session: Session, max_attempts: int, requeue_after_seconds: int,
     # a worker died with the job in a batch of several: back uncharged, in batches half as large
     halved = session.execute(
         update(Job).where(*expired, Job.claim_size > 1)
-        .values(status="queued", lease_until=None, updated_at=now, attempts=Job.attempts - 1,
+        .values(status="queued", lease_until=None, started_at=None, updated_at=now, attempts=Job.attempts - 1,
                 batch_limit=Job.claim_size // 2, claim_size=None)
         .returning(Job.id, Job.queue).execution_options(synchronize_session=False)).all()
     session.execute(update(Job).where(*expired, Job.claim_size == 1, Job.attempts >= max_attempts)
@@ -309,7 +321,7 @@ def sweep(session: Session, max_attempts: int, requeue_after_seconds: int,
                             updated_at=now, finished_at=now)
                     .execution_options(synchronize_session=False))
     returned = [*halved, *session.execute(
-        update(Job).where(*expired).values(status="queued", lease_until=None, updated_at=now)
+        update(Job).where(*expired).values(status="queued", lease_until=None, started_at=None, updated_at=now)
         .returning(Job.id, Job.queue).execution_options(synchronize_session=False)).all()]
     stale_where = [Job.status == "queued", Job.updated_at < now - timedelta(seconds=requeue_after_seconds)]
     if drained is not None:
@@ -323,7 +335,7 @@ def _image_row(image: Image, job: Job | None, caption: Caption | None, alt: dict
     error = {"code": job.error_code, "message": job.error_message} if job and job.status == "failed" else None
     return {
         "id": image.id,
-        "status": job.status if job else "queued",
+        "status": visible_status(job.status, job.started_at) if job else "queued",
         "caption": caption.text if caption else None,
         "alt_text": alt["text"],  # a person's decision if any, else the newest model's suggestion
         "alt_text_state": alt["state"],
@@ -362,10 +374,11 @@ def batch_view(session: Session, batch_id: int, tenant: str = "default") -> dict
     batch = session.get(Batch, batch_id)
     if batch is None or batch.tenant != tenant:
         raise NotFound(f"no batch with id {batch_id}")
+    shown = case((and_(Job.status == "processing", Job.started_at.is_(None)), "queued"), else_=Job.status)  # visible_status
     counts = dict(session.execute(
-        select(Job.status, func.count()).join(BatchImage, BatchImage.image_id == Job.image_id)
+        select(shown, func.count()).join(BatchImage, BatchImage.image_id == Job.image_id)
         .where(BatchImage.batch_id == batch_id, Job.model_version == batch.model_version)
-        .group_by(Job.status)).all())
+        .group_by(shown)).all())
     # the rate counts images finished since the batch began (earlier ones were already done)
     finished, last = session.execute(
         select(func.count(), func.max(Job.finished_at)).join(BatchImage, BatchImage.image_id == Job.image_id)

@@ -234,6 +234,10 @@ def visible_status(status: str, started_at: datetime | None) -> str:
     return "queued" if status == "processing" and started_at is None else status
 
 
+# visible_status in SQL, for counts and lists
+VISIBLE_STATUS = case((and_(Job.status == "processing", Job.started_at.is_(None)), "queued"), else_=Job.status)
+
+
 def isolate(session: Session, claimed: list[Claimed]) -> tuple[list[Claimed], list[tuple[int, str]]]:
     """Bisection of a batch a worker died with: when claimed jobs carry a batch limit, keep at most
     that many (those limited first) and give the rest back, uncharged -> (kept, (job id, queue) pairs
@@ -374,11 +378,10 @@ def batch_view(session: Session, batch_id: int, tenant: str = "default") -> dict
     batch = session.get(Batch, batch_id)
     if batch is None or batch.tenant != tenant:
         raise NotFound(f"no batch with id {batch_id}")
-    shown = case((and_(Job.status == "processing", Job.started_at.is_(None)), "queued"), else_=Job.status)  # visible_status
     counts = dict(session.execute(
-        select(shown, func.count()).join(BatchImage, BatchImage.image_id == Job.image_id)
+        select(VISIBLE_STATUS, func.count()).join(BatchImage, BatchImage.image_id == Job.image_id)
         .where(BatchImage.batch_id == batch_id, Job.model_version == batch.model_version)
-        .group_by(shown)).all())
+        .group_by(VISIBLE_STATUS)).all())
     # the rate counts images finished since the batch began (earlier ones were already done)
     finished, last = session.execute(
         select(func.count(), func.max(Job.finished_at)).join(BatchImage, BatchImage.image_id == Job.image_id)

@@ -15,7 +15,7 @@ from sqlalchemy.orm import sessionmaker
 from . import captioner, decode, prefixes, queries, storage, webhooks
 from .errors import CaptioningError, InvalidRequest, TransientError
 from .prefixes import Skipped
-from .queries import Claimed, Failure, NewImage, Result, Submitted
+from .queries import Claimed, Doorbell, Failure, NewImage, Result, Submitted
 from .queue import Publish
 from .settings import Settings
 
@@ -42,8 +42,8 @@ class BatchReport:
     stages: dict[str, list[float]] = field(default_factory=dict)
 
 
-def to_publish(submitted: Iterable[Submitted]) -> list[tuple[int, str]]:
-    return list(dict.fromkeys((s.job_id, s.queue) for s in submitted if s.status == "queued"))
+def to_publish(submitted: Iterable[Submitted]) -> list[Doorbell]:
+    return list(dict.fromkeys(Doorbell(s.job_id, s.queue, s.image_id) for s in submitted if s.status == "queued"))
 
 
 def stored_upload(settings: Settings, data: bytes) -> NewImage:

@@ -1,7 +1,7 @@
 """Data functions of the job life-cycle. Each takes a Session; the caller owns the transaction."""
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, Collection, Iterable, Iterator
+from typing import Any, Collection, Iterable, Iterator, NamedTuple
 
 from sqlalchemy import Column, Row, Select, Table, and_, bindparam, case, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
@@ -22,6 +22,13 @@ class NewImage:
     fingerprint: str  # identity for deduplication within a tenant
     sha256: str | None = None
     size: int | None = None
+
+
+class Doorbell(NamedTuple):
+    """A job to ring for once its rows are committed; the image id is what Flower shows a person."""
+    job_id: int
+    queue: str
+    image_id: int
 
 
 @dataclass(frozen=True)
@@ -155,14 +162,14 @@ def add_images(session: Session, images: list[NewImage], tenant: str, now: datet
 
 
 def add_jobs(session: Session, image_ids: list[int], model_version: str, queue: str,
-             now: datetime) -> list[tuple[int, str]]:
-    """Queued jobs for the images that have none for this model -> (job id, queue) of those made
-    now: only they need a doorbell; existing jobs have had theirs."""
+             now: datetime) -> list[Doorbell]:
+    """Queued jobs for the images that have none for this model -> doorbells of those made now:
+    only they need one; existing jobs have had theirs."""
     jobs = Job.__table__
-    return [(job_id, q) for job_id, q in _insert_new(
+    return [Doorbell(*row) for row in _insert_new(
         session, jobs, {"image_id": image_ids}, {"model_version": model_version, "queue": queue, "status": "queued",
                                                  "attempts": 0, "created_at": now, "updated_at": now},
-        ["image_id", "model_version"], [jobs.c.id, jobs.c.queue])]
+        ["image_id", "model_version"], [jobs.c.id, jobs.c.queue, jobs.c.image_id])]
 
 
 def add_to_batch(session: Session, batch_id: int, image_ids: list[int]) -> int:
@@ -238,9 +245,9 @@ def visible_status(status: str, started_at: datetime | None) -> str:
 VISIBLE_STATUS = case((and_(Job.status == "processing", Job.started_at.is_(None)), "queued"), else_=Job.status)
 
 
-def isolate(session: Session, claimed: list[Claimed]) -> tuple[list[Claimed], list[tuple[int, str]]]:
+def isolate(session: Session, claimed: list[Claimed]) -> tuple[list[Claimed], list[Doorbell]]:
     """Bisection of a batch a worker died with: when claimed jobs carry a batch limit, keep at most
-    that many (those limited first) and give the rest back, uncharged -> (kept, (job id, queue) pairs
+    that many (those limited first) and give the rest back, uncharged -> (kept, doorbells
     to publish again). Every kept job learns its batch's size, which the sweep halves if this
     worker dies too: a poison image ends alone, and its neighbours are captioned."""
     limits = [c.batch_limit for c in claimed if c.batch_limit]
@@ -252,7 +259,8 @@ def isolate(session: Session, claimed: list[Claimed]) -> tuple[list[Claimed], li
         session.execute(update(Job).where(Job.id.in_([c.job_id for c in kept])).values(claim_size=len(kept))
                         .execution_options(synchronize_session=False))
     queues = dict(session.execute(select(Job.id, Job.queue).where(Job.id.in_(rest))).all()) if rest else {}
-    return sorted(kept, key=lambda c: c.job_id), [(j, queues[j]) for j in rest]
+    images = {c.job_id: c.image_id for c in claimed}
+    return sorted(kept, key=lambda c: c.job_id), [Doorbell(j, queues[j], images[j]) for j in rest]
 
 
 def complete(session: Session, results: list[Result], failures: list[Failure], model_version: str,
@@ -297,9 +305,9 @@ def release(session: Session, job_ids: list[int], count_attempt: bool) -> None:
 
 
 def sweep(session: Session, max_attempts: int, requeue_after_seconds: int,
-          drained: Collection[str] | None = None) -> list[tuple[int, str]]:
+          drained: Collection[str] | None = None) -> list[Doorbell]:
     """Expired leases go back to queued (or to failed after max_attempts claims); jobs queued
-    longer than requeue_after are touched. Returns (job id, queue) pairs to publish again: this is
+    longer than requeue_after are touched. Returns the doorbells to ring again: this is
     what makes a lost message, a flushed broker or a killed worker harmless.
 
     `drained`: the queues whose broker backlog is empty (None: all). A job queued long in a queue
@@ -313,7 +321,7 @@ def sweep(session: Session, max_attempts: int, requeue_after_seconds: int,
         update(Job).where(*expired, Job.claim_size > 1)
         .values(status="queued", lease_until=None, started_at=None, updated_at=now, attempts=Job.attempts - 1,
                 batch_limit=Job.claim_size // 2, claim_size=None)
-        .returning(Job.id, Job.queue).execution_options(synchronize_session=False)).all()
+        .returning(Job.id, Job.queue, Job.image_id).execution_options(synchronize_session=False)).all()
     session.execute(update(Job).where(*expired, Job.claim_size == 1, Job.attempts >= max_attempts)
                     .values(status="failed", lease_until=None, error_code="worker_crashed",
                             error_message=f"the worker died {max_attempts} times captioning this image alone",
@@ -326,13 +334,13 @@ def sweep(session: Session, max_attempts: int, requeue_after_seconds: int,
                     .execution_options(synchronize_session=False))
     returned = [*halved, *session.execute(
         update(Job).where(*expired).values(status="queued", lease_until=None, started_at=None, updated_at=now)
-        .returning(Job.id, Job.queue).execution_options(synchronize_session=False)).all()]
+        .returning(Job.id, Job.queue, Job.image_id).execution_options(synchronize_session=False)).all()]
     stale_where = [Job.status == "queued", Job.updated_at < now - timedelta(seconds=requeue_after_seconds)]
     if drained is not None:
         stale_where.append(Job.queue.in_(list(drained)))
-    stale = session.execute(update(Job).where(*stale_where).values(updated_at=now).returning(Job.id, Job.queue)
+    stale = session.execute(update(Job).where(*stale_where).values(updated_at=now).returning(Job.id, Job.queue, Job.image_id)
                             .execution_options(synchronize_session=False)).all()
-    return [(job_id, queue) for job_id, queue in [*returned, *stale]]
+    return [Doorbell(*row) for row in [*returned, *stale]]
 
 
 def _image_row(image: Image, job: Job | None, caption: Caption | None, alt: dict[str, Any]) -> dict[str, Any]:
@@ -421,8 +429,8 @@ def results_query(model_version: str | None = None) -> Select:
 
 
 def enqueue_page(session: Session, batch_id: int, images: list[NewImage], model_version: str, queue: str,
-                 tenant: str = "default") -> tuple[int, list[tuple[int, str]]]:
-    """One listed page of a backfill -> (images new to the batch, (job id, queue) of the jobs made now)."""
+                 tenant: str = "default") -> tuple[int, list[Doorbell]]:
+    """One listed page of a backfill -> (images new to the batch, doorbells of the jobs made now)."""
     now = utcnow()
     ids = list(dict.fromkeys(add_images(session, images, tenant, now).values()))
     created = add_jobs(session, ids, model_version, queue, now)
@@ -430,10 +438,10 @@ def enqueue_page(session: Session, batch_id: int, images: list[NewImage], model_
 
 
 def retry_failed(session: Session, tenant: str, image_id: int | None = None, batch_id: int | None = None,
-                 error_code: str | None = None) -> list[tuple[int, str]]:
+                 error_code: str | None = None) -> list[Doorbell]:
     """Failed jobs of the tenant (of one image, of one batch's model, with one error code, as given)
-    back to queued with a fresh attempt count; each keeps its error in error_history -> (job id,
-    queue) pairs to publish once committed. Another tenant's jobs are never among them."""
+    back to queued with a fresh attempt count; each keeps its error in error_history -> the
+    doorbells to ring once committed. Another tenant's jobs are never among them."""
     where = [Job.status == "failed", Image.tenant == tenant]
     if image_id is not None:
         where.append(Job.image_id == image_id)
@@ -452,7 +460,7 @@ def retry_failed(session: Session, tenant: str, image_id: int | None = None, bat
         job.status, job.attempts, job.error_code, job.error_message = "queued", 0, None, None
         job.lease_until, job.finished_at, job.updated_at = None, None, now
     session.flush()
-    return [(job.id, job.queue) for job in failed]
+    return [Doorbell(job.id, job.queue, job.image_id) for job in failed]
 
 
 def job_status(session: Session, job_id: int) -> str | None:

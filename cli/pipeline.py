@@ -176,7 +176,7 @@ def retry(batch_id, error_code, tenant) -> None:
             version = captioner.version(settings)
             jobs.run_embedded(sm, settings, version, batch_id, lambda report: None)
             with sm() as s:
-                ids = [job_id for job_id, _ in retried]
+                ids = [d.job_id for d in retried]
                 done = sum(1 for j in ids if queries.job_status(s, j) == "done")
             click.echo(f"{done} done, {len(ids) - done} failed")
 

@@ -156,7 +156,7 @@ def test_enqueue_page_makes_each_job_once(database, request):
             s.add(batch)
             s.flush()
             added, new = queries.enqueue_page(s, batch.id, images + images[:10], "pagetest", "backfill")
-            outcomes.append((added, len(new), {q for _, q in new}))
+            outcomes.append((added, len(new), {d.queue for d in new}))
         with sm() as s:
             assert s.get(Batch, batch.id).total == 1200
     assert outcomes == [(1200, 1200, {"backfill"}), (1200, 0, set())]

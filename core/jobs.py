@@ -1,5 +1,5 @@
 """The job life-cycle end to end: submit (store bytes, rows, doorbell) and caption a claimed
-batch (fetch and decode overlapping the model forwards, one write). The worker and the embedded CLI share it."""
+batch (fetch and decode overlapping the model forwards, a write as each forward ends). The worker and the embedded CLI share it."""
 import hashlib
 import logging
 import os

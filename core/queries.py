@@ -265,8 +265,8 @@ def isolate(session: Session, claimed: list[Claimed]) -> tuple[list[Claimed], li
 
 def complete(session: Session, results: list[Result], failures: list[Failure], model_version: str,
              forward_size: int) -> None:
-    """Write one batch's outcome: caption rows (upserted, so a redelivered batch leaves one row
-    per image and model), jobs done or failed. One transaction for the whole batch."""
+    """Write one forward's outcome: caption rows (upserted, so a redelivered batch leaves one row
+    per image and model), jobs done or failed, and the digests of S3 images read for the first time."""
     now = utcnow()
     for chunk in _chunks(results):
         stmt = _insert(session, Caption).values([

@@ -42,7 +42,7 @@ from celery_batches import Batches as UpstreamBatches
 from celery_batches import SimpleRequest
 from celery_batches.trace import apply_batches_task
 
-SUCCEEDED = ("done", "skipped")  # captioned now, or already done / claimed by another worker
+SUCCEEDED = ("done", "skipped", "requeued")  # captioned now, done already / claimed elsewhere, or to be tried again
 BATCH_ERROR = "batch_error"  # the key of the task's result when the batch itself broke: {exception, traceback}
 
 

@@ -51,8 +51,10 @@ def submit_batch() -> tuple[Response, int, dict]:
         check_s3([(bucket, prefix)])
         version = svc.current_model_version()
         done = backfill.enqueue_prefix(svc.sessionmaker, bucket, prefix, version, queue, svc.publish,
-                                       svc.settings.s3_prefix_limit, tenant, callback_url, write_metadata)
-        batch_id, total, extra = done.batch_id, done.total, {"new_jobs": done.new_jobs, "truncated": done.truncated}
+                                       svc.settings.s3_prefix_limit, svc.settings.max_upload_bytes, tenant,
+                                       callback_url, write_metadata, svc.settings.s3_sniff == "unnamed")
+        batch_id, total = done.batch_id, done.total
+        extra = {"new_jobs": done.new_jobs, "truncated": done.truncated, "skipped": done.skipped.as_dict()}
     elif "images" in body:
         locations = bodies.image_list(body["images"])
         check_s3(locations)

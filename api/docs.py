@@ -56,6 +56,12 @@ NEXT_OFFSET = {"type": ["integer", "null"]}
 # 404: an S3 key that does not exist; 413: an upload over CAPTIONER_MAX_UPLOAD_BYTES or a JSON body over
 # CAPTIONER_MAX_JSON_BYTES; 415: another media type
 SUBMIT_ERRORS = _errors(400, 403, 404, 413, 415, 503)
+SKIP_REASONS = ["hidden", "empty", "too_large", "not_an_image", "gone"]  # core/prefixes.py
+SKIPPED = _object(["count", "reasons", "keys"], count=INT,
+                  reasons={"type": "object", "additionalProperties": INT,
+                           "propertyNames": {"enum": SKIP_REASONS}},
+                  keys={"type": "array", "maxItems": 20,
+                        "items": _object(["key", "reason"], key=TEXT, reason={"enum": SKIP_REASONS})})
 # every /v1 operation: 401 without a valid key (with WWW-Authenticate), 403 for a scope the key
 # lacks, 429 over the key's rate limit (with Retry-After)
 KEYED: dict[str, Any] = {"security": [{"bearer": []}]}
@@ -139,10 +145,11 @@ SPEC: dict[str, Any] = {
                 _object(["images"], queue=QUEUE, write_metadata=WRITE_METADATA,
                         images={"type": "array", "minItems": 1, "maxItems": 10000,
                                 "items": _object(["s3"], s3=S3_OBJECT)})]}}}},
-            # new_jobs and truncated come with a prefix: jobs made now (the rest existed), and whether the
-            # prefix held more than CAPTIONER_S3_PREFIX_LIMIT images (the first ones, in key order, were taken)
+            # new_jobs, truncated and skipped come with a prefix: jobs made now (the rest existed), whether the
+            # prefix held more than CAPTIONER_S3_PREFIX_LIMIT images (the first ones, in key order, were
+            # taken), and the objects that are not images (chosen by their first bytes, not their names)
             "responses": {"202": _json(_object(["id", "total", "url"], id=INT, total=INT, url=TEXT, new_jobs=INT,
-                                               truncated={"type": "boolean"}), "queued"),
+                                               truncated={"type": "boolean"}, skipped=SKIPPED), "queued"),
                           **SUBMIT_ERRORS, **KEY_ERRORS}, **KEYED}},
         "/v1/batches/{id}": {"get": {
             "summary": "Counts of a batch's images per status, and its failures by error code", "parameters": ID,

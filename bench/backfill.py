@@ -9,6 +9,8 @@ from captioner.core.queue import publisher
 from captioner.core.settings import Settings
 from captioner.migrations import open_database
 
+JPEG_START = b"\xff\xd8\xff\xe0"
+
 
 def fill(bucket: str, prefix: str, keys: int, threads: int) -> float | None:
     """Upload `keys` tiny objects under the prefix unless it holds that many -> seconds, or None."""
@@ -17,8 +19,9 @@ def fill(bucket: str, prefix: str, keys: int, threads: int) -> float | None:
         return None
     started = time.perf_counter()
     names = [f"{prefix}{n:07d}.jpg" for n in range(keys)]
+    # a JPEG's first bytes: the enqueue reads each object's start to tell images from other files
     with ThreadPoolExecutor(threads) as pool:
-        list(pool.map(lambda k: client.put_object(Bucket=bucket, Key=k, Body=k.encode()), names))
+        list(pool.map(lambda k: client.put_object(Bucket=bucket, Key=k, Body=JPEG_START + k.encode()), names))
     return time.perf_counter() - started
 
 
@@ -28,4 +31,5 @@ def run(settings: Settings, bucket: str, prefix: str, keys: int, threads: int,
     if uploaded is not None:
         log(f"uploaded {keys} objects in {uploaded:.1f}s")
     return backfill.enqueue_prefix(open_database(settings.database_url), bucket, prefix, captioner.version(settings),
-                                   "backfill", publisher(settings), keys)
+                                   "backfill", publisher(settings), keys, settings.max_upload_bytes,
+                                   trust_suffixes=settings.s3_sniff == "unnamed")

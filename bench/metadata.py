@@ -27,7 +27,7 @@ def run(settings: Settings, photos: list[Path], mode: str = "sidecar",
         version = captioner.version(local)
         with metadata.exiftool_processes() as tools:
             started = time.perf_counter()
-            batch_id, submitted = caption_runs.submit(sm, local, [str(folder)], None, "backfill", version,
+            batch_id, submitted, _ = caption_runs.submit(sm, local, [str(folder)], None, "backfill", version,
                                                       lambda jobs: None)
             _, todo = caption_runs.pending(submitted)
             caption_runs.finish(sm, local, version, batch_id, todo, progress)

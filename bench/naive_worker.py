@@ -32,7 +32,7 @@ def _load_model(**_: Any) -> None:
 
 
 @app.task(name=CAPTION_TASK, acks_late=True)
-def caption(job_id: int) -> str:
+def caption(job_id: int, image_id: int | None = None) -> str:  # the image id is for people reading Flower
     sm = _sessionmaker()
     with sm.begin() as s:
         claimed = queries.claim(s, get_model(settings).version, settings.lease_seconds, 1, job_ids=[job_id])

@@ -47,7 +47,11 @@ def caption(paths, limit, queue, wait, samples, write_metadata, sidecar_name, ov
         sm = context.database(settings)
         version = captioner.version(settings)
         started = time.perf_counter()
-        batch_id, submitted = caption_runs.submit(sm, settings, paths, limit, queue, version, publisher(settings))
+        batch_id, submitted, skipped = caption_runs.submit(sm, settings, paths, limit, queue, version,
+                                                           publisher(settings))
+        if skipped.count:
+            click.echo(f"{skipped.summary()}: " + ", ".join(f"{k['key']} ({k['reason']})" for k in skipped.keys)
+                       + (", ..." if skipped.count > len(skipped.keys) else ""))
         if write_metadata:
             imported = metadata.import_descriptions(sm, tools[0], paths, naming=sidecar_name, limit=limit)
             if imported:
@@ -174,7 +178,7 @@ def retry(batch_id, error_code, tenant) -> None:
             version = captioner.version(settings)
             jobs.run_embedded(sm, settings, version, batch_id, lambda report: None)
             with sm() as s:
-                ids = [job_id for job_id, _ in retried]
+                ids = [d.job_id for d in retried]
                 done = sum(1 for j in ids if queries.job_status(s, j) == "done")
             click.echo(f"{done} done, {len(ids) - done} failed")
 

@@ -3,15 +3,16 @@ re-captioning a library when a new model ships. Both go to the backfill queue, s
 (the interactive queue) are never stuck behind them."""
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator, TypeVar
 
 from sqlalchemy import exists, select
 from sqlalchemy.orm import sessionmaker
 
-from . import queries, storage
+from . import queries
 from .errors import InvalidRequest
 from .jobs import s3_image
+from .prefixes import Skipped, image_pages
 from .queue import Publish
 from .tables import Caption, Image, Job, utcnow
 
@@ -26,11 +27,13 @@ class Enqueued:
     new_jobs: int  # jobs created (and published) now; the rest existed already
     truncated: bool  # the prefix held more images than the limit; the first `limit` were taken
     seconds: float
+    skipped: Skipped = field(default_factory=Skipped)  # objects under the prefix that are not images, and why
 
 
 def _prefetched(pages: Iterator[T]) -> Iterator[T]:
-    """The next page is listed while this one is written: listing (botocore parsing XML, CPU) and
-    inserting (waiting on PostgreSQL) overlap instead of taking turns."""
+    """The next page is listed and sorted while this one is written: listing (botocore parsing XML,
+    CPU), reading the objects' first bytes (waiting on S3) and inserting (waiting on PostgreSQL)
+    overlap instead of taking turns."""
     with ThreadPoolExecutor(max_workers=1) as pool:
         ahead = pool.submit(next, pages, None)
         while (page := ahead.result()) is not None:
@@ -39,14 +42,16 @@ def _prefetched(pages: Iterator[T]) -> Iterator[T]:
 
 
 def enqueue_prefix(sm: sessionmaker, bucket: str, prefix: str, model_version: str, queue: str, publish: Publish,
-                   limit: int, tenant: str = "default", callback_url: str | None = None,
-                   write_metadata: str | None = None) -> Enqueued:
-    """Every image under s3://bucket/prefix as a batch: one transaction and one doorbell per listed
-    page, so memory stays bounded and workers start on the first page while the rest is listed.
-    The same prefix again makes no new jobs (same tenant + ETag + model = the same job)."""
+                   limit: int, max_bytes: int, tenant: str = "default", callback_url: str | None = None,
+                   write_metadata: str | None = None, trust_suffixes: bool = False) -> Enqueued:
+    """Every image under s3://bucket/prefix (chosen by content: core/prefixes.py) as a batch: one
+    transaction and one doorbell per listed page, so memory stays bounded and workers start on the
+    first page while the rest is listed and sorted. The same prefix again makes no new jobs (same
+    tenant + ETag + model = the same job)."""
     started = time.perf_counter()
     batch_id, total, new, listed, truncated = None, 0, 0, 0, False
-    for page in _prefetched(storage.list_pages(bucket, prefix)):
+    skipped = Skipped()
+    for page in _prefetched(image_pages(bucket, prefix, max_bytes, skipped, trust_suffixes)):
         if not page:
             continue
         if listed + len(page) > limit:
@@ -63,8 +68,10 @@ def enqueue_prefix(sm: sessionmaker, bucket: str, prefix: str, model_version: st
         if truncated:
             break
     if batch_id is None:
-        raise InvalidRequest(f"no images under s3://{bucket}/{prefix}", code="empty_batch")
-    return Enqueued(batch_id, total, new, truncated, time.perf_counter() - started)
+        left_out = f": {skipped.summary()}, e.g. " + ", ".join(
+            f"{k['key']} ({k['reason']})" for k in skipped.keys[:5]) if skipped.count else ""
+        raise InvalidRequest(f"no images under s3://{bucket}/{prefix}{left_out}", code="empty_batch")
+    return Enqueued(batch_id, total, new, truncated, time.perf_counter() - started, skipped)
 
 
 def recaption(sm: sessionmaker, model_version: str, publish: Publish, from_version: str | None = None,

@@ -12,7 +12,7 @@ from typing import Any
 from sqlalchemy import Select, exists, func, select, tuple_
 from sqlalchemy.orm import Session, aliased
 
-from . import alttext
+from . import alttext, queries
 from .errors import NotFound
 from .tables import AltTextDecision, Batch, BatchImage, Caption, Image, Job
 
@@ -32,7 +32,7 @@ def _newest_id(cls: Any) -> Any:
 
 def _listed(tenant: str) -> Select:
     """(Image, its newest job's status and error, newest caption, newest decision) per image."""
-    return (select(Image, Job.status, Job.error_code, Caption, AltTextDecision).select_from(Image)
+    return (select(Image, queries.VISIBLE_STATUS, Job.error_code, Caption, AltTextDecision).select_from(Image)
             .outerjoin(Job, Job.id == _newest_id(Job))
             .outerjoin(Caption, Caption.id == _newest_id(Caption))
             .outerjoin(AltTextDecision, AltTextDecision.id == _newest_id(AltTextDecision))

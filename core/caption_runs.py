@@ -9,6 +9,7 @@ from sqlalchemy.orm import sessionmaker
 
 from . import jobs, queries, storage
 from .errors import InvalidRequest
+from .prefixes import Skipped
 from .queries import NewImage, Submitted
 from .queue import Publish
 from .settings import Settings
@@ -32,18 +33,23 @@ class Summary:
 
 
 def submit(sm: sessionmaker, settings: Settings, paths: Iterable[str], limit: int | None, queue: str,
-           model_version: str, publish: Publish) -> tuple[int, list[Submitted]]:
-    """Every image under `paths` as one batch -> (batch id, submitted). With a broker, local files
-    are first copied to CAPTIONER_STORAGE: workers on other hosts cannot read this machine's disk."""
+           model_version: str, publish: Publish) -> tuple[int, list[Submitted], Skipped]:
+    """Every image under `paths` as one batch -> (batch id, submitted, objects under S3 prefixes
+    that are not images). With a broker, local files are first copied to CAPTIONER_STORAGE:
+    workers on other hosts cannot read this machine's disk."""
     paths = list(paths)
-    images = list(jobs.expand_paths(paths, limit, settings.s3_prefix_limit))
+    skipped = Skipped()
+    images = list(jobs.expand_paths(paths, limit, settings.s3_prefix_limit, settings.max_upload_bytes, skipped,
+                                    settings.s3_sniff == "unnamed"))
     if not images:
-        raise InvalidRequest(f"no images found in {' '.join(paths)}")
+        raise InvalidRequest(f"no images found in {' '.join(paths)}"
+                             + (f" ({skipped.summary()})" if skipped.count else ""),
+                             code="empty_batch" if skipped.count else None)
     if not settings.embedded:
         images = [_shared(settings, i) if i.uri.startswith("file://") else i for i in images]
     batch_id, submitted = jobs.submit_images(sm, images, model_version, queue, publish, batch_source=" ".join(paths))
     assert batch_id is not None, "a batch source always makes a batch"
-    return batch_id, submitted
+    return batch_id, submitted, skipped
 
 
 def _shared(settings: Settings, image: NewImage) -> NewImage:

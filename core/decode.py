@@ -43,8 +43,9 @@ class _Deadline(io.BytesIO):
         return super().read(size)
 
 
-def _signature(head: bytes) -> str | None:
+def signature(head: bytes) -> str | None:
     """The format whose signature the data starts with, by Pillow's own checks."""
+    Image.init()  # registers every plugin's check once; before any Image.open, Image.OPEN is empty
     for fmt in FORMATS:
         accept = Image.OPEN[fmt][1] if fmt in Image.OPEN else None
         if accept is not None and accept(head):
@@ -64,7 +65,7 @@ def _open(fp: _Deadline, max_pixels: int) -> ImageFile.ImageFile:
     except UnidentifiedImageError:
         head = bytes(fp.getbuffer()[:16])
         # Pillow says "cannot identify" also for a known signature followed by a cut-off header
-        claimed = _signature(head)
+        claimed = signature(head)
         if claimed:
             raise InvalidImage(f"truncated or corrupt {claimed} header") from None
         raise InvalidImage(f"not an image in a supported format ({', '.join(FORMATS)}); "

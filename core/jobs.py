@@ -1,5 +1,5 @@
 """The job life-cycle end to end: submit (store bytes, rows, doorbell) and caption a claimed
-batch (fetch and decode overlapping the model forwards, one write). The worker and the embedded CLI share it."""
+batch (fetch and decode overlapping the model forwards, a write as each forward ends). The worker and the embedded CLI share it."""
 import hashlib
 import logging
 import os
@@ -8,13 +8,14 @@ import time
 from dataclasses import dataclass, field, replace
 from itertools import chain
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Collection, Iterable, Iterator
 
 from sqlalchemy.orm import sessionmaker
 
-from . import captioner, decode, queries, storage, webhooks
+from . import captioner, decode, prefixes, queries, storage, webhooks
 from .errors import CaptioningError, InvalidRequest, TransientError
-from .queries import Claimed, Failure, NewImage, Result, Submitted
+from .prefixes import Skipped
+from .queries import Claimed, Doorbell, Failure, NewImage, Result, Submitted
 from .queue import Publish
 from .settings import Settings
 
@@ -41,8 +42,8 @@ class BatchReport:
     stages: dict[str, list[float]] = field(default_factory=dict)
 
 
-def to_publish(submitted: Iterable[Submitted]) -> list[tuple[int, str]]:
-    return list(dict.fromkeys((s.job_id, s.queue) for s in submitted if s.status == "queued"))
+def to_publish(submitted: Iterable[Submitted]) -> list[Doorbell]:
+    return list(dict.fromkeys(Doorbell(s.job_id, s.queue, s.image_id) for s in submitted if s.status == "queued"))
 
 
 def stored_upload(settings: Settings, data: bytes, filename: str | None = None) -> NewImage:
@@ -95,14 +96,17 @@ def submit_images(sm: sessionmaker, images: list[NewImage], model_version: str, 
     return batch_id, submitted
 
 
-def expand_paths(paths: Iterable[str], limit: int | None, s3_limit: int) -> Iterator[NewImage]:
+def expand_paths(paths: Iterable[str], limit: int | None, s3_limit: int, max_bytes: int,
+                 skipped: Skipped, trust_suffixes: bool = False) -> Iterator[NewImage]:
     """Files, folders (recursively, image suffixes only, hidden files and folders skipped: macOS's
-    `._IMG.jpg`, a metadata write's temporary copy) and s3://bucket/prefix -> images."""
+    `._IMG.jpg`, a metadata write's temporary copy) and s3://bucket/prefix (every object, chosen by
+    its first bytes; those left out are added to `skipped`) -> images."""
     count = 0
     for raw in paths:
         if raw.startswith("s3://"):
             bucket, prefix = storage.split_s3(raw)
-            found: Iterable[NewImage] = (s3_image(o) for o in storage.list_prefix(bucket, prefix, s3_limit))
+            found: Iterable[NewImage] = (s3_image(o) for o in prefixes.images(bucket, prefix, max_bytes, s3_limit,
+                                                                               skipped, trust_suffixes))
         else:
             path = Path(raw)
             if path.is_dir():
@@ -130,6 +134,7 @@ class _Prepared:
     decode_s: float = 0.0  # bytes -> model input tensor
     jpeg: bytes | None = None  # a baseline JPEG left for the model's device to decode
     orientation: int = 1  # its EXIF orientation
+    sha256: str | None = None  # of the bytes read, for an image whose digest was not known (an S3 object)
 
 
 def _prepare(settings: Settings, claimed: Claimed, on_device: bool) -> _Prepared:
@@ -140,20 +145,25 @@ def _prepare(settings: Settings, claimed: Claimed, on_device: bool) -> _Prepared
         data = storage.read(claimed.uri, settings.max_upload_bytes)
     except CaptioningError as e:
         return _Prepared(claimed, error=e, fetch_s=time.perf_counter() - t0)
+    # hashed here, where the bytes are read anyway (hashlib releases the GIL): an S3 object's
+    # digest was unknown at submit time, which read only its listing
+    digest = hashlib.sha256(data).hexdigest() if claimed.sha256 is None or settings.crash_on_sha256 else None
     t1 = time.perf_counter()
-    if settings.crash_on_sha256 and hashlib.sha256(data).hexdigest() == settings.crash_on_sha256:
+    if settings.crash_on_sha256 and digest == settings.crash_on_sha256:
         os._exit(70)  # the fault suite's poison image: the whole process dies, as in a decoder crash
+    learnt = digest if claimed.sha256 is None else None
     try:
         jpeg = decode.baseline_jpeg(data, settings.max_pixels) if on_device else None
         if jpeg is not None:
             orientation, size = jpeg
             return _Prepared(claimed, size=size, fetch_s=t1 - t0, decode_s=time.perf_counter() - t1, jpeg=data,
-                             orientation=orientation)
+                             orientation=orientation, sha256=learnt)
         image = decode.decode(data, settings.max_pixels)
         tensor = captioner.preprocess(image)
     except CaptioningError as e:
-        return _Prepared(claimed, error=e, fetch_s=t1 - t0, decode_s=time.perf_counter() - t1)
-    return _Prepared(claimed, tensor, image.info["source_size"], fetch_s=t1 - t0, decode_s=time.perf_counter() - t1)
+        return _Prepared(claimed, error=e, fetch_s=t1 - t0, decode_s=time.perf_counter() - t1, sha256=learnt)
+    return _Prepared(claimed, tensor, image.info["source_size"], fetch_s=t1 - t0, decode_s=time.perf_counter() - t1,
+                     sha256=learnt)
 
 
 def _decode_on_device(settings: Settings, waiting: list[_Prepared]) -> list[_Prepared]:
@@ -176,40 +186,110 @@ def _decode_on_device(settings: Settings, waiting: list[_Prepared]) -> list[_Pre
     return out
 
 
-def _forwards(settings: Settings, prepared: Iterable[_Prepared]) -> tuple[list[_Prepared], list[tuple[_Prepared, Any]], list[int], float]:
+@dataclass
+class _Written:
+    """What a batch wrote so far, a forward at a time."""
+    results: int = 0
+    failures: int = 0
+    finished: list[int] = field(default_factory=list)  # job ids done or failed
+    events: list[int] = field(default_factory=list)  # outbox rows of their callbacks
+    outcomes: dict[int, str] = field(default_factory=dict)  # job id -> "done" or the error code
+    seconds: float = 0.0
+
+
+class _Progress:
+    """Writes a claimed batch's outcome a forward at a time: the forward's jobs show as processing
+    when it begins (their lease was taken at the claim), its captions and the failures found
+    since the last write are committed when it ends. Progress and the rate then move per forward,
+    not per claimed batch; each write is one short transaction, with no model work inside it."""
+
+    def __init__(self, sm: sessionmaker, settings: Settings, batch: str):
+        self.sm, self.settings, self.batch = sm, settings, batch
+        self.written = _Written()
+
+    def started(self, forward: list[_Prepared]) -> None:
+        started = time.perf_counter()
+        with self.sm.begin() as s:
+            queries.mark_started(s, [p.claimed.job_id for p in forward])
+        self.written.seconds += time.perf_counter() - started
+
+    def finished(self, captioned: list[tuple[_Prepared, Any]], errored: list[_Prepared],
+                 retry: Collection[int] = ()) -> None:
+        """Write a forward's captions and the failures among `errored`; a transient error is left
+        for the batch's retries unless it is in `retry` (job ids out of retries: failed)."""
+        final = [p for p in errored if not isinstance(p.error, TransientError) or p.claimed.job_id in retry]
+        if not captioned and not final:
+            return
+        started = time.perf_counter()
+        results = [Result(p.claimed, cap.text, cap.alt_text, cap.candidates, cap.tags, cap.confidence,
+                          cap.needs_review, *p.size, sha256=p.sha256, quality=cap.quality) for p, cap in captioned]
+        failures = [Failure(p.claimed, p.error.code, p.error.message, p.sha256) for p in final if p.error]
+        done = [r.claimed.job_id for r in results] + [f.claimed.job_id for f in failures]
+        with self.sm.begin() as s:  # short transaction: no model work inside it
+            queries.complete(s, results, failures, captioner.get(self.settings).version, forward_size=len(results))
+            self.written.events += webhooks.record_events(s, done)  # the outbox: committed with the jobs or not at all
+        w = self.written
+        w.seconds += time.perf_counter() - started
+        w.results, w.failures, w.finished = w.results + len(results), w.failures + len(failures), w.finished + done
+        w.outcomes.update({r.claimed.job_id: "done" for r in results})
+        w.outcomes.update({f.claimed.job_id: f.code for f in failures})
+        for f in failures:
+            log.warning("image %d (%s): %s %s", f.claimed.image_id, f.claimed.uri, f.code, f.message,
+                        extra={"image_id": f.claimed.image_id, "job_id": f.claimed.job_id, "batch_id": self.batch,
+                               "error_code": f.code})
+        for r in results:
+            log.info("image %d captioned", r.claimed.image_id,
+                     extra={"image_id": r.claimed.image_id, "job_id": r.claimed.job_id, "batch_id": self.batch})
+
+
+def _forwards(settings: Settings, prepared: Iterable[_Prepared],
+              progress: _Progress) -> tuple[list[_Prepared], list[int], float]:
     """Caption images in model forwards of forward_size as they come off the I/O pool: the pool
-    goes on fetching and decoding the next forward's images while this one runs.
-    -> (every image, (image, caption) for those captioned, forward sizes, model seconds)."""
+    goes on fetching and decoding the next forward's images while this one runs, and each
+    forward's outcome is written as it ends. -> (every image, forward sizes, model seconds)."""
     size = captioner.forward_size(settings)
     seen: list[_Prepared] = []
-    captioned: list[tuple[_Prepared, Any]] = []
+    errored: list[_Prepared] = []  # failed since the last write
     sizes: list[int] = []
     waiting: list[_Prepared] = []
     model_s = 0.0
     for p in chain(prepared, [None]):  # None: the end, which runs the last, partial forward
         if p is not None:
-            (seen if p.error else waiting).append(p)
+            if p.error:
+                seen.append(p)
+                errored.append(p)
+            else:
+                waiting.append(p)
         if waiting and (len(waiting) == size or p is None):
             waiting = _decode_on_device(settings, waiting)
             seen += waiting
+            errored += [w for w in waiting if w.error is not None]
             ready = [w for w in waiting if w.error is None]
+            captioned: list[tuple[_Prepared, Any]] = []
             if ready:
+                progress.started(ready)
                 started = time.perf_counter()
-                captioned.extend(zip(ready, captioner.caption_batch(settings, [w.tensor for w in ready]), strict=True))
+                captioned = list(zip(ready, captioner.caption_batch(settings, [w.tensor for w in ready]), strict=True))
                 model_s += time.perf_counter() - started
                 sizes.append(len(ready))
+            progress.finished(captioned, errored)
+            errored = [e for e in errored if isinstance(e.error, TransientError)]  # left for the retries
             waiting = []
-    return seen, captioned, sizes, model_s
+    if errored:  # failures after the last forward
+        progress.finished([], errored)
+    return seen, sizes, model_s
 
 
 def caption_claimed(sm: sessionmaker, settings: Settings, claimed: list[Claimed]) -> BatchReport:
-    """Caption claimed jobs: concurrent fetch and decode overlapping the model forwards, ONE write transaction."""
+    """Caption claimed jobs: concurrent fetch and decode overlapping the model forwards, each
+    forward's outcome written as it ends (one short transaction each)."""
     started = time.perf_counter()
     batch = secrets.token_hex(6)
     if not claimed:
         return BatchReport(0, 0, 0, 0, 0.0, batch=batch)
 
     on_device = captioner.decodes_on_device(settings)
+    progress = _Progress(sm, settings, batch)
 
     def prepare(c: Claimed) -> _Prepared:
         return _prepare(settings, c, on_device)
@@ -217,50 +297,37 @@ def caption_claimed(sm: sessionmaker, settings: Settings, claimed: list[Claimed]
     try:
         with captioner.io_pool(min(settings.io_threads, len(claimed))) as pool:
             # Executor.map submits every image at once and yields them in order as they finish
-            prepared, captioned, sizes, model_s = _forwards(settings, pool.map(prepare, claimed))
+            prepared, sizes, model_s = _forwards(settings, pool.map(prepare, claimed), progress)
             for delay in FETCH_RETRY_SECONDS:  # the batch waits out a storage restart together
                 again = [p.claimed for p in prepared if isinstance(p.error, TransientError)]
                 if not again:
                     break
                 log.warning("storage unavailable for %d images, fetching them again in %g s", len(again), delay)
                 time.sleep(delay)
-                retried = _forwards(settings, pool.map(prepare, again))
+                retried = _forwards(settings, pool.map(prepare, again), progress)
                 prepared = [p for p in prepared if not isinstance(p.error, TransientError)] + retried[0]
-                captioned += retried[1]
-                sizes += retried[2]
-                model_s += retried[3]
-        version = captioner.get(settings).version
+                sizes += retried[1]
+                model_s += retried[2]
+            # a transient error (S3 hiccup) returns the image to the queue, until its attempts run out
+            transient = [p for p in prepared if isinstance(p.error, TransientError)]
+            out_of_attempts = {p.claimed.job_id for p in transient if p.claimed.attempts >= settings.max_attempts}
+            progress.finished([], [p for p in transient if p.claimed.job_id in out_of_attempts], out_of_attempts)
     except BaseException as e:
-        # give the claims back now rather than after the lease; an interrupt is not the images' fault
+        # give the claims back now rather than after the lease (those written stay done or
+        # failed); an interrupt is not the images' fault
         with sm.begin() as s:
             queries.release(s, [c.job_id for c in claimed], count_attempt=not isinstance(e, KeyboardInterrupt))
         raise
-    results = [Result(p.claimed, cap.text, cap.alt_text, cap.candidates, cap.tags, cap.confidence,
-                      cap.needs_review, *p.size, quality=cap.quality) for p, cap in captioned]
-    errors = [(p.claimed, p.error) for p in prepared if p.error is not None]
-    # a transient error (S3 hiccup) returns the image to the queue, until its attempts run out
-    retry = [c for c, err in errors if isinstance(err, TransientError) and c.attempts < settings.max_attempts]
-    failures = [Failure(c, err.code, err.message) for c, err in errors if c not in retry]
-    transient = [c.job_id for c in retry]
-    finished = tuple([r.claimed.job_id for r in results] + [f.claimed.job_id for f in failures])
-    write_started = time.perf_counter()
-    with sm.begin() as s:  # short transaction: no model work inside it
-        queries.complete(s, results, failures, version, forward_size=max(sizes, default=0))
-        queries.release(s, transient, count_attempt=True)
-        events = webhooks.record_events(s, list(finished))  # the outbox: committed with the jobs or not at all
-    write_s = time.perf_counter() - write_started
-    outcomes = {r.claimed.job_id: "done" for r in results}
-    for c, err in errors:
-        outcomes[c.job_id] = "requeued" if c in retry else err.code
-        log.warning("image %d (%s): %s %s", c.image_id, c.uri, err.code, err.message,
-                    extra={"image_id": c.image_id, "job_id": c.job_id, "batch_id": batch, "error_code": err.code})
-    for r in results:
-        log.info("image %d captioned", r.claimed.image_id,
-                 extra={"image_id": r.claimed.image_id, "job_id": r.claimed.job_id, "batch_id": batch})
+    requeued = [p.claimed.job_id for p in transient if p.claimed.job_id not in out_of_attempts]
+    if requeued:
+        with sm.begin() as s:
+            queries.release(s, requeued, count_attempt=True)
+    w = progress.written
+    outcomes = {**w.outcomes, **{job_id: "requeued" for job_id in requeued}}
     stages = {"fetch": [p.fetch_s for p in prepared], "decode": [p.decode_s for p in prepared if p.decode_s],
-              "model": [model_s], "write": [write_s]}
-    return BatchReport(len(results), len(failures), len(transient), max(sizes, default=0), time.perf_counter() - started,
-                       finished, tuple(events), batch, outcomes, stages)
+              "model": [model_s], "write": [w.seconds]}
+    return BatchReport(w.results, w.failures, len(requeued), max(sizes, default=0), time.perf_counter() - started,
+                       tuple(w.finished), tuple(w.events), batch, outcomes, stages)
 
 
 def run_embedded(sm: sessionmaker, settings: Settings, model_version: str, batch_id: int | None,

@@ -490,7 +490,7 @@ def write_s3_prefix(sm: sessionmaker, et: Any, bucket: str, prefix: str, limit: 
     """`captioner write-metadata s3://bucket/prefix`: sidecars for objects captioned earlier, each
     found by its ETag (an object rewritten since has another and is reported as changed)."""
     report = Report()
-    objects = storage.list_prefix(bucket, prefix, limit)
+    objects = [o for o in storage.list_prefix(bucket, prefix, limit) if not o.key.endswith(".xmp")]  # the sidecars
     rows: list[Any] = []
     for start in range(0, len(objects), queries.CHUNK):
         page = {f"s3:{o.bucket}/{o.key}@{o.etag}": o for o in objects[start:start + queries.CHUNK]}

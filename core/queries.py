@@ -1,9 +1,9 @@
 """Data functions of the job life-cycle. Each takes a Session; the caller owns the transaction."""
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, Collection, Iterable, Iterator
+from typing import Any, Collection, Iterable, Iterator, NamedTuple
 
-from sqlalchemy import Column, Row, Select, Table, bindparam, func, select, update
+from sqlalchemy import Column, Row, Select, Table, and_, bindparam, case, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import Session, aliased
@@ -25,6 +25,13 @@ class NewImage:
     name: str | None = None  # an upload's file name (storage.upload_name), shown as its source
 
 
+class Doorbell(NamedTuple):
+    """A job to ring for once its rows are committed; the image id is what Flower shows a person."""
+    job_id: int
+    queue: str
+    image_id: int
+
+
 @dataclass(frozen=True)
 class Submitted:
     image_id: int
@@ -40,6 +47,7 @@ class Claimed:
     uri: str
     attempts: int  # including this claim
     batch_limit: int | None = None  # the largest batch it may go in: set after a worker died with it
+    sha256: str | None = None  # the image's, when known (uploads, files); an S3 object's is learnt when read
 
 
 @dataclass(frozen=True)
@@ -54,6 +62,7 @@ class Result:
     needs_review: bool
     width: int
     height: int
+    sha256: str | None = None  # of the bytes read, to store where the image had none
     quality: float | None = None  # the estimated probability that the caption is right; None without an estimator
 
 
@@ -62,6 +71,7 @@ class Failure:
     claimed: Claimed
     code: str
     message: str
+    sha256: str | None = None  # of the bytes read, if they were
 
 
 def _postgresql(session: Session) -> bool:
@@ -155,14 +165,14 @@ def add_images(session: Session, images: list[NewImage], tenant: str, now: datet
 
 
 def add_jobs(session: Session, image_ids: list[int], model_version: str, queue: str,
-             now: datetime) -> list[tuple[int, str]]:
-    """Queued jobs for the images that have none for this model -> (job id, queue) of those made
-    now: only they need a doorbell; existing jobs have had theirs."""
+             now: datetime) -> list[Doorbell]:
+    """Queued jobs for the images that have none for this model -> doorbells of those made now:
+    only they need one; existing jobs have had theirs."""
     jobs = Job.__table__
-    return [(job_id, q) for job_id, q in _insert_new(
+    return [Doorbell(*row) for row in _insert_new(
         session, jobs, {"image_id": image_ids}, {"model_version": model_version, "queue": queue, "status": "queued",
                                                  "attempts": 0, "created_at": now, "updated_at": now},
-        ["image_id", "model_version"], [jobs.c.id, jobs.c.queue])]
+        ["image_id", "model_version"], [jobs.c.id, jobs.c.queue, jobs.c.image_id])]
 
 
 def add_to_batch(session: Session, batch_id: int, image_ids: list[int]) -> int:
@@ -213,17 +223,34 @@ def claim(session: Session, model_version: str, lease_seconds: int, limit: int,
         update(Job)
         .where(Job.id == chosen.c.id, Job.status == "queued")
         .values(status="processing", lease_until=now + timedelta(seconds=lease_seconds),
-                attempts=Job.attempts + 1, updated_at=now, claim_size=None)
+                attempts=Job.attempts + 1, updated_at=now, claim_size=None, started_at=None)
         .returning(Job.id, Job.image_id, Job.attempts, Job.batch_limit)
         .execution_options(synchronize_session=False)).all()
-    uris = dict(session.execute(select(Image.id, Image.uri).where(Image.id.in_([r.image_id for r in rows]))).all())
-    return sorted((Claimed(job_id, image_id, uris[image_id], attempts, limit)
+    images = {image_id: (uri, sha256) for image_id, uri, sha256 in session.execute(
+        select(Image.id, Image.uri, Image.sha256).where(Image.id.in_([r.image_id for r in rows]))).all()}
+    return sorted((Claimed(job_id, image_id, images[image_id][0], attempts, limit, images[image_id][1])
                    for job_id, image_id, attempts, limit in rows), key=lambda c: c.job_id)
 
 
-def isolate(session: Session, claimed: list[Claimed]) -> tuple[list[Claimed], list[tuple[int, str]]]:
+def mark_started(session: Session, job_ids: list[int]) -> None:
+    """Claimed jobs whose model forward begins now: they show as processing from here on. Their
+    lease is untouched: claimed, they were already no other worker's to take."""
+    session.execute(update(Job).where(Job.id.in_(job_ids), Job.status == "processing").values(started_at=utcnow())
+                    .execution_options(synchronize_session=False))
+
+
+def visible_status(status: str, started_at: datetime | None) -> str:
+    """A job's status as people see it: a claimed job waiting for its forward is still queued."""
+    return "queued" if status == "processing" and started_at is None else status
+
+
+# visible_status in SQL, for counts and lists
+VISIBLE_STATUS = case((and_(Job.status == "processing", Job.started_at.is_(None)), "queued"), else_=Job.status)
+
+
+def isolate(session: Session, claimed: list[Claimed]) -> tuple[list[Claimed], list[Doorbell]]:
     """Bisection of a batch a worker died with: when claimed jobs carry a batch limit, keep at most
-    that many (those limited first) and give the rest back, uncharged -> (kept, (job id, queue) pairs
+    that many (those limited first) and give the rest back, uncharged -> (kept, doorbells
     to publish again). Every kept job learns its batch's size, which the sweep halves if this
     worker dies too: a poison image ends alone, and its neighbours are captioned."""
     limits = [c.batch_limit for c in claimed if c.batch_limit]
@@ -235,13 +262,14 @@ def isolate(session: Session, claimed: list[Claimed]) -> tuple[list[Claimed], li
         session.execute(update(Job).where(Job.id.in_([c.job_id for c in kept])).values(claim_size=len(kept))
                         .execution_options(synchronize_session=False))
     queues = dict(session.execute(select(Job.id, Job.queue).where(Job.id.in_(rest))).all()) if rest else {}
-    return sorted(kept, key=lambda c: c.job_id), [(j, queues[j]) for j in rest]
+    images = {c.job_id: c.image_id for c in claimed}
+    return sorted(kept, key=lambda c: c.job_id), [Doorbell(j, queues[j], images[j]) for j in rest]
 
 
 def complete(session: Session, results: list[Result], failures: list[Failure], model_version: str,
              forward_size: int) -> None:
-    """Write one batch's outcome: caption rows (upserted, so a redelivered batch leaves one row
-    per image and model), jobs done or failed. One transaction for the whole batch."""
+    """Write one forward's outcome: caption rows (upserted, so a redelivered batch leaves one row
+    per image and model), jobs done or failed, and the digests of S3 images read for the first time."""
     now = utcnow()
     for chunk in _chunks(results):
         stmt = _insert(session, Caption).values([
@@ -253,12 +281,15 @@ def complete(session: Session, results: list[Result], failures: list[Failure], m
             index_elements=["image_id", "model_version"],
             set_={c: stmt.excluded[c] for c in ("text", "alt_text", "candidates", "tags", "confidence",
                                                  "quality", "needs_review", "forward_size", "created_at")}))
-        session.execute(update(Image),
-                        [{"id": r.claimed.image_id, "width": r.width, "height": r.height} for r in chunk])
+        session.execute(update(Image), [{"id": r.claimed.image_id, "width": r.width, "height": r.height,
+                                         "sha256": r.sha256 or r.claimed.sha256} for r in chunk])
         session.execute(update(Job).where(Job.id.in_([r.claimed.job_id for r in chunk]))
                         .values(status="done", lease_until=None, error_code=None, error_message=None,
                                 updated_at=now, finished_at=now)
                         .execution_options(synchronize_session=False))
+    learnt = [{"id": f.claimed.image_id, "sha256": f.sha256} for f in failures if f.sha256 and not f.claimed.sha256]
+    if learnt:  # a file that is not an image still has a digest, which tells its copies apart
+        session.execute(update(Image), learnt)
     if failures:
         session.execute(update(Job), [
             {"id": f.claimed.job_id, "status": "failed", "lease_until": None, "error_code": f.code,
@@ -269,7 +300,7 @@ def release(session: Session, job_ids: list[int], count_attempt: bool) -> None:
     """Return claimed jobs to the queue now (an interrupted run, a transient fetch error)
     instead of waiting for their lease to expire."""
     for chunk in _chunks(job_ids):
-        values: dict[str, Any] = {"status": "queued", "lease_until": None, "updated_at": utcnow()}
+        values: dict[str, Any] = {"status": "queued", "lease_until": None, "started_at": None, "updated_at": utcnow()}
         if not count_attempt:
             values["attempts"] = Job.attempts - 1
         session.execute(update(Job).where(Job.id.in_(chunk), Job.status == "processing").values(**values)
@@ -277,9 +308,9 @@ def release(session: Session, job_ids: list[int], count_attempt: bool) -> None:
 
 
 def sweep(session: Session, max_attempts: int, requeue_after_seconds: int,
-          drained: Collection[str] | None = None) -> list[tuple[int, str]]:
+          drained: Collection[str] | None = None) -> list[Doorbell]:
     """Expired leases go back to queued (or to failed after max_attempts claims); jobs queued
-    longer than requeue_after are touched. Returns (job id, queue) pairs to publish again: this is
+    longer than requeue_after are touched. Returns the doorbells to ring again: this is
     what makes a lost message, a flushed broker or a killed worker harmless.
 
     `drained`: the queues whose broker backlog is empty (None: all). A job queued long in a queue
@@ -291,9 +322,9 @@ def sweep(session: Session, max_attempts: int, requeue_after_seconds: int,
     # a worker died with the job in a batch of several: back uncharged, in batches half as large
     halved = session.execute(
         update(Job).where(*expired, Job.claim_size > 1)
-        .values(status="queued", lease_until=None, updated_at=now, attempts=Job.attempts - 1,
+        .values(status="queued", lease_until=None, started_at=None, updated_at=now, attempts=Job.attempts - 1,
                 batch_limit=Job.claim_size // 2, claim_size=None)
-        .returning(Job.id, Job.queue).execution_options(synchronize_session=False)).all()
+        .returning(Job.id, Job.queue, Job.image_id).execution_options(synchronize_session=False)).all()
     session.execute(update(Job).where(*expired, Job.claim_size == 1, Job.attempts >= max_attempts)
                     .values(status="failed", lease_until=None, error_code="worker_crashed",
                             error_message=f"the worker died {max_attempts} times captioning this image alone",
@@ -305,21 +336,21 @@ def sweep(session: Session, max_attempts: int, requeue_after_seconds: int,
                             updated_at=now, finished_at=now)
                     .execution_options(synchronize_session=False))
     returned = [*halved, *session.execute(
-        update(Job).where(*expired).values(status="queued", lease_until=None, updated_at=now)
-        .returning(Job.id, Job.queue).execution_options(synchronize_session=False)).all()]
+        update(Job).where(*expired).values(status="queued", lease_until=None, started_at=None, updated_at=now)
+        .returning(Job.id, Job.queue, Job.image_id).execution_options(synchronize_session=False)).all()]
     stale_where = [Job.status == "queued", Job.updated_at < now - timedelta(seconds=requeue_after_seconds)]
     if drained is not None:
         stale_where.append(Job.queue.in_(list(drained)))
-    stale = session.execute(update(Job).where(*stale_where).values(updated_at=now).returning(Job.id, Job.queue)
+    stale = session.execute(update(Job).where(*stale_where).values(updated_at=now).returning(Job.id, Job.queue, Job.image_id)
                             .execution_options(synchronize_session=False)).all()
-    return [(job_id, queue) for job_id, queue in [*returned, *stale]]
+    return [Doorbell(*row) for row in [*returned, *stale]]
 
 
 def _image_row(image: Image, job: Job | None, caption: Caption | None, alt: dict[str, Any]) -> dict[str, Any]:
     error = {"code": job.error_code, "message": job.error_message} if job and job.status == "failed" else None
     return {
         "id": image.id,
-        "status": job.status if job else "queued",
+        "status": visible_status(job.status, job.started_at) if job else "queued",
         "caption": caption.text if caption else None,
         "alt_text": alt["text"],  # a person's decision if any, else the newest model's suggestion
         "alt_text_state": alt["state"],
@@ -360,9 +391,9 @@ def batch_view(session: Session, batch_id: int, tenant: str = "default") -> dict
     if batch is None or batch.tenant != tenant:
         raise NotFound(f"no batch with id {batch_id}")
     counts = dict(session.execute(
-        select(Job.status, func.count()).join(BatchImage, BatchImage.image_id == Job.image_id)
+        select(VISIBLE_STATUS, func.count()).join(BatchImage, BatchImage.image_id == Job.image_id)
         .where(BatchImage.batch_id == batch_id, Job.model_version == batch.model_version)
-        .group_by(Job.status)).all())
+        .group_by(VISIBLE_STATUS)).all())
     # the rate counts images finished since the batch began (earlier ones were already done), and
     # not those cancelled, which no worker spent time on
     finished, last = session.execute(
@@ -407,8 +438,8 @@ def results_query(model_version: str | None = None) -> Select:
 
 
 def enqueue_page(session: Session, batch_id: int, images: list[NewImage], model_version: str, queue: str,
-                 tenant: str = "default") -> tuple[int, list[tuple[int, str]]]:
-    """One listed page of a backfill -> (images new to the batch, (job id, queue) of the jobs made now)."""
+                 tenant: str = "default") -> tuple[int, list[Doorbell]]:
+    """One listed page of a backfill -> (images new to the batch, doorbells of the jobs made now)."""
     now = utcnow()
     ids = list(dict.fromkeys(add_images(session, images, tenant, now).values()))
     created = add_jobs(session, ids, model_version, queue, now)
@@ -416,10 +447,10 @@ def enqueue_page(session: Session, batch_id: int, images: list[NewImage], model_
 
 
 def retry_failed(session: Session, tenant: str, image_id: int | None = None, batch_id: int | None = None,
-                 error_code: str | None = None) -> list[tuple[int, str]]:
+                 error_code: str | None = None) -> list[Doorbell]:
     """Failed jobs of the tenant (of one image, of one batch's model, with one error code, as given)
-    back to queued with a fresh attempt count; each keeps its error in error_history -> (job id,
-    queue) pairs to publish once committed. Another tenant's jobs are never among them."""
+    back to queued with a fresh attempt count; each keeps its error in error_history -> the
+    doorbells to ring once committed. Another tenant's jobs are never among them."""
     where = [Job.status == "failed", Image.tenant == tenant]
     if image_id is not None:
         where.append(Job.image_id == image_id)
@@ -438,7 +469,7 @@ def retry_failed(session: Session, tenant: str, image_id: int | None = None, bat
         job.status, job.attempts, job.error_code, job.error_message = "queued", 0, None, None
         job.lease_until, job.finished_at, job.updated_at = None, None, now
     session.flush()
-    return [(job.id, job.queue) for job in failed]
+    return [Doorbell(job.id, job.queue, job.image_id) for job in failed]
 
 
 def job_status(session: Session, job_id: int) -> str | None:

@@ -7,6 +7,7 @@ from kombu import Exchange, Queue
 from kombu.exceptions import OperationalError
 
 from .captioner import batch_size
+from .queries import Doorbell
 from .settings import Settings
 from .tables import QUEUES
 
@@ -21,7 +22,7 @@ EXCHANGE = Exchange("captioner", type="direct")
 VISIBILITY_TIMEOUT = 3600  # seconds; far above flush interval + the worst batch, or Redis redelivers mid-run
 
 log = logging.getLogger(__name__)
-Publish = Callable[[list[tuple[int, str]]], None]  # (job id, queue) pairs, after their rows are committed
+Publish = Callable[[list[Doorbell]], None]  # after their rows are committed
 
 
 def create_celery(settings: Settings) -> Celery:
@@ -64,34 +65,43 @@ def drained(app: Celery) -> list[str]:
         return []
 
 
-def doorbells(jobs: list[tuple[int, str]], group: int) -> list[tuple[dict, str]]:
-    """(task kwargs, queue) per message. Backfill jobs share a message, up to `group` (a model
-    batch) per message: a library of 100,000 images is not 100,000 broker round trips. An
-    interactive job has a message of its own, so it never waits for company."""
-    messages: list[tuple[dict, str]] = []
-    pending: dict[str, list[int]] = {}
-    for job_id, queue in jobs:
-        if queue != "backfill" or group <= 1:
-            messages.append(({"job_id": job_id}, queue))
+def doorbells(jobs: list[Doorbell], group: int) -> list[tuple[dict, str, str]]:
+    """(task kwargs, queue, kwargs as Flower and `celery inspect` show them) per message. Backfill
+    jobs share a message, up to `group` (a model batch) per message: a library of 100,000 images
+    is not 100,000 broker round trips. An interactive job has a message of its own, so it never
+    waits for company. People know images by their ids (the API's, the logs'): the messages carry
+    them beside the job ids the worker claims (`celery inspect` shows both), and Flower is shown
+    the images alone."""
+    messages: list[tuple[dict, str, str]] = []
+    pending: dict[str, list[Doorbell]] = {}
+
+    def grouped(bells: list[Doorbell]) -> tuple[dict, str, str]:
+        images = [b.image_id for b in bells]
+        return {"job_ids": [b.job_id for b in bells], "image_ids": images}, bells[0].queue, repr({"image_ids": images})
+
+    for bell in jobs:
+        if bell.queue != "backfill" or group <= 1:
+            kwargs = {"image_id": bell.image_id, "job_id": bell.job_id}
+            messages.append((kwargs, bell.queue, repr(kwargs)))
             continue
-        ids = pending.setdefault(queue, [])
-        ids.append(job_id)
-        if len(ids) == group:
-            messages.append(({"job_ids": pending.pop(queue)}, queue))
-    messages += [({"job_ids": ids}, queue) for queue, ids in pending.items()]
+        bells = pending.setdefault(bell.queue, [])
+        bells.append(bell)
+        if len(bells) == group:
+            messages.append(grouped(pending.pop(bell.queue)))
+    messages += [grouped(bells) for bells in pending.values()]
     return messages
 
 
-def publish(app: Celery, jobs: list[tuple[int, str]], group: int = 1) -> None:
-    """Ring the doorbell for (job id, queue) pairs, after their rows are committed. If the broker
+def publish(app: Celery, jobs: list[Doorbell], group: int = 1) -> None:
+    """Ring the doorbell for jobs, after their rows are committed. If the broker
     is down the jobs stay queued in the database and the sweep publishes them again later."""
     if not jobs:
         return
     try:
         # producer.batch pipelines the Redis commands: one round trip per 1,000 messages, not per message
         with app.producer_or_acquire() as producer, producer.batch():
-            for kwargs, queue in doorbells(jobs, group):
-                app.send_task(CAPTION_TASK, kwargs=kwargs, queue=queue, producer=producer,
+            for kwargs, queue, shown in doorbells(jobs, group):
+                app.send_task(CAPTION_TASK, kwargs=kwargs, kwargsrepr=shown, queue=queue, producer=producer,
                               retry=True, retry_policy={"max_retries": 2, "interval_start": 0.2})
     except OperationalError as e:  # kombu's wrapper for every transport's connection errors
         log.warning("broker unreachable, %d jobs left for the sweep to publish: %s", len(jobs), e)

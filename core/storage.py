@@ -261,25 +261,45 @@ def head(bucket: str, key: str) -> S3Object:
     return S3Object(bucket, key, meta["ETag"].strip('"'), meta["ContentLength"])
 
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")  # local folders only
+HEAD_BYTES = 64  # what a ranged read of an object's start fetches: every signature decode.signature checks fits
 
 
 def list_pages(bucket: str, prefix: str) -> Iterator[list[S3Object]]:
-    """Image-looking objects under a prefix (by suffix: listing cannot see content), one listed
-    page (up to 1,000 keys) at a time: a library of millions never sits in memory at once."""
+    """Every object under a prefix, one listed page (up to 1,000 keys) at a time: a library of
+    millions never sits in memory at once. Names say nothing about content (IMG_1.JPG.bak, a
+    camera's .MPO, no extension at all): callers choose images by their first bytes (read_head)."""
     with _s3_errors(bucket, f"s3://{bucket}/{prefix}"):
         for page in s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-            yield [S3Object(bucket, obj["Key"], obj["ETag"].strip('"'), obj["Size"])
-                   for obj in page.get("Contents", []) if obj["Key"].lower().endswith(IMAGE_SUFFIXES)]
+            yield [S3Object(bucket, obj["Key"], obj["ETag"].strip('"'), obj["Size"]) for obj in page.get("Contents", [])]
+
+
+def read_head(obj: S3Object, length: int = HEAD_BYTES) -> bytes:
+    """The first `length` bytes of a listed object (a ranged GET), or fewer when it is smaller."""
+    end = min(length, obj.size)
+    if end <= 0:
+        return b""
+    if _fast_path(obj.bucket, obj.key):
+        import obstore
+        from obstore.exceptions import BaseError
+        try:
+            return bytes(obstore.get_range(_reader(s3_client(), obj.bucket), obj.key, start=0, end=end))
+        except (BaseError, OSError):  # boto3 asks again and names what is wrong
+            pass
+    with _s3_errors(obj.bucket, obj.uri):
+        body = s3_client().get_object(Bucket=obj.bucket, Key=obj.key, Range=f"bytes=0-{end - 1}")["Body"]
+        data = body.read(end)
+        body.close()
+    return data
 
 
 def list_prefix(bucket: str, prefix: str, limit: int) -> list[S3Object]:
-    """Every image-looking object under a prefix, refusing more than `limit`."""
+    """Every object under a prefix, refusing more than `limit`."""
     out: list[S3Object] = []
     for page in list_pages(bucket, prefix):
         out.extend(page)
         if len(out) > limit:
-            raise InvalidRequest(f"s3://{bucket}/{prefix} holds more than {limit} images; "
+            raise InvalidRequest(f"s3://{bucket}/{prefix} holds more than {limit} objects; "
                                  "split it into smaller prefixes", code="too_many_images")
     return out
 

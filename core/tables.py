@@ -75,6 +75,9 @@ class Job(Base):
     queue: Mapped[str] = mapped_column(String(32), default="interactive")
     attempts: Mapped[int] = mapped_column(default=0)  # claims so far; bounded by max_attempts
     lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # when the model forward holding it began: a claimed job without it is leased (no other worker
+    # takes it) but still waits its turn in the batch, and progress shows it as queued
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     error_code: Mapped[str | None] = mapped_column(String(64))
     error_message: Mapped[str | None] = mapped_column(Text)
     callback_url: Mapped[str | None] = mapped_column(Text)  # POSTed an event when the job is done or failed

@@ -19,6 +19,7 @@ from conftest import keyed, make_key  # a sibling: tests/ is on sys.path
 
 KEYS = 3000
 PAGE = 1000  # S3 lists 1,000 keys a page
+JPEG_START = b"\xff\xd8\xff\xe0"
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +38,9 @@ def library(s3) -> str:
     keys = [f"backfill-library/{n:05d}.jpg" for n in range(KEYS)] + [f"backfill-library/notes-{n}.txt"
                                                                       for n in range(5)]
     with ThreadPoolExecutor(16) as pool:
-        list(pool.map(lambda k: client.put_object(Bucket=bucket, Key=k, Body=k.encode()), keys))
+        # a JPEG's first bytes (the enqueue reads no further); the text files are not images
+        list(pool.map(lambda k: client.put_object(Bucket=bucket, Key=k, Body=(b"" if k.endswith(".txt") else JPEG_START)
+                                                  + k.encode()), keys))
     return bucket
 
 
@@ -67,13 +70,15 @@ def test_a_prefix_is_enqueued_page_by_page_with_bulk_inserts(settings, library, 
     assert r.status_code == 202, r.get_json()
     body = r.get_json()
     assert (body["total"], body["new_jobs"], body["truncated"]) == (KEYS, KEYS, False)
+    assert body["skipped"]["count"] == 5 and body["skipped"]["reasons"] == {"not_an_image": 5}
+    assert body["skipped"]["keys"][0] == {"key": "backfill-library/notes-0.txt", "reason": "not_an_image"}
     print(f"\nbackfill: {KEYS} keys enqueued in {elapsed:.2f}s ({KEYS / elapsed:.0f} keys/s)")
 
     # one statement per table and listed page, the page's rows as arrays: never a row at a time
     tables = [table for table, _ in inserts]
     assert {t: tables.count(t) for t in set(tables)} == {"batches": 1, "images": KEYS // PAGE,
                                                          "jobs": KEYS // PAGE, "batch_images": KEYS // PAGE}
-    assert all(len(params["page_uri"]) == PAGE for table, params in inserts if table == "images")
+    assert [len(params["page_uri"]) for table, params in inserts if table == "images"] == [PAGE] * 3
     # doorbells carry job ids in groups of a batch: a library is not 100,000 broker round trips
     messages = (KEYS // PAGE) * -(-PAGE // settings.batch_size)  # one page's ids never share a message with another's
     assert broker.llen("backfill") == messages
@@ -109,6 +114,31 @@ def test_a_prefix_over_the_limit_takes_the_first_images(settings, library, broke
     assert (body["total"], body["truncated"]) == (1500, True)
     empty = client.post("/v1/batches", json={"s3": {"bucket": library, "prefix": "nothing-here/"}})
     assert empty.status_code == 400 and empty.get_json()["error"]["code"] == "empty_batch"
+    # a prefix of objects that are not images: refused, and the answer says what was there
+    text = client.post("/v1/batches", json={"s3": {"bucket": library, "prefix": "backfill-library/notes-"}})
+    assert text.status_code == 400 and text.get_json()["error"]["code"] == "empty_batch"
+    assert "5 objects skipped (5 not_an_image)" in text.get_json()["error"]["message"]
+
+
+def test_a_prefix_takes_photos_whatever_their_names(settings, s3, broker):
+    import io
+
+    from PIL import Image
+    bucket, out = s3["S3_TEST_BUCKET"], io.BytesIO()
+    Image.new("RGB", (8, 6), (10, 90, 200)).save(out, "JPEG")
+    names = ("IMG_1.JPG", "b.jpeg", "c.MPO", "d.jfif", "e", "f.JPG.bak")
+    for key, body in [*((f"odd-names/{n}", out.getvalue()) for n in names), ("odd-names/readme.txt", b"hello"),
+                      ("odd-names/cut.jpg", b"\xff\xd8"), ("odd-names/empty.jpg", b""),
+                      ("odd-names/.DS_Store", b"\0\0\0\1Bud1")]:
+        storage.s3_client().put_object(Bucket=bucket, Key=key, Body=body)
+    client = keyed(create_app(settings), make_key(settings.database_url, buckets=(f"s3://{bucket}/odd-names/",)))
+    body = client.post("/v1/batches", json={"s3": {"bucket": bucket, "prefix": "odd-names/"}}).get_json()
+    assert body["total"] == 6
+    assert body["skipped"] == {"count": 4, "reasons": {"empty": 1, "hidden": 1, "not_an_image": 2},
+                               "keys": [{"key": "odd-names/.DS_Store", "reason": "hidden"},
+                                        {"key": "odd-names/cut.jpg", "reason": "not_an_image"},
+                                        {"key": "odd-names/empty.jpg", "reason": "empty"},
+                                        {"key": "odd-names/readme.txt", "reason": "not_an_image"}]}
 
 
 @pytest.mark.parametrize("database", ["sqlite_url", "own_pg_url"])
@@ -126,7 +156,7 @@ def test_enqueue_page_makes_each_job_once(database, request):
             s.add(batch)
             s.flush()
             added, new = queries.enqueue_page(s, batch.id, images + images[:10], "pagetest", "backfill")
-            outcomes.append((added, len(new), {q for _, q in new}))
+            outcomes.append((added, len(new), {d.queue for d in new}))
         with sm() as s:
             assert s.get(Batch, batch.id).total == 1200
     assert outcomes == [(1200, 1200, {"backfill"}), (1200, 0, set())]

@@ -60,3 +60,15 @@ def test_too_many_pixels_is_refused_from_the_header():
 
 def test_sniff_reports_format_and_size():
     assert sniff(encode(Image.new("RGB", (32, 16)), "PNG"), LIMIT) == ("PNG", 32, 16)
+
+
+def test_signature_knows_every_format_before_any_image_was_opened():
+    # Pillow registers its format checks when a first image is opened: a process that only sorts
+    # S3 objects (the API) must know them all the same
+    import subprocess
+    import sys
+    code = ("from captioner.core import decode; "
+            "print([decode.signature(h) for h in (b'\\xff\\xd8\\xff\\xe0', b'\\x89PNG\\r\\n\\x1a\\n', b'RIFF\\0\\0\\0\\0WEBPVP8 ', "
+            "b'GIF89a', b'II*\\0', b'hello')])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "['JPEG', 'PNG', 'WEBP', 'GIF', 'TIFF', None]"

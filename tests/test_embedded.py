@@ -1,6 +1,7 @@
 """The embedded default: `captioner caption` with no broker runs the whole pipeline in-process on
 SQLite, through the real CLI, with the real model."""
 import csv
+import hashlib
 import io
 import json
 
@@ -84,9 +85,18 @@ def test_caption_an_s3_prefix_in_process(run, s3, photos):
     from captioner.core import storage
 
     bucket = s3["S3_TEST_BUCKET"]
-    for photo in photos[170:174]:
-        storage.s3_client().put_object(Bucket=bucket, Key=f"embedded/{photo.name}", Body=photo.read_bytes())
+    # names say nothing: a camera's .MPO, no extension and a renamed backup are photos, notes.jpg is not
+    names = ["a.MPO", "b", "c.JPG.bak", "d.jpg"]
+    for name, photo in zip(names, photos[170:174]):
+        storage.s3_client().put_object(Bucket=bucket, Key=f"embedded/{name}", Body=photo.read_bytes())
+    storage.s3_client().put_object(Bucket=bucket, Key="embedded/notes.jpg", Body=b"not a photo")
+    storage.s3_client().put_object(Bucket=bucket, Key="embedded/.DS_Store", Body=b"\0\0\0\1Bud1")
     out = run("caption", f"s3://{bucket}/embedded/")
+    assert ("2 objects skipped (1 hidden, 1 not_an_image): embedded/.DS_Store (hidden), "
+            "embedded/notes.jpg (not_an_image)") in out
     assert "4 images: 4 done (4 captioned now, 0 already), 0 failed" in out
     rows = [json.loads(line) for line in run("export").splitlines()]
-    assert sorted(r["key"] for r in rows) == sorted(f"s3://{bucket}/embedded/{p.name}" for p in photos[170:174])
+    assert sorted(r["key"] for r in rows) == sorted(f"s3://{bucket}/embedded/{n}" for n in names)
+    # the digest is learnt where the worker reads the bytes: listing an S3 prefix cannot know it
+    digests = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in photos[170:174]}
+    assert sorted(r["sha256"] for r in rows) == sorted(digests.values())

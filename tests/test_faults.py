@@ -572,7 +572,7 @@ def test_an_image_that_kills_the_worker_fails_alone(settings, tmp_path):
     try:
         with make_sessionmaker(engine).begin() as s:
             retried = queries.retry_failed(s, "default", error_code="worker_crashed")
-        assert [job_id for job_id, _ in retried] == [run.job_ids[41]]
+        assert [d.job_id for d in retried] == [run.job_ids[41]]
         publish(create_celery(fixed), retried)
         again.wait_settled()
     finally:

@@ -111,7 +111,7 @@ def test_flower_shows_each_image_task_succeeded_or_failed(deployment, photos):
         time.sleep(1)
 
     assert sorted(states) == ["FAILURE"] + ["SUCCESS"] * PHOTOS, [(t["state"], t["exception"]) for t in tasks.values()]
-    by_job = {json.loads(t["kwargs"].replace("'", '"'))["job_id"]: t for t in tasks.values()}
+    by_image = {json.loads(t["kwargs"].replace("'", '"'))["image_id"]: t for t in tasks.values()}
     for image_id in ids[:-1]:
         assert client.get(f"/v1/images/{image_id}").get_json()["status"] == "done"
     for task in tasks.values():
@@ -122,7 +122,7 @@ def test_flower_shows_each_image_task_succeeded_or_failed(deployment, photos):
     assert failed["exception"] == "invalid_image"
     assert client.get(f"/v1/images/{ids[-1]}").get_json()["error"]["code"] == "invalid_image"
     assert all(t["result"] == "'done'" for t in tasks.values() if t["state"] == "SUCCESS")
-    assert len(by_job) == len(uploads)
+    assert set(by_image) == set(ids)  # Flower names each task's image by its id, as the API does
 
 
 def test_flower_refuses_requests_without_credentials(deployment):
@@ -146,6 +146,12 @@ def test_worker_serves_metrics_of_its_pool_and_logs_json(deployment):
     assert samples[("captioner_queue_depth", (("queue", "interactive"),))] == 0
 
     lines = [json.loads(line) for line in log_path.read_text().splitlines() if line.startswith("{")]
+    # "ready." only once the pool child has loaded its model: the consumer starts after that
+    messages = [line["message"] for line in lines]
+    loaded = [i for i, m in enumerate(messages) if m.startswith("model loaded in 1 pool process after")]
+    ready = [i for i, m in enumerate(messages) if m.endswith(" ready.")]
+    child = [i for i, m in enumerate(messages) if m.startswith("model ") and " loaded: runtime " in m]
+    assert child and loaded and ready and child[0] < loaded[0] < ready[0], messages[:20]
     captioned = [line for line in lines if line["message"].endswith(" captioned")]
     assert len(captioned) >= PHOTOS
     assert all(isinstance(line["image_id"], int) and isinstance(line["job_id"], int) and line["batch_id"]
@@ -172,3 +178,49 @@ def test_flower_without_credentials_serves_its_pages_on_loopback_and_refuses_its
     refused = subprocess.run([sys.executable, "-m", "captioner.cli", "flower", "--host", "0.0.0.0"], env=env,
                              capture_output=True, text=True)
     assert refused.returncode == 1 and "set CAPTIONER_FLOWER_BASIC_AUTH=user:password to listen on 0.0.0.0" in refused.stderr
+
+
+def test_a_backfill_task_reports_each_image_and_shows_while_it_runs(deployment, photos, tmp_path):
+    """A backfill message rings for a group of images: its task succeeds with a count per outcome
+    and the ids of the images that failed, shows image ids, and `celery inspect active` lists it
+    while its batch runs."""
+    import ast
+
+    from captioner.core import captioner, jobs
+    from captioner.core.queue import create_celery, publisher
+    from captioner.migrations import open_database
+
+    settings, base, _, log_path = deployment
+    good = photos[80:96]
+    bad = {"notes.jpg": b"plain text", "cut.jpg": photos[96].read_bytes()[:2000], "empty.jpg": b""}
+    for name, data in bad.items():
+        (tmp_path / name).write_bytes(data)
+    files = [*good[:5], *(tmp_path / n for n in bad), *good[5:]]
+    sm = open_database(settings.database_url)
+    _, submitted = jobs.submit_images(sm, [jobs.file_image(p) for p in files], captioner.version(settings),
+                                      "backfill", publisher(settings), batch_source="flower backfill")
+    bad_ids = {x.image_id for x in submitted[5:8]}
+    inspect = create_celery(settings).control.inspect(timeout=0.5)
+    active_seen: list[dict] = []
+    deadline = time.monotonic() + DEADLINE_S
+    while True:
+        # safe: the kwargs as shown (kwargsrepr), not the job ids the message carries for the worker
+        active_seen += [r for rs in (inspect.active(safe=True) or {}).values() for r in rs]
+        status, body = _get(f"{base}/api/tasks?taskname=captioner.caption", AUTH)
+        grouped = [t for t in json.loads(body).values() if "image_ids" in (t["kwargs"] or "")]
+        if len(grouped) == -(-len(files) // BATCH_SIZE) and all(t["state"] in ("SUCCESS", "FAILURE") for t in grouped):
+            break
+        assert time.monotonic() < deadline, ([t["state"] for t in grouped], log_path.read_text()[-3000:])
+        time.sleep(0.2)
+
+    assert {t["state"] for t in grouped} == {"SUCCESS"}, [(t["state"], t["exception"]) for t in grouped]
+    results = [ast.literal_eval(t["result"]) for t in grouped]
+    assert sum(r["done"] for r in results) == len(good)
+    assert {i for r in results for i in r["failed_images"]} == bad_ids
+    assert sum(sum(r["failed"].values()) for r in results) == 3
+    assert {code for r in results for code in r["failed"]} == {"invalid_image"}
+    shown = {i for t in grouped for i in ast.literal_eval(t["kwargs"])["image_ids"]}
+    assert shown == {x.image_id for x in submitted}  # image ids, what the API and the logs name
+    running = [r for r in active_seen if r["name"] == "captioner.caption" and "image_ids" in str(r["kwargs"])]
+    assert running, f"celery inspect active never listed a running batch: {active_seen}"
+    assert all(r["worker_pid"] and r["time_start"] for r in running)

@@ -68,7 +68,8 @@ def test_one_bad_image_never_fails_its_neighbours(sqlite_url, tmp_path, checkpoi
                        rotated.name: ("done", None), "huge.jpg": ("failed", "too_large"),
                        **{n: ("done", None) for n in odd},
                        **{n: ("failed", code) for n, (_, code, _) in hostile.items()}}
-    assert all(c.forward_size == 6 and c.model_version == version and c.text.strip() for c in captions)
+    assert all(c.model_version == version and c.text.strip() for c in captions)
+    assert sorted(c.forward_size for c in captions) == [3] * 3 + [6] * 12  # the forward each came out of
     assert len(captions) == good
 
 
@@ -174,11 +175,53 @@ def test_the_models_quality_estimate_is_stored_and_shown_and_none_stays_null(sql
 
 def test_a_folder_walk_skips_hidden_files_and_folders(tmp_path):
     from captioner.core.jobs import expand_paths
+    from captioner.core.prefixes import Skipped
 
     for name in ("a.jpg", "sub/b.JPG", "._a.jpg", ".cache/c.jpg", "sub/.d.captioner-tmp.jpg", "notes.txt"):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_bytes(b"x")
-    found = {i.uri.removeprefix(tmp_path.resolve().as_uri() + "/") for i in expand_paths([str(tmp_path)], None, 10)}
+    found = {i.uri.removeprefix(tmp_path.resolve().as_uri() + "/") for i in expand_paths([str(tmp_path)], None, 10, 100, Skipped())}
     assert found == {"a.jpg", "sub/b.JPG"}
     # named on its own, a hidden file is taken: the user asked for it
-    assert len(list(expand_paths([str(tmp_path / "._a.jpg")], None, 10))) == 1
+    assert len(list(expand_paths([str(tmp_path / "._a.jpg")], None, 10, 100, Skipped()))) == 1
+
+
+def test_progress_moves_a_forward_at_a_time(sqlite_url, checkpoint, photos, monkeypatch):
+    """A claimed batch shows as processing only for the forward being run, and is written (done,
+    the rate) as each forward ends: a batch of 6 in forwards of 2 is seen at 2, 4 then 6 done."""
+    settings = Settings(database_url=sqlite_url, model_path=str(checkpoint), device="cpu", forward_size=2,
+                        io_threads=1)
+    sm = make_sessionmaker(make_engine(sqlite_url))
+    version = captioner.version(settings)
+    batch_id, submitted = jobs.submit_images(sm, [jobs.file_image(p) for p in photos[60:66]], version, "backfill",
+                                             lambda _: None, batch_source="progress")
+    with sm.begin() as s:
+        claimed = queries.claim(s, version, 600, limit=6, batch_id=batch_id)
+    with sm() as s:  # claimed and leased (nobody else may take them), but none is being captioned yet
+        assert {j.status for j in s.scalars(select(Job))} == {"processing"}
+        assert all(j.lease_until is not None for j in s.scalars(select(Job)))
+        assert queries.batch_view(s, batch_id)["counts"] == {"queued": 6, "processing": 0, "done": 0, "failed": 0}
+        assert queries.image_view(s, submitted[-1].image_id, version)["status"] == "queued"
+
+    seen = []
+    caption_batch = captioner.caption_batch
+
+    def watched(settings: Settings, tensors: list) -> list:
+        with sm() as s:  # what GET /v1/batches/<id> answers while this forward runs
+            view = queries.batch_view(s, batch_id)
+            seen.append((view["counts"], view["images_per_second"], view["eta_seconds"],
+                         queries.image_view(s, submitted[-1].image_id, version)["status"]))
+            assert {j.status for j in s.scalars(select(Job).where(Job.status != "done"))} == {"processing"}
+        return caption_batch(settings, tensors)
+
+    monkeypatch.setattr(captioner, "caption_batch", watched)
+    report = jobs.caption_claimed(sm, settings, claimed)
+    assert report.captioned == 6
+    assert [counts for counts, *_ in seen] == [
+        {"queued": 4, "processing": 2, "done": 0, "failed": 0},
+        {"queued": 2, "processing": 2, "done": 2, "failed": 0},
+        {"queued": 0, "processing": 2, "done": 4, "failed": 0}]
+    assert seen[0][1] is None and seen[1][1] > 0 and seen[1][2] > 0  # a rate and an ETA from the first forward on
+    assert [status for *_, status in seen] == ["queued", "queued", "processing"]  # the last image, forward 3
+    with sm() as s:
+        assert queries.batch_view(s, batch_id)["counts"]["done"] == 6

@@ -21,9 +21,10 @@ def test_s3_store_read_list_and_head(s3):
     assert storage.read(uri, 1000) == b"image bytes"
     for name in ("a.jpg", "b.JPEG", "notes.txt"):
         storage.s3_client().put_object(Bucket=bucket, Key=f"listing/{name}", Body=name.encode())
-    found = storage.list_prefix(bucket, "listing/", limit=10)
-    assert [o.key for o in found] == ["listing/a.jpg", "listing/b.JPEG"]
+    found = storage.list_prefix(bucket, "listing/", limit=10)  # every object: names say nothing of content
+    assert [o.key for o in found] == ["listing/a.jpg", "listing/b.JPEG", "listing/notes.txt"]
     assert storage.head(bucket, "listing/a.jpg").etag == found[0].etag
+    assert storage.read_head(found[2], 3) == b"not" and storage.read_head(found[0]) == b"a.jpg"
     storage.check(f"s3://{bucket}")
 
 
@@ -54,6 +55,8 @@ def test_s3_errors_are_ours(s3):
     with pytest.raises(InvalidRequest) as e:
         storage.list_prefix(bucket, "many/", limit=2)
     assert e.value.code == "too_many_images"
+    with pytest.raises(NotFound):  # deleted since it was listed
+        storage.read_head(storage.S3Object(bucket, "missing.jpg", "", 10))
 
 
 def test_s3_reads_with_the_wrong_secret_are_refused_as_unreadable(s3, monkeypatch):
@@ -109,3 +112,51 @@ def test_s3_keys_with_hash_or_question_marks_are_read_from_their_listing(s3):
     for obj in listed:
         assert storage.split_s3(obj.uri) == (bucket, obj.key)
         assert storage.read(obj.uri, 100) == obj.key.encode()
+
+
+def _jpeg(size: tuple[int, int] = (8, 6)) -> bytes:
+    import io
+
+    from PIL import Image
+    out = io.BytesIO()
+    Image.new("RGB", size, (200, 30, 30)).save(out, "JPEG")
+    return out.getvalue()
+
+
+# photos whose names a suffix filter missed: a camera's MPO, JFIF, no extension, a renamed backup
+ODD_NAMES = ("IMG_1.JPG", "b.jpeg", "c.MPO", "d.jfif", "e", "f.JPG.bak")
+
+
+def test_a_prefix_is_sorted_by_content_not_by_name(s3):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from captioner.core import prefixes
+    bucket, client = s3["S3_TEST_BUCKET"], storage.s3_client()
+    photo = _jpeg()
+    objects = {**{f"mixed/{n}": photo for n in ODD_NAMES},
+               "mixed/notes.jpg": b"plain text, named like a photo",
+               "mixed/cut.jpg": photo[:2],  # cut before its signature ends: nothing says it is an image
+               "mixed/cut-later.png": photo[:40],  # a JPEG's signature, cut mid-header: the worker names it
+               "mixed/empty.jpg": b"",
+               "mixed/big.jpg": photo + b"\0" * 1000,
+               "mixed/.hidden.jpg": photo, "mixed/.thumbs/g.jpg": photo}
+    for key, body in objects.items():
+        client.put_object(Bucket=bucket, Key=key, Body=body)
+    skipped = prefixes.Skipped()
+    with ThreadPoolExecutor(4) as pool:
+        page = storage.list_prefix(bucket, "mixed/", 100)
+        chosen = prefixes.choose(page, "mixed/", len(photo) + 100, pool, skipped)
+    assert sorted(o.key for o in chosen) == sorted([f"mixed/{n}" for n in ODD_NAMES] + ["mixed/cut-later.png"])
+    assert skipped.count == 6
+    assert skipped.reasons == {"not_an_image": 2, "empty": 1, "too_large": 1, "hidden": 2}
+    assert {k["key"]: k["reason"] for k in skipped.keys}["mixed/notes.jpg"] == "not_an_image"
+    assert skipped.summary() == "6 objects skipped (1 empty, 2 hidden, 2 not_an_image, 1 too_large)"
+    # the fast path (CAPTIONER_S3_SNIFF=unnamed) takes image-named objects on their names
+    named = prefixes.Skipped()
+    with ThreadPoolExecutor(4) as pool:
+        chosen = prefixes.choose(page, "mixed/", len(photo) + 100, pool, named, trust_suffixes=True)
+    assert {"mixed/notes.jpg", "mixed/cut.jpg", "mixed/c.MPO", "mixed/e"} <= {o.key for o in chosen}
+    assert named.reasons == {"empty": 1, "too_large": 1, "hidden": 2}
+    with pytest.raises(InvalidRequest) as e:
+        prefixes.images(bucket, "mixed/", len(photo) + 100, 3, prefixes.Skipped())
+    assert e.value.code == "too_many_images"

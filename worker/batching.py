@@ -20,9 +20,15 @@
    many backfill messages of a batch each, 2,048 jobs at batch 32, and leave none to a second
    worker. While a group message is held, the channel's prefetch count shrinks by its extra ids.
 
+7. Worker state. Celery's own requests are registered in celery.worker.state, which `celery inspect
+   reserved` and `active` read; celery-batches registers none, so a worker captioning 40 images
+   listed nothing. Here a request is reserved while buffered and active while its batch runs.
+
 Meant for tasks with acks_late=True: requests are acknowledged when their batch returns. The task
-returns {request id: outcome}; an outcome outside SUCCEEDED (an error code) makes that request's
-event task-failed, so Flower shows which images failed although their batch ran to the end.
+returns {request id: outcome}. A single image's outcome outside SUCCEEDED (an error code) makes
+that request's event task-failed, so Flower shows which images failed although their batch ran to
+the end; a group's outcome is a dict of counts and succeeds; {BATCH_ERROR: {exception, traceback}}
+(the batch itself broke) fails every request with that exception and traceback.
 """
 import time
 from typing import Any, Collection
@@ -30,12 +36,14 @@ from typing import Any, Collection
 from billiard.einfo import ExceptionInfo
 from billiard.exceptions import WorkerLostError
 from celery import signals
+from celery.worker import state
 from celery.worker.request import Request
 from celery_batches import Batches as UpstreamBatches
 from celery_batches import SimpleRequest
 from celery_batches.trace import apply_batches_task
 
-SUCCEEDED = ("done", "skipped")  # captioned now, or already done / claimed by another worker
+SUCCEEDED = ("done", "skipped", "requeued")  # captioned now, done already / claimed elsewhere, or to be tried again
+BATCH_ERROR = "batch_error"  # the key of the task's result when the batch itself broke: {exception, traceback}
 
 
 def request_ids(request: Any) -> list[int]:
@@ -61,7 +69,7 @@ class Batches(UpstreamBatches):
         self._in_flight = 0
         strategy = super().Strategy(task, app, consumer)
         while not self._buffer.empty():
-            self._buffer.get_nowait()
+            state.task_ready(self._buffer.get_nowait())
         return strategy
 
     def flush(self, requests: Collection[Request]) -> Any:
@@ -85,18 +93,25 @@ class Batches(UpstreamBatches):
 
         def on_accepted(pid: int, time_accepted: float) -> None:
             for req in batch:
+                # what Celery's Request.on_accepted records: `celery inspect active` lists the
+                # requests of the batch running in that pool process
+                req.worker_pid, req.time_start = pid, time.time() - (time.monotonic() - time_accepted)
+                state.task_accepted(req)
                 req.send_event("task-started")
 
         def on_return(result: dict[str, Any] | None) -> None:
             self._in_flight = max(0, self._in_flight - 1)
             runtime = time.monotonic() - started
+            broke = {"exception": "batch failed", "traceback": ""} if result is None else result.get(BATCH_ERROR)
             for req in batch:
                 req.acknowledge()
                 self._give_back(req)
                 outcome = None if result is None else result.get(req.id)
-                if result is None:  # the batch raised; celery-batches logged it and returned None
-                    req.send_event("task-failed", exception="batch failed", traceback="", runtime=runtime)
-                elif outcome in SUCCEEDED:
+                state.task_ready(req, successful=broke is None)
+                if broke is not None:
+                    req.send_event("task-failed", exception=broke["exception"], traceback=broke["traceback"],
+                                   runtime=runtime)
+                elif isinstance(outcome, dict) or outcome in SUCCEEDED:  # a group: its task ran, see the counts
                     req.send_event("task-succeeded", result=repr(outcome), runtime=runtime)
                 else:  # this request's image failed while its neighbours were captioned
                     req.send_event("task-failed", exception=str(outcome), traceback="", runtime=runtime)
@@ -111,6 +126,7 @@ class Batches(UpstreamBatches):
                 else:
                     req.acknowledge()
                 self._give_back(req)
+                state.task_ready(req)
                 req.send_event("task-failed", exception=repr(einfo.exception), traceback=str(einfo.traceback))
             self._flush_waiting()
 
@@ -149,6 +165,7 @@ class Batches(UpstreamBatches):
 def _send_received(sender: Any = None, request: Request | None = None, **_: Any) -> None:
     # celery-batches' strategy buffers requests and skips the task-received event Celery's sends
     if request is not None and isinstance(request.task, Batches):
+        state.task_reserved(request)  # `celery inspect reserved` lists what the buffer holds
         request.send_event("task-received", name=request.name, args=request.argsrepr,
                            kwargs=request.kwargsrepr, root_id=request.root_id, parent_id=request.parent_id,
                            retries=request.request_dict.get("retries", 0))

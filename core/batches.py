@@ -12,7 +12,7 @@ from typing import Any
 from sqlalchemy import and_, func, select, update
 from sqlalchemy.orm import Session
 
-from . import storage
+from . import queries, storage
 from .errors import InvalidRequest, NotFound
 from .tables import STATUSES, Batch, BatchImage, Caption, Image, Job, utcnow
 
@@ -41,11 +41,11 @@ def listing(session: Session, tenant: str, limit: int, offset: int = 0) -> list[
     counts: dict[int, dict[str, int]] = {b.id: dict.fromkeys(STATUSES, 0) for b in batches}
     if batches:
         rows = session.execute(
-            select(BatchImage.batch_id, Job.status, func.count())
+            select(BatchImage.batch_id, queries.VISIBLE_STATUS, func.count())
             .join(Batch, Batch.id == BatchImage.batch_id)
             .join(Job, and_(Job.image_id == BatchImage.image_id, Job.model_version == Batch.model_version))
             .where(BatchImage.batch_id.in_(list(counts)))
-            .group_by(BatchImage.batch_id, Job.status))
+            .group_by(BatchImage.batch_id, queries.VISIBLE_STATUS))
         for batch_id, status, n in rows:
             counts[batch_id][status] = n
     return [{"id": b.id, "source": b.source, "total": b.total, "model_version": b.model_version,
@@ -62,10 +62,11 @@ def images(session: Session, batch_id: int, tenant: str, status: str | None, lim
     stmt = (select(Image, Job, Caption).join(Job, Job.image_id == Image.id)
             .outerjoin(Caption, and_(Caption.image_id == Image.id, Caption.model_version == Job.model_version))
             .where(_members(batch)))
-    if status is not None:
-        stmt = stmt.where(Job.status == status)
+    if status is not None:  # as the counts show it: a claimed job waiting for its forward is queued
+        stmt = stmt.where(queries.VISIBLE_STATUS == status)
     rows = session.execute(stmt.order_by(Image.id).limit(limit).offset(offset)).all()
-    return [{"id": image.id, "source": storage.public_source(image.uri, image.name), "status": job.status,
+    return [{"id": image.id, "source": storage.public_source(image.uri, image.name),
+             "status": queries.visible_status(job.status, job.started_at),
              "error": {"code": job.error_code, "message": job.error_message} if job.status == "failed" else None,
              "caption": caption.text if caption is not None and job.status == "done" else None}
             for image, job, caption in rows]

@@ -62,8 +62,8 @@ class Result:
     needs_review: bool
     width: int
     height: int
-    sha256: str | None = None  # of the bytes read, to store where the image had none
     quality: float | None = None  # the estimated probability that the caption is right; None without an estimator
+    sha256: str | None = None  # of the bytes read, to store where the image had none
 
 
 @dataclass(frozen=True)

@@ -153,6 +153,7 @@ def queued_batch(each_database):
     ids = [s.job_id for s in submitted]
     with sm.begin() as s:
         [done, processing] = queries.claim(s, "v1", 600, 2, job_ids=ids[:2])
+        queries.mark_started(s, [processing.job_id])  # its forward runs: it shows as processing
         queries.complete(s, [queries.Result(done, "a dog", "A dog.", [("a dog", 0.9)], [], 0.9, False, 8, 8)], [],
                          "v1", 1)
     return url, sm, tenant, batch_id, ids, processing

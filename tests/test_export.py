@@ -37,7 +37,7 @@ def database(each_database):
                                    tenant=tenant)
             [claimed] = queries.claim(s, VERSION, 60, 1, job_ids=[sub.job_id])
             queries.complete(s, [Result(claimed, caption, alt, [(caption, 0.5), ("a dog", 0.25)],
-                                        [("dog, \"good\"", 0.75)], 0.5, review, 640, 480, QUALITY.get(key))],
+                                        [("dog, \"good\"", 0.75)], 0.5, review, 640, 480, quality=QUALITY.get(key))],
                              [], VERSION, 1)
     return url
 

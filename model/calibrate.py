@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from . import quality
-from .data import read_captions
+from .data import LOADER_START, read_captions
 from .evaluate import Photos, per_image_cider, rounded, score
 from .inference import REVIEW_RISK, Captioner
 from .train import TrainConfig, split_names
@@ -20,7 +20,8 @@ RERANK_WEIGHTS = (0.0, 0.25, 0.5, 1.0, 2.0)
 
 
 def _photos(captioner: Captioner, folder: Path, names: list[str], batch_size: int, desc: str):
-    loader = DataLoader(Photos(folder, names, captioner.preprocess), batch_size=batch_size, num_workers=1)
+    loader = DataLoader(Photos(folder, names, captioner.preprocess), batch_size=batch_size, num_workers=1,
+                        multiprocessing_context=LOADER_START)
     yield from tqdm(loader, desc=desc, unit="batch")
 
 

@@ -11,6 +11,10 @@ from tqdm import tqdm
 
 from .encoder import Encoder, preprocess
 
+# the image-decoding process starts fresh ("spawn"), not as a fork of a caller that may hold
+# broker connections (a forked child of a process with a Celery event receiver hung in kombu's
+# after-fork cleanup, reading a socket it shares with its parent)
+LOADER_START = "spawn"
 _WORD = re.compile(r"[a-z]+(?:'[a-z]+)?|[0-9]+")
 
 
@@ -69,8 +73,9 @@ def encode_folder(encoder: Encoder, folder: Path, names: list[str], batch_size: 
                   device: str = "cpu", mirror: bool = False) -> torch.Tensor:
     """Run the encoder's frozen trunk over every named image (mirrored left-right if `mirror`)
     once -> fp16 (N, ...)."""
+    # decoding overlaps the CNN on a second process
     loader = DataLoader(_ImageFiles([Path(folder) / n for n in names]), batch_size=batch_size,
-                        num_workers=1)  # decoding overlaps the CNN on a second process
+                        num_workers=1, multiprocessing_context=LOADER_START)
     encoder = encoder.to(device)
     desc = "encoding mirrored images" if mirror else "encoding images"
     out = [encoder.trunk((batch.flip(-1) if mirror else batch).to(device)).half().cpu()

@@ -13,7 +13,7 @@ from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from .data import read_captions, read_split, tokenize
+from .data import LOADER_START, read_captions, read_split, tokenize
 from .quality import WRONG_BELOW, auroc
 from .repeats import repeats_content
 
@@ -127,7 +127,8 @@ def evaluate_folder(captioner, images: Path, captions: Path, output: Path, split
         raise FileNotFoundError(f"{len(missing)} listed images are not in {images}, e.g. {missing[0]}")
     if not names:
         raise ValueError(f"{captions} lists no images to evaluate")
-    loader = DataLoader(Photos(images, names, captioner.preprocess), batch_size=batch_size, num_workers=1)
+    loader = DataLoader(Photos(images, names, captioner.preprocess), batch_size=batch_size, num_workers=1,
+                        multiprocessing_context=LOADER_START)
     predictions: dict[str, str] = {}
     results = {}
     done = 0

@@ -2,7 +2,6 @@
 import io
 import logging
 import re
-import time
 from dataclasses import replace
 
 import pytest

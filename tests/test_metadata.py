@@ -2,7 +2,6 @@
 (a separate process from the one that wrote) and cross-checked with a plain XML parse or Pillow;
 a person's description is imported and never overwritten; bad input never loses a byte."""
 import hashlib
-import io
 import json
 import os
 import shutil

@@ -1,6 +1,6 @@
 """Fit a checkpoint's caption-quality estimator (model/quality.py) and write it into the checkpoint.
 
-The training photos become the nearest-photo bank; the dev photos, captioned exactly as in
+The training photos become the nearest-photo bank and fit the word regression; the dev photos, captioned exactly as in
 production, are the estimator's examples. Its figures are cross-validated (each dev caption judged
 by an estimator that never saw it) and drawn in a reliability diagram beside the risk-coverage curve.
 """
@@ -36,7 +36,9 @@ def calibrate(captioner: Captioner, checkpoint: Path, cfg: TrainConfig, output: 
         raise ValueError(f"{len(dev_names)} dev photos: too few to fit a quality estimator (100 or more)")
     pooled = [captioner.encode(batch).pooled for batch in
               _photos(captioner, Path(cfg.images), train_names, batch_size, "training photos")]
-    neighbours = quality.Neighbours.build(torch.cat(pooled), [references[n] for n in train_names])
+    train_captions = [references[n] for n in train_names]
+    neighbours = quality.Neighbours.build(torch.cat(pooled), train_captions)
+    words = quality.Words.fit(torch.cat(pooled), train_captions)
 
     candidates, scores, logps, agreements = [], [], [], []
     for batch in _photos(captioner, Path(cfg.images), dev_names, batch_size, "dev photos"):
@@ -46,11 +48,12 @@ def calibrate(captioner: Captioner, checkpoint: Path, cfg: TrainConfig, output: 
         candidates += texts
         scores.append(torch.tensor([[x.score for x in h[:width]] for h in hyps]))
         logps += [[x.word_logps for x in h[:width]] for h in hyps]
-        agreements.append(quality.agreement(texts, encoded.pooled, neighbours))
+        agreements.append(quality.agreement(texts, encoded.pooled, neighbours, words))
     width = min(s.shape[1] for s in scores)
     scores_t = torch.cat([s[:, :width] for s in scores])
     agreed = quality.Agreement(torch.cat([a.similarity for a in agreements]),
-                               torch.cat([a.consensus[:, :width] for a in agreements]))
+                               torch.cat([a.consensus[:, :width] for a in agreements]),
+                               torch.cat([a.match[:, :width] for a in agreements]))
     gold = {n: references[n] for n in dev_names}
     ciders, choices = {}, {}
     for weight in RERANK_WEIGHTS:  # the re-ranking weight that gives the best dev CIDEr
@@ -85,6 +88,7 @@ def calibrate(captioner: Captioner, checkpoint: Path, cfg: TrainConfig, output: 
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     state["quality"] = estimator.to_state()
     state["neighbours"] = neighbours.to_state()
+    state["words"] = words.to_state()
     state.setdefault("metrics", {})["quality"] = figures
     output.parent.mkdir(parents=True, exist_ok=True)
     torch.save(state, output)

@@ -90,11 +90,18 @@ class Captioner:
         self.class_names = enc.class_names()
         self.metrics = checkpoint.get("metrics", {})
         self.repeat_rule = repeats.rule(self.vocab.words, len(SPECIALS))
-        self.estimator, self.neighbours, self.review_threshold = None, None, None
+        self.estimator, self.neighbours, self.words, self.review_threshold = None, None, None, None
         if checkpoint.get("quality"):
-            self.estimator = quality.Estimator.from_state(checkpoint["quality"])
-            self.neighbours = quality.Neighbours.from_state(checkpoint["neighbours"])
-            self.review_threshold = self.estimator.threshold(review_risk)
+            try:
+                self.estimator = quality.Estimator.from_state(checkpoint["quality"])
+                self.neighbours = quality.Neighbours.from_state(checkpoint["neighbours"])
+                self.words = quality.Words.from_state(checkpoint["words"])
+                self.review_threshold = self.estimator.threshold(review_risk)
+            except (KeyError, ValueError) as e:  # fitted by an older captioner: its signals are not ours
+                self.estimator = None
+                log.warning("model %s has a caption-quality estimator this version cannot use (%s); run captioner "
+                            "calibrate again. Until then quality is null and captions with confidence under %.2f go "
+                            "to review", version, e, REVIEW_BELOW)
         else:
             log.warning("model %s has no caption-quality estimator (captioner calibrate fits one): quality is "
                         "null and captions with confidence under %.2f go to review", version, REVIEW_BELOW)
@@ -163,7 +170,8 @@ class Captioner:
         """Re-rank each image's n-best by consensus with its nearest training photos (the chosen one
         first) and estimate the chosen caption's quality."""
         width = min(len(h) for h in hyps)  # n_best each, unless a search ran short
-        agreed = quality.agreement([[self.sentence(x) for x in h[:width]] for h in hyps], pooled, self.neighbours)
+        agreed = quality.agreement([[self.sentence(x) for x in h[:width]] for h in hyps], pooled, self.neighbours,
+                                   self.words)
         scores = torch.tensor([[x.score for x in h[:width]] for h in hyps])
         chosen = quality.rerank(scores, agreed, self.estimator.rerank_weight)
         features = quality.signals([h[c].word_logps for h, c in zip(hyps, chosen.tolist())], agreed, chosen)

@@ -26,6 +26,10 @@ def _neighbours() -> quality.Neighbours:
     return quality.Neighbours.build(pooled, PHOTOS, dims=4)
 
 
+def _words() -> quality.Words:
+    return quality.Words.fit(torch.eye(len(PHOTOS), 8) + 0.01, PHOTOS, min_count=1, ridge=0.01)
+
+
 def test_consensus_is_pycocoevalcaps_cider_d():
     """Against each photo's captions, with document frequencies over the photos: pycocoevalcap's
     CiderScorer given the same photos as its references computes the same numbers."""
@@ -58,13 +62,35 @@ def test_neighbours_survive_the_checkpoint_format():
     got, want = again.consensus(candidates, photos), neighbours.consensus(candidates, photos)
     assert got.shape == (2, 1, 4) and torch.allclose(got, want, atol=1e-3)
     assert torch.allclose(got[0, 0], neighbours.consensus([["two kids play on the beach"]], photos[:1])[0, 0])
+    assert state["feats"].dtype == torch.int8  # a quarter of float32's bytes
+
+
+def test_words_predicted_for_a_photo_match_the_captions_that_fit_it():
+    words = _words()
+    pooled = torch.eye(len(PHOTOS), 8) + 0.01
+    candidates = [["a black dog runs in the snow", "a man rides a bike", "zebras graze"]] * len(PHOTOS)
+    match = words.match(pooled, candidates)
+    assert match.shape == (len(PHOTOS), 3)
+    assert match[0, 0] > match[0, 1] and match[1, 1] > match[1, 0]  # each photo's own words win
+    assert float(match[0, 0]) > 0.5
+    assert torch.all(match[:, 2] == 0)  # no caption said either word
+    state = words.to_state()
+    assert state["left"]["q"].dtype == torch.int8 and state["right"]["q"].dtype == torch.int8
+    again = quality.Words.from_state(state)
+    assert again.words == words.words
+    assert torch.allclose(again.match(pooled, candidates), match, atol=0.02)
+
+
+def test_words_refuse_captions_too_few_to_fit_on():
+    with pytest.raises(ValueError, match="too few"):
+        quality.Words.fit(torch.eye(2, 8), [["a dog"], ["a cat"]])
 
 
 def test_rerank_prefers_the_candidate_the_neighbours_agree_with():
     neighbours = _neighbours()
     pooled = torch.eye(len(PHOTOS), 8)[[0]] + 0.01  # nearest to the snow-dog photo
     candidates = [["a man rides a bike", "a black dog runs through the snow"]]
-    agreed = quality.agreement(candidates, pooled, neighbours)
+    agreed = quality.agreement(candidates, pooled, neighbours, _words())
     scores = torch.tensor([[-0.5, -0.7]])  # the beam slightly prefers the wrong one
     assert quality.rerank(scores, agreed, 0.0).tolist() == [0]
     assert quality.rerank(scores, agreed, 1.0).tolist() == [1]
@@ -72,6 +98,7 @@ def test_rerank_prefers_the_candidate_the_neighbours_agree_with():
     assert features.shape == (1, len(quality.FEATURES))
     assert features[0, quality.FEATURES.index("words")] == 2  # <end> is not a word
     assert features[0, quality.FEATURES.index("min_logp")] == pytest.approx(-2.0)
+    assert features[0, quality.FEATURES.index("match")] > features[0, quality.FEATURES.index("match_beam_best")]
 
 
 def test_estimator_learns_separates_and_turns_risk_into_a_threshold():
@@ -148,8 +175,8 @@ def test_a_checkpoint_without_an_estimator_falls_back_to_confidence(tmp_path, ca
     from captioner.model import inference
 
     state = torch.load(inference.DEFAULT_CHECKPOINT, map_location="cpu", weights_only=True)
-    state.pop("quality", None)
-    state.pop("neighbours", None)
+    for key in ("quality", "neighbours", "words"):
+        state.pop(key, None)
     torch.save(state, tmp_path / "plain.pt")
     with caplog.at_level(logging.WARNING, logger="captioner.model.inference"):
         captioner = inference.load(tmp_path / "plain.pt", device="cpu", runtime="torch")
@@ -158,6 +185,23 @@ def test_a_checkpoint_without_an_estimator_falls_back_to_confidence(tmp_path, ca
     for r in result:
         assert r.quality is None
         assert r.needs_review == (r.confidence < inference.REVIEW_BELOW)
+
+
+def test_an_estimator_of_an_older_calibration_is_set_aside(tmp_path, caplog):
+    """A checkpoint calibrated on other signals (an older captioner's) still captions, as one
+    without an estimator does, and says why."""
+    from captioner.model import inference
+
+    state = torch.load(inference.DEFAULT_CHECKPOINT, map_location="cpu", weights_only=True)
+    state["quality"]["features"] = list(quality.FEATURES[:8])
+    del state["words"]
+    torch.save(state, tmp_path / "older.pt")
+    with caplog.at_level(logging.WARNING, logger="captioner.model.inference"):
+        captioner = inference.load(tmp_path / "older.pt", device="cpu", runtime="torch")
+    assert [r.message for r in caplog.records if "run captioner calibrate again" in r.message]
+    assert captioner.estimator is None
+    result = captioner.caption(torch.rand(1, 3, 224, 224))[0]
+    assert result.quality is None and result.needs_review == (result.confidence < inference.REVIEW_BELOW)
 
 
 @needs_data

@@ -70,23 +70,43 @@ def beam_search(decoder: Decoder, feats: torch.Tensor, start: int, end: int, ban
     return search(step, h, c, start, end, banned_words, **options)
 
 
-def _repeated_content(seq: torch.Tensor, content_words: torch.Tensor, modifiers: torch.Tensor) -> torch.Tensor:
+def _marked(words: torch.Tensor, flags: torch.Tensor, vocab: int) -> torch.Tensor:
+    """(N, t) word ids and flags -> (N, V) True for a word flagged at any of its positions (a
+    scatter of the flags would keep an arbitrary one of a repeated word's)."""
+    out = torch.zeros(words.shape[0], vocab, dtype=torch.bool, device=words.device)
+    rows, cols = flags.nonzero(as_tuple=True)
+    out[rows, words[rows, cols]] = True
+    return out
+
+
+def _repeated_content(seq: torch.Tensor, content_words: torch.Tensor, modifiers: torch.Tensor,
+                      counting: torch.Tensor, worn: torch.Tensor, people: torch.Tensor) -> torch.Tensor:
     """seq (N, t) -> (N, V) True where the next word would say something twice (model/repeats.py):
-    a content word already in the row, unless right after a modifier ("a black dog and a white
-    dog"); a content word that made the same pair with the last word before ("a black hat and
-    black hat"); the word before a function word again ("a white and white dog")."""
+    - a content word already in the row, unless right after a modifier ("a black dog and a white
+      dog"), and after a describing modifier only if an earlier mention followed a modifier too
+      (clothing is told apart by whoever wears it instead);
+    - a content word that made the same pair with the last word before ("a black hat and black hat");
+    - the word before a function word again ("a white and white dog");
+    - clothing already named, unless a person was named after it ("a man in a blue shirt and a
+      black shirt")."""
     n, t = seq.shape
-    ban = torch.zeros(n, len(content_words), dtype=torch.bool, device=seq.device)
+    V = len(content_words)
     if t == 0:
-        return ban
+        return torch.zeros(n, V, dtype=torch.bool, device=seq.device)
     last = seq[:, -1]
-    ban.scatter_(1, seq, True)
-    ban &= content_words & ~modifiers[last].unsqueeze(1)
+    said = torch.zeros(n, V, dtype=torch.bool, device=seq.device).scatter_(1, seq, True)
+    ban = said & content_words & ~modifiers[last].unsqueeze(1)
+    at = torch.arange(t, device=seq.device)
+    person_at = torch.where(people[seq], at, -1).amax(1, keepdim=True)
+    ban |= _marked(seq, worn[seq] & (at > person_at), V)
     if t >= 2:
-        pairs = torch.zeros_like(ban).scatter_(1, seq[:, 1:], seq[:, :-1] == last.unsqueeze(1))
-        ban |= pairs & content_words
+        ban |= _marked(seq[:, 1:], seq[:, :-1] == last.unsqueeze(1), V) & content_words
         function = ~(content_words[last] | modifiers[last])
         ban[function, seq[function, -2]] = True
+        describing = modifiers[last] & ~counting[last]
+        if bool(describing.any()):
+            described = _marked(seq[:, 1:], modifiers[seq[:, :-1]], V)
+            ban |= said & content_words & ~worn & ~described & describing.unsqueeze(1)
     return ban
 
 
@@ -94,14 +114,15 @@ def _repeated_content(seq: torch.Tensor, content_words: torch.Tensor, modifiers:
 def search(step: Step, h: torch.Tensor, c: torch.Tensor, start: int, end: int, banned_words: list[int],
            beam: int = 3, n_best: int = 3, max_len: int = 20, alpha: float = 1.0,
            block_repeats: bool = True, content_words: torch.Tensor | None = None,
-           modifiers: torch.Tensor | None = None) -> list[list[Hypothesis]]:
+           modifiers: torch.Tensor | None = None, counting: torch.Tensor | None = None,
+           worn: torch.Tensor | None = None, people: torch.Tensor | None = None) -> list[list[Hypothesis]]:
     """From the initial state h, c (B, D) of B images -> for each image the `n_best` hypotheses, best
     first. `step` may run in any runtime: the search itself is a few small tensor operations.
 
     Scores are log-probability / length**alpha, both while searching and for the final ranking,
     so short captions are not favoured just for being short. `beam=1` is greedy decoding.
-    With `content_words` and `modifiers` ((V,) masks, model/repeats.py), a content word comes
-    again only straight after a modifier.
+    With the masks of model/repeats.py (`content_words`, `modifiers`, `counting`, `worn`, `people`,
+    each (V,)), the caption says nothing twice: a content word comes again only to tell two apart.
     An image whose K beams have all ended leaves the batch: the step, most of the time, then runs
     on the images still searching only (a batch ran all max_len steps for its longest caption,
     while the average image needed two thirds of them).
@@ -120,8 +141,9 @@ def search(step: Step, h: torch.Tensor, c: torch.Tensor, start: int, end: int, b
     done = torch.zeros(B, dtype=torch.bool, device=device)
     length = torch.zeros(B, device=device)
     never = torch.tensor(banned_words, dtype=torch.long, device=device)
+    rule = None
     if content_words is not None:
-        content_words, modifiers = content_words.to(device), modifiers.to(device)
+        rule = [m.to(device) for m in (content_words, modifiers, counting, worn, people)]
     results: list[list[Hypothesis]] = [[] for _ in range(B)]
 
     for t in range(max_len):
@@ -131,8 +153,8 @@ def search(step: Step, h: torch.Tensor, c: torch.Tensor, start: int, end: int, b
         logp[:, never] = float("-inf")
         if block_repeats:
             logp = logp.masked_fill(_banned(seq, V), float("-inf"))
-        if content_words is not None:
-            logp = logp.masked_fill(_repeated_content(seq, content_words, modifiers), float("-inf"))
+        if rule is not None:
+            logp = logp.masked_fill(_repeated_content(seq, *rule), float("-inf"))
         if t == max_len - 1:  # out of room: every live beam must end here
             forced = torch.full_like(logp, float("-inf"))
             forced[:, end] = logp[:, end].clamp(min=-1e4)  # keep the beam even if <end> was unlikely

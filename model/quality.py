@@ -360,17 +360,20 @@ def fit(features: torch.Tensor, right: torch.Tensor, l2: float = 1e-2) -> tuple[
     return mean, std, w.detach(), float(b.detach())
 
 
-def out_of_fold(features: torch.Tensor, right: torch.Tensor, folds: int = 5, seed: int = 0) -> torch.Tensor:
-    """Each caption's estimate from a model fitted on the other folds: what to judge it by."""
-    order = torch.randperm(len(right), generator=torch.Generator().manual_seed(seed))
+def out_of_fold(features: torch.Tensor, right: torch.Tensor, folds: int = 5, splits: int = 10) -> torch.Tensor:
+    """Each caption's estimate from models fitted without it, what to judge it by: the mean of its
+    estimates over `splits` different random splits into `folds` folds (on the dev split, one split
+    alone moved the AUROC by up to 0.007 and the best half's wrong share by up to a point)."""
     out = torch.zeros(len(right))
-    for f in range(folds):
-        held = order[f::folds]
-        train = torch.ones(len(right), dtype=torch.bool)
-        train[held] = False
-        mean, std, w, b = fit(features[train], right[train])
-        out[held] = torch.sigmoid(((features[held] - mean) / std) @ w + b)
-    return out
+    for split in range(splits):
+        order = torch.randperm(len(right), generator=torch.Generator().manual_seed(split))
+        for f in range(folds):
+            held = order[f::folds]
+            train = torch.ones(len(right), dtype=torch.bool)
+            train[held] = False
+            mean, std, w, b = fit(features[train], right[train])
+            out[held] += torch.sigmoid(((features[held] - mean) / std) @ w + b)
+    return out / splits
 
 
 def risk_coverage(quality: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

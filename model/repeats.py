@@ -2,9 +2,16 @@
 
 A caption names a thing once. It names it again only to tell two apart, and then a modifier comes
 right before the second mention ("a white dog", "another man", "two men"). So a content word that
-is already in the caption may come again only straight after a modifier. Function words repeat
-freely (trigram blocking in the beam search stops their loops), and so do the modifiers
-themselves: "a black jacket and a black hat" is what people write.
+is already in the caption may come again only straight after a modifier, and after a describing
+one ("white", "young") only if an earlier mention was described too: "a black dog and a white dog",
+never "a dog and a black dog" or "a crowd of people in a large crowd". A counting modifier
+("another", "two") needs no such first mention: "a dog chases another dog".
+
+A thing worn is worn by someone: "a man in a blue shirt and a black shirt" dresses one man twice.
+So clothing already named comes again only after a new person: "a man in a red jacket next to a
+woman in a blue jacket". Function words repeat freely (trigram blocking in the beam search stops
+their loops), and so do the modifiers themselves: "a black jacket and a black hat" is what people
+write.
 """
 from collections import Counter
 
@@ -26,6 +33,27 @@ little small large big tall short long young old older younger baby adult
 first second third last same different front back left right
 """.split())
 
+# modifiers that count or contrast rather than describe: a first mention needs none of its own
+COUNTING = frozenset("""
+another other one two three four five six seven eight nine ten several many some each both
+first second third last same different
+""".split())
+
+WORN = frozenset("""
+hat hats cap caps helmet helmets shirt shirts top tops jacket jackets coat coats sweater sweaters
+sweatshirt hoodie vest dress dresses skirt shorts pants jeans suit suits uniform uniforms outfit
+outfits costume costumes bikini swimsuit wetsuit scarf gloves glasses sunglasses goggles shoes boots
+sneakers backpack headband hood jersey jerseys apron robe mask
+""".split())
+
+# who can wear something: a new one of them lets clothing be named again
+PEOPLE = frozenset("""
+man men woman women boy boys girl girls child children kid kids person people lady ladies guy guys
+baby babies toddler toddlers player players someone adult adults teenager teenagers teen teens couple
+family skier skiers snowboarder biker bikers cyclist rider riders skateboarder surfer climber swimmer
+runner runners dancer dancers worker workers friend friends gentleman female male he she they
+""".split())
+
 
 def content_words(words: list[str]) -> list[str]:
     return [w for w in words if w not in FUNCTION_WORDS and w not in MODIFIERS]
@@ -38,7 +66,10 @@ def repeats_content(words: list[str]) -> bool:
 
 def rule(words: list[str], specials: int) -> dict[str, torch.Tensor]:
     """The beam search's options for a vocabulary (`words`, the first `specials` of them special
-    tokens): which ids are content words and which are modifiers, as (V,) masks."""
-    return {"content_words": torch.tensor([i >= specials and w not in FUNCTION_WORDS and w not in MODIFIERS
-                                           for i, w in enumerate(words)]),
-            "modifiers": torch.tensor([i >= specials and w in MODIFIERS for i, w in enumerate(words)])}
+    tokens): which ids are content words, modifiers, counting modifiers, clothing and people, as
+    (V,) masks."""
+    def mask(test) -> torch.Tensor:
+        return torch.tensor([i >= specials and test(w) for i, w in enumerate(words)])
+    return {"content_words": mask(lambda w: w not in FUNCTION_WORDS and w not in MODIFIERS),
+            "modifiers": mask(lambda w: w in MODIFIERS), "counting": mask(lambda w: w in COUNTING),
+            "worn": mask(lambda w: w in WORN), "people": mask(lambda w: w in PEOPLE)}

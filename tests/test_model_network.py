@@ -219,12 +219,13 @@ def test_preprocess_puts_transparency_on_white_and_scales_16_bit_grey():
 
 
 def test_a_content_word_comes_again_only_to_tell_two_apart():
-    vocab = Vocab.build([["a", "black", "white", "dog", "hat", "and", "in", "boat", "with"]], min_count=1)
+    vocab = Vocab.build([["a", "black", "white", "dog", "hat", "and", "in", "boat", "with", "man", "woman", "another",
+                          "crowd", "of", "people", "large", "shirt"]], min_count=1)
     rule = repeats.rule(vocab.words, len(SPECIALS))
 
     def banned_after(words: str) -> set[str]:
         seq = torch.tensor([[vocab.index[w] for w in words.split()]])
-        ban = _repeated_content(seq, rule["content_words"], rule["modifiers"])[0]
+        ban = _repeated_content(seq, *(rule[k] for k in ("content_words", "modifiers", "counting", "worn", "people")))[0]
         return {vocab.words[i] for i in ban.nonzero().flatten().tolist()}
 
     assert "hat" in banned_after("a hat and a")  # "a hat and a hat"
@@ -234,5 +235,15 @@ def test_a_content_word_comes_again_only_to_tell_two_apart():
     assert "white" in banned_after("a white and")  # "a white and white dog"
     # modifiers and function words repeat freely, but not as "with a with"
     assert banned_after("a black dog with a") == {"dog", "with"}
+    # a describing modifier needs a described first mention; a counting one does not
+    assert "dog" in banned_after("a dog and a black")
+    assert "crowd" in banned_after("a crowd of people in a large")
+    assert "dog" not in banned_after("a dog and another")
+    # clothing is worn by someone: named again only for a new person
+    assert "hat" in banned_after("a man in a black hat and a white")
+    assert "hat" not in banned_after("a man in a black hat and a woman in a white")
+    assert "shirt" not in banned_after("a man in a shirt and a woman in a black")
+    # a word said twice keeps every mention's flags
+    assert "dog" in banned_after("a black dog and a white dog and a black")
     assert repeats.repeats_content("a man riding a bike on a bike".split())
     assert not repeats.repeats_content("a black dog and a black cat".split())

@@ -4,6 +4,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 
 from .network import Decoder
 
@@ -70,15 +71,6 @@ def beam_search(decoder: Decoder, feats: torch.Tensor, start: int, end: int, ban
     return search(step, h, c, start, end, banned_words, **options)
 
 
-def _marked(words: torch.Tensor, flags: torch.Tensor, vocab: int) -> torch.Tensor:
-    """(N, t) word ids and flags -> (N, V) True for a word flagged at any of its positions (a
-    scatter of the flags would keep an arbitrary one of a repeated word's)."""
-    out = torch.zeros(words.shape[0], vocab, dtype=torch.bool, device=words.device)
-    rows, cols = flags.nonzero(as_tuple=True)
-    out[rows, words[rows, cols]] = True
-    return out
-
-
 def _repeated_content(seq: torch.Tensor, content_words: torch.Tensor, modifiers: torch.Tensor,
                       counting: torch.Tensor, worn: torch.Tensor, people: torch.Tensor) -> torch.Tensor:
     """seq (N, t) -> (N, V) True where the next word would say something twice (model/repeats.py):
@@ -88,25 +80,31 @@ def _repeated_content(seq: torch.Tensor, content_words: torch.Tensor, modifiers:
     - a content word that made the same pair with the last word before ("a black hat and black hat");
     - the word before a function word again ("a white and white dog");
     - clothing already named, unless a person was named after it ("a man in a blue shirt and a
-      black shirt")."""
+      black shirt").
+    Each rule flags positions of the row, (N, t), and the flagged positions' words are banned: a
+    row holds at most max_len words, the vocabulary thousands."""
     n, t = seq.shape
-    V = len(content_words)
+    ban = torch.zeros(n, len(content_words), dtype=torch.bool, device=seq.device)
     if t == 0:
-        return torch.zeros(n, V, dtype=torch.bool, device=seq.device)
-    last = seq[:, -1]
-    said = torch.zeros(n, V, dtype=torch.bool, device=seq.device).scatter_(1, seq, True)
-    ban = said & content_words & ~modifiers[last].unsqueeze(1)
-    at = torch.arange(t, device=seq.device)
-    person_at = torch.where(people[seq], at, -1).amax(1, keepdim=True)
-    ban |= _marked(seq, worn[seq] & (at > person_at), V)
+        return ban
+    last = seq[:, -1:]
+    content = content_words[seq]
+    flag = content & ~modifiers[last]
     if t >= 2:
-        ban |= _marked(seq[:, 1:], seq[:, :-1] == last.unsqueeze(1), V) & content_words
-        function = ~(content_words[last] | modifiers[last])
-        ban[function, seq[function, -2]] = True
-        describing = modifiers[last] & ~counting[last]
+        flag[:, 1:] |= content[:, 1:] & (seq[:, :-1] == last)
+        flag[:, -2] |= ~(content_words[last[:, 0]] | modifiers[last[:, 0]])
+        describing = modifiers[last] & ~counting[last]  # (N, 1)
         if bool(describing.any()):
-            described = _marked(seq[:, 1:], modifiers[seq[:, :-1]], V)
-            ban |= said & content_words & ~worn & ~described & describing.unsqueeze(1)
+            after_modifier = F.pad(modifiers[seq[:, :-1]], (1, 0))
+            # a word is described if any of its mentions follows a modifier
+            described = ((seq.unsqueeze(2) == seq.unsqueeze(1)) & after_modifier.unsqueeze(1)).any(2)
+            flag |= content & ~worn[seq] & ~described & describing
+    clothing = worn[seq]
+    if bool(clothing.any()):
+        at = torch.arange(t, device=seq.device)
+        flag |= clothing & (at > torch.where(people[seq], at, -1).amax(1, keepdim=True))
+    rows, cols = flag.nonzero(as_tuple=True)
+    ban[rows, seq[rows, cols]] = True
     return ban
 
 
@@ -123,6 +121,9 @@ def search(step: Step, h: torch.Tensor, c: torch.Tensor, start: int, end: int, b
     so short captions are not favoured just for being short. `beam=1` is greedy decoding.
     With the masks of model/repeats.py (`content_words`, `modifiers`, `counting`, `worn`, `people`,
     each (V,)), the caption says nothing twice: a content word comes again only to tell two apart.
+    A caption that ended is kept even when longer beams push it out of the K: an image's n-best
+    are the best of every caption that ended, not only of the K beams left at the end (which
+    may be cut off at max_len in mid-phrase).
     An image whose K beams have all ended leaves the batch: the step, most of the time, then runs
     on the images still searching only (a batch ran all max_len steps for its longest caption,
     while the average image needed two thirds of them).
@@ -145,6 +146,11 @@ def search(step: Step, h: torch.Tensor, c: torch.Tensor, start: int, end: int, b
     if content_words is not None:
         rule = [m.to(device) for m in (content_words, modifiers, counting, worn, people)]
     results: list[list[Hypothesis]] = [[] for _ in range(B)]
+    # each live image's n_best captions that ended so far, best first: scores, words (<end> and
+    # after it: end) and their log-probabilities, as tensors so that keeping them takes a few operations
+    ended_score = torch.full((B, n_best), float("-inf"), device=device)
+    ended_seq = torch.full((B, n_best, max_len), end, dtype=torch.long, device=device)
+    ended_logp = torch.zeros(B, n_best, max_len, device=device)
 
     for t in range(max_len):
         L = len(live)
@@ -165,6 +171,16 @@ def search(step: Step, h: torch.Tensor, c: torch.Tensor, start: int, end: int, b
         cand_sum = logp_sum.unsqueeze(1) + logp  # (L*k, V)
         cand_len = (length + (~done).float()).unsqueeze(1).clamp(min=1)  # (L*k, 1)
         cand_score = cand_sum / cand_len.pow(alpha)
+        ending = cand_score[:, end].masked_fill(done, float("-inf")).view(L, k)
+        if t < max_len - 1 and bool((ending.amax(1) > ended_score[:, -1]).any()):
+            # keep the captions ending here among the ended, whether or not they make the beam
+            pad = max_len - t
+            seqs = torch.cat([ended_seq, F.pad(seq, (0, pad), value=end).view(L, k, max_len)], 1)
+            logps = torch.cat([ended_logp, torch.cat([seq_logp, logp[:, end:end + 1], seq_logp.new_zeros(L * k, pad - 1)],
+                                                     1).view(L, k, max_len)], 1)
+            ended_score, kept = torch.cat([ended_score, ending], 1).topk(n_best, dim=1)
+            ended_seq = seqs.gather(1, kept.unsqueeze(2).expand(-1, -1, max_len))
+            ended_logp = logps.gather(1, kept.unsqueeze(2).expand(-1, -1, max_len))
         top_score, top_idx = cand_score.view(L, k * V).topk(K, dim=1)  # (L, K)
         origin = (top_idx // V + torch.arange(L, device=device).unsqueeze(1) * k).view(-1)  # (L*K,)
         words = (top_idx % V).view(-1)
@@ -179,27 +195,36 @@ def search(step: Step, h: torch.Tensor, c: torch.Tensor, start: int, end: int, b
         h, c = h[origin], c[origin]
         finished = done.view(L, K).all(1)  # (L,)
         if bool(finished.any()):
-            score = (logp_sum / length.clamp(min=1).pow(alpha)).view(L, K)
+            score = logp_sum / length.clamp(min=1).pow(alpha)
             for i in finished.nonzero().flatten().tolist():
-                beams = slice(i * K, (i + 1) * K)
-                results[int(live[i])] = _best(seq[beams], seq_logp[beams], score[i], end, n_best)
+                image = int(live[i])
+                beams = [_hypothesis(seq[r], seq_logp[r], float(score[r]), end) for r in range(i * K, (i + 1) * K)]
+                beams += [_hypothesis(ended_seq[i, j], ended_logp[i, j], float(ended_score[i, j]), end)
+                          for j in range(n_best) if ended_score[i, j] > float("-inf")]
+                results[image] = _best(beams, n_best)
             keep = ~finished
             if not bool(keep.any()):
                 break
             rows = keep.repeat_interleave(K)
             live = live[keep]
+            ended_score, ended_seq, ended_logp = ended_score[keep], ended_seq[keep], ended_logp[keep]
             words, h, c, seq, seq_logp, logp_sum, length, done = (
                 x[rows] for x in (words, h, c, seq, seq_logp, logp_sum, length, done))
     return results
 
 
-def _best(seq: torch.Tensor, seq_logp: torch.Tensor, score: torch.Tensor, end: int,
-          n_best: int) -> list[Hypothesis]:
-    """One image's K finished beams, seq and seq_logp (K, t) and score (K,) -> its n_best
-    hypotheses, best first."""
-    hyps = []
-    for k in score.argsort(descending=True)[:n_best].tolist():
-        row = seq[k].tolist()
-        n = row.index(end) if end in row else len(row)
-        hyps.append(Hypothesis(row[:n], float(score[k]), tuple(seq_logp[k, : n + 1].tolist())))
-    return hyps
+def _hypothesis(seq: torch.Tensor, seq_logp: torch.Tensor, score: float, end: int) -> Hypothesis:
+    """One beam's words (t,) up to its <end>, their log-probabilities and its score."""
+    row = seq.tolist()
+    n = row.index(end) if end in row else len(row)
+    return Hypothesis(row[:n], score, tuple(seq_logp[: n + 1].tolist()))
+
+
+def _best(hyps: list[Hypothesis], n_best: int) -> list[Hypothesis]:
+    """One image's captions -> its n_best distinct ones, best first."""
+    out, seen = [], set()
+    for h in sorted(hyps, key=lambda h: -h.score):
+        if tuple(h.tokens) not in seen:
+            seen.add(tuple(h.tokens))
+            out.append(h)
+    return out[:n_best]

@@ -1,9 +1,11 @@
 """The decoder, beam search and checkpoints on tiny random-weight models (CPU, no data needed)."""
+import pytest
 import torch
 import torch.nn.functional as F
 
 from captioner.model import repeats
 from captioner.model.beam_search import _repeated_content, beam_search
+from captioner.model.beam_search import search as search_steps
 from captioner.model.network import Decoder, DecoderConfig
 from captioner.model.train import TrainConfig, export_checkpoint, loss_fn
 from captioner.model.vocab import SPECIALS, Vocab
@@ -143,6 +145,26 @@ def test_n_best_scores_are_sorted_and_length_normalised():
         assert scores == sorted(scores, reverse=True)
         assert all(s <= 0 for s in scores)
         assert len({tuple(h.tokens) for h in hs}) == len(hs), "n-best must be distinct"
+
+
+def test_a_caption_that_ended_is_kept_when_longer_beams_push_it_out():
+    """Beam 2: "w5 <end>" ends at the second step, scoring -0.2, while "w4 w6" and "w4 w7" score
+    better and take both beams; they then end badly (-1.07, -1.08). The caption that ended first
+    is still the best."""
+    START, END, W4, W5, W6, W7 = 1, 2, 4, 5, 6, 7
+    follows = {START: {W4: -0.1, W5: -0.3}, W4: {W6: -0.1, W7: -0.15}, W5: {END: -0.1}, W6: {END: -3.0}, W7: {END: -3.0}}
+
+    def step(live, words, h, c):
+        logp = torch.full((len(words), 8), -20.0)
+        for row, word in enumerate(words.tolist()):
+            for nxt, lp in follows.get(word, {}).items():
+                logp[row, nxt] = lp
+        return logp, h, c
+
+    hyps = search_steps(step, torch.zeros(1, 1), torch.zeros(1, 1), START, END, [0, 3], beam=2, n_best=2, max_len=5)[0]
+    assert [h.tokens for h in hyps] == [[W5], [W4, W6]]
+    assert hyps[0].score == pytest.approx(-0.2) and hyps[1].score == pytest.approx((-0.2 - 3.0) / 3)
+    assert hyps[0].word_logps == pytest.approx((-0.3, -0.1))
 
 
 def test_checkpoint_round_trip_gives_identical_outputs(tmp_path):

@@ -70,6 +70,8 @@ def deployment(own_pg_url, redis_url, checkpoint, tmp_path_factory):
            "CAPTIONER_BATCH_SIZE": str(BATCH_SIZE), "CAPTIONER_BATCH_WAIT_MS": "500", "CAPTIONER_LOG_FORMAT": "json",
            "CAPTIONER_WORKER_METRICS_PORT": str(metrics_port), "CAPTIONER_FLOWER_BASIC_AUTH": AUTH}
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    env["TMPDIR"] = str(root / "tmp")  # where the worker keeps its pool's metric samples while it runs
+    (root / "tmp").mkdir()
     flower = _start(["flower", "--port", str(flower_port)], env, root / "flower.log")
     worker = _start(["worker", "--no-beat"], env, root / "worker.log")
     base = f"http://127.0.0.1:{flower_port}"
@@ -88,6 +90,7 @@ def deployment(own_pg_url, redis_url, checkpoint, tmp_path_factory):
     finally:  # also when the setup failed: a stray worker would take the next run's tasks
         _stop(worker)
         _stop(flower)
+    assert not list((root / "tmp").glob("captioner-metrics-*")), "the stopped worker left its metric samples"
 
 
 def test_flower_shows_each_image_task_succeeded_or_failed(deployment, photos):

@@ -1,5 +1,6 @@
 """Starting a worker process: Celery's prefork worker with the batching task, and the sweep's beat."""
 import os
+import shutil
 import tempfile
 
 from captioner.core import captioner
@@ -21,10 +22,11 @@ def start(settings: Settings, queues: str, concurrency: int | None, beat: bool, 
                           f"{WEBHOOK_QUEUE}`): a slow receiver must not hold a process that captions")
     if not webhooks:
         captioner.version(settings)  # a missing checkpoint stops here, not in every pool child
-    if settings.worker_metrics_port:
+    samples = None
+    if settings.worker_metrics_port and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
         # prometheus_client's multiprocess mode, chosen when it is imported: the prefork children
         # write their samples to files here and the main process serves their sum
-        os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="captioner-metrics-"))
+        samples = os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="captioner-metrics-")
     from . import tasks
     from .tasks import app
 
@@ -42,4 +44,8 @@ def start(settings: Settings, queues: str, concurrency: int | None, beat: bool, 
     if beat:
         # the in-memory scheduler: no schedule file for two workers on one host to fight over
         argv += ["--beat", "--scheduler", "celery.beat:Scheduler"]
-    app.worker_main(argv)
+    try:
+        app.worker_main(argv)
+    finally:  # the samples of a stopped worker's children mean nothing to the next one
+        if samples:
+            shutil.rmtree(samples, ignore_errors=True)

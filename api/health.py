@@ -5,6 +5,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from captioner.core import captioner, liveness, storage
 from captioner.core.errors import CaptioningError
+from captioner.core.queue import WEBHOOK_QUEUE
 
 from . import Services, get_session, services
 
@@ -53,8 +54,9 @@ def readyz() -> tuple[Response, int]:
 
 
 def _queues(svc: Services, checks: dict[str, str]) -> dict[str, dict]:
-    """Jobs queued, the oldest one's age and the live workers per queue (two indexed queries);
-    checks["workers"] is an error when a queue holds jobs that no live worker consumes."""
+    """Jobs queued, the oldest one's age and the live workers per queue, and the same for the
+    webhook events pending in the outbox (three indexed queries); checks["workers"] is an error
+    when a queue holds jobs or events that no live worker consumes."""
     try:
         state = liveness.report(get_session(), svc.settings.worker_timeout_seconds)
     except SQLAlchemyError:
@@ -63,10 +65,10 @@ def _queues(svc: Services, checks: dict[str, str]) -> dict[str, dict]:
         checks["workers"] = "not used (embedded mode: `captioner caption` processes queued jobs)"
     elif stalled := state.stalled():
         checks["workers"] = "error: no live worker consumes " + ", ".join(
-            f"{name} ({state.queues[name].queued} jobs queued, the oldest for {state.queues[name].oldest_seconds:.0f} s)"
-            for name in stalled)
+            f"{name} ({state.queue(name).queued} {'events pending' if name == WEBHOOK_QUEUE else 'jobs queued'}, "
+            f"the oldest for {state.queue(name).oldest_seconds:.0f} s)" for name in stalled)
     else:
         checks["workers"] = f"ok: {sum(w.live for w in state.workers)} live"
     return {name: {"queued": q.queued, "oldest_queued_seconds": round(q.oldest_seconds, 1), "workers": q.workers}
-            for name, q in state.queues.items()}
+            for name, q in {**state.queues, WEBHOOK_QUEUE: state.webhooks}.items()}
 

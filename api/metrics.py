@@ -96,8 +96,14 @@ class QueueCollector(Collector):
                                     "they consume", labels=["queue"])
         for name in (*state.queues, WEBHOOK_QUEUE):
             workers.add_metric([name], state.consumers(name))
+        pending = GaugeMetricFamily("captioner_webhook_events_pending",
+                                    "Webhook events waiting in the outbox for delivery (first or retried)")
+        pending.add_metric([], state.webhooks.queued)
+        oldest_pending = GaugeMetricFamily("captioner_webhook_events_oldest_pending_seconds",
+                                           "Seconds since the oldest pending webhook event's job ended; 0 when none")
+        oldest_pending.add_metric([], state.webhooks.oldest_seconds)
         failed = GaugeMetricFamily("captioner_jobs_failed", "Jobs failed now, by error code (a retry removes them)",
                                    labels=["code"])
         for code, count in sorted(state.failures.items()):
             failed.add_metric([code], count.total)
-        yield from (queued, oldest, workers, failed)
+        yield from (queued, oldest, workers, pending, oldest_pending, failed)

@@ -83,8 +83,9 @@ def serve(host, port, workers, threads) -> None:
 @click.command()
 @click.option("--json", "as_json", is_flag=True, help="One JSON object instead of the tables.")
 def status(as_json) -> None:
-    """Queues (jobs queued, the oldest one's age), workers (live or lost, last heartbeat, model)
-    and failed jobs by error code, from the database: what /readyz and /metrics report."""
+    """Queues (jobs queued, the oldest one's age; for webhooks the events pending delivery), workers
+    (live or lost, last heartbeat, model) and failed jobs by error code, from the database: what
+    /readyz and /metrics report."""
     from captioner.core import liveness
     from captioner.core.queue import WEBHOOK_QUEUE
 
@@ -93,17 +94,18 @@ def status(as_json) -> None:
         state = liveness.report(s, settings.worker_timeout_seconds, with_failures=True)
     if as_json:
         click.echo(json.dumps({"queues": {name: asdict(q) for name, q in state.queues.items()},
+                               "webhook_events": asdict(state.webhooks),
                                "stalled": state.stalled(),
                                "workers": [asdict(w) for w in state.workers],
                                "failures": {code: asdict(f) for code, f in state.failures.items()},
                                "worker_timeout_seconds": settings.worker_timeout_seconds}, default=str))
         return
     click.echo(f"{'queue':<12} {'queued':>8} {'oldest':>10} {'workers':>8}")
-    for name, q in state.queues.items():
+    names = [*state.queues, *([] if settings.embedded else [WEBHOOK_QUEUE])]  # embedded: events go out inline
+    for name in names:
+        q = state.queue(name)
         note = "  stalled: no live worker consumes it" if name in state.stalled() else ""
         click.echo(f"{name:<12} {q.queued:>8} {_age(q.oldest_seconds) if q.queued else '-':>10} {q.workers:>8}{note}")
-    if not settings.embedded:
-        click.echo(f"{WEBHOOK_QUEUE:<12} {'':>8} {'':>10} {state.consumers(WEBHOOK_QUEUE):>8}")
     click.echo(f"\nworkers (lost after {settings.worker_timeout_seconds} s without a heartbeat)")
     for w in state.workers:
         click.echo(f"  {'live' if w.live else 'LOST':<4}  {w.hostname} pid {w.pid}  {','.join(w.queues)}  "

@@ -1,6 +1,6 @@
 """Is anyone working the queues? Workers' heartbeats and the jobs table, read in two queries, for
-/readyz, the API's /metrics and `captioner status`: a stopped fleet shows as jobs queued with no
-live worker, whether or not any worker is left to export metrics itself.
+/readyz, the API's /metrics and `captioner status`: a stopped fleet shows as jobs queued (or webhook
+events pending) with no live worker, whether or not any worker is left to export metrics itself.
 
 Heartbeat times are the writers' clocks, compared with the reader's: the hosts' clocks must agree
 (NTP), as they must for the job leases already."""
@@ -11,7 +11,8 @@ from sqlalchemy import case, delete, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from .tables import QUEUES, Job, WorkerBeat, utcnow
+from .queue import WEBHOOK_QUEUE
+from .tables import QUEUES, Job, WebhookEvent, WorkerBeat, utcnow
 
 FAILURE_WINDOW = timedelta(hours=1)  # "failed lately" in `captioner status`
 LOST_KEPT = timedelta(hours=1)  # a killed worker's row is listed as lost this long, then the sweep deletes it
@@ -48,14 +49,20 @@ class Report:
     queues: dict[str, QueueState]
     workers: list[Worker]
     failures: dict[str, Failures] = field(default_factory=dict)
+    webhooks: QueueState = QueueState()  # events pending in the outbox, and the live workers delivering them
 
     def consumers(self, queue: str) -> int:
         """Live workers consuming `queue` (any broker queue, the webhooks one included)."""
         return consumers(self.workers, queue)
 
     def stalled(self) -> list[str]:
-        """Queues holding jobs that no live worker consumes: they will wait for ever."""
-        return [name for name, q in self.queues.items() if q.queued and not q.workers]
+        """Queues holding jobs (or, for the webhooks queue, pending events) that no live worker
+        consumes: they will wait for ever."""
+        found = {**self.queues, WEBHOOK_QUEUE: self.webhooks}
+        return [name for name, q in found.items() if q.queued and not q.workers]
+
+    def queue(self, name: str) -> QueueState:
+        return self.webhooks if name == WEBHOOK_QUEUE else self.queues[name]
 
 
 def consumers(found: list[Worker], queue: str) -> int:
@@ -113,6 +120,13 @@ def queued(session: Session, now: datetime | None = None) -> dict[str, tuple[int
     return found
 
 
+def pending_events(session: Session, now: datetime | None = None) -> tuple[int, float]:
+    """(webhook events waiting in the outbox, seconds the oldest has waited since its job ended)."""
+    count, oldest = session.execute(select(func.count(), func.min(WebhookEvent.created_at))
+                                    .where(WebhookEvent.status == "pending")).one()
+    return count, max(0.0, ((now or utcnow()) - _aware(oldest)).total_seconds()) if count else 0.0
+
+
 def failures(session: Session, now: datetime | None = None) -> dict[str, Failures]:
     """Failed jobs by error code: all of them, and those of the last hour."""
     since = (now or utcnow()) - FAILURE_WINDOW
@@ -122,9 +136,10 @@ def failures(session: Session, now: datetime | None = None) -> dict[str, Failure
 
 
 def report(session: Session, timeout_seconds: int, with_failures: bool = False) -> Report:
-    """Queues, workers and (when asked: a third query) failures, as of now."""
+    """Queues, workers, the webhook outbox and (when asked: a fourth query) failures, as of now."""
     now = utcnow()
     found = workers(session, timeout_seconds, now)
     queues = {name: QueueState(count, oldest, consumers(found, name))
               for name, (count, oldest) in queued(session, now).items()}
-    return Report(queues, found, failures(session, now) if with_failures else {})
+    webhooks = QueueState(*pending_events(session, now), consumers(found, WEBHOOK_QUEUE))
+    return Report(queues, found, failures(session, now) if with_failures else {}, webhooks)

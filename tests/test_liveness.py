@@ -21,7 +21,7 @@ from captioner.core import liveness
 from captioner.core.db import make_engine, make_sessionmaker
 from captioner.core.queries import NewImage, submit
 from captioner.core.settings import Settings, get_settings
-from captioner.core.tables import Job, utcnow
+from captioner.core.tables import Job, WebhookEvent, utcnow
 from conftest import keyed, make_key
 
 DETECTION_S = 30  # the bound: a stopped worker shows in /readyz and /metrics within it
@@ -71,6 +71,35 @@ def test_a_worker_is_live_until_its_beats_age_out_or_it_leaves(sqlite_url):
         assert liveness.workers(s, 20) == []
 
 
+def _pending_event(sessions, age_seconds: float) -> None:
+    with sessions.begin() as s:
+        s.add(WebhookEvent(event_id=f"ev-{age_seconds}", event="image.done", url="https://cms.example/hook", body="{}",
+                           created_at=utcnow() - timedelta(seconds=age_seconds)))
+
+
+def test_webhook_events_pending_with_no_live_delivery_worker_are_a_stall(sqlite_url):
+    sessions = _sessions(sqlite_url)
+    with sessions.begin() as s:
+        liveness.beat(s, "celery@a", 11, ["interactive", "backfill"], "v1", "onnx")
+    with sessions() as s:
+        assert liveness.report(s, 20).webhooks == liveness.QueueState(0, 0.0, 0)
+        assert liveness.report(s, 20).stalled() == []  # no event waiting: no delivery worker needed
+    _pending_event(sessions, 90)
+    _pending_event(sessions, 5)
+    with sessions.begin() as s:
+        delivered = WebhookEvent(event_id="ev-sent", event="image.done", url="https://cms.example/hook", body="{}",
+                                 status="delivered", created_at=utcnow() - timedelta(seconds=900))
+        s.add(delivered)
+    with sessions() as s:
+        state = liveness.report(s, 20)
+        assert state.webhooks.queued == 2 and 90 <= state.webhooks.oldest_seconds < 120
+        assert state.stalled() == ["webhooks"] and state.queue("webhooks") is state.webhooks
+    with sessions.begin() as s:
+        liveness.beat(s, "celery@hooks", 12, ["webhooks"], None, None)
+    with sessions() as s:
+        assert liveness.report(s, 20).stalled() == []  # a delivery worker retries them
+
+
 def test_failures_by_code_count_the_last_hour_apart(sqlite_url):
     sessions = _sessions(sqlite_url)
     _queue(sessions, 3)
@@ -109,12 +138,18 @@ def test_api_metrics_export_queues_workers_and_failures_from_the_database(app_se
     assert samples[("captioner_workers_live", (("queue", "backfill"),))] == 1
     assert samples[("captioner_workers_live", (("queue", "webhooks"),))] == 0
     assert samples[("captioner_jobs_failed", (("code", "invalid_image"),))] == 1
+    assert samples[("captioner_webhook_events_pending", ())] == 0
+    _pending_event(sessions, 30)
+    samples = _samples(client)
+    assert samples[("captioner_webhook_events_pending", ())] == 1
+    assert samples[("captioner_webhook_events_oldest_pending_seconds", ())] >= 30
     assert not any("tenant" in dict(labels) for _, labels in samples)
 
 
 def test_status_prints_queues_workers_and_failures(sqlite_url, monkeypatch):
     sessions = _sessions(sqlite_url)
     _queue(sessions, 2)
+    _pending_event(sessions, 300)
     with sessions.begin() as s:
         liveness.beat(s, "celery@gpu1", 4242, ["backfill"], "349f304d4ac1", "torch")
     monkeypatch.setenv("CAPTIONER_DATABASE_URL", sqlite_url)
@@ -126,9 +161,12 @@ def test_status_prints_queues_workers_and_failures(sqlite_url, monkeypatch):
     finally:
         get_settings.cache_clear()
     assert "interactive" in text and "stalled: no live worker consumes it" in text
+    [webhooks] = [line for line in text.splitlines() if line.startswith("webhooks")]
+    assert webhooks.split() == ["webhooks", "1", "5", "min", "0", "stalled:", "no", "live", "worker", "consumes", "it"]
     assert "live  celery@gpu1 pid 4242  backfill  model 349f304d4ac1 (torch)" in text
     report = json.loads(shown)
-    assert report["queues"]["interactive"]["queued"] == 2 and report["stalled"] == ["interactive"]
+    assert report["queues"]["interactive"]["queued"] == 2 and report["stalled"] == ["interactive", "webhooks"]
+    assert report["webhook_events"]["queued"] == 1
     assert report["workers"][0]["hostname"] == "celery@gpu1" and report["workers"][0]["live"] is True
 
 

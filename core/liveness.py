@@ -1,6 +1,7 @@
-"""Is anyone working the queues? Workers' heartbeats and the jobs table, read in two queries, for
-/readyz, the API's /metrics and `captioner status`: a stopped fleet shows as jobs queued (or webhook
-events pending) with no live worker, whether or not any worker is left to export metrics itself.
+"""Is anyone working the queues? Workers' heartbeats, the jobs table and the webhook outbox, read in
+three queries, for /readyz, the API's /metrics and `captioner status`: a stopped fleet shows as jobs
+queued (or webhook events pending) with no live worker, whether or not any worker is left to export
+metrics itself.
 
 Heartbeat times are the writers' clocks, compared with the reader's: the hosts' clocks must agree
 (NTP), as they must for the job leases already."""

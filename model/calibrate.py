@@ -34,11 +34,11 @@ def calibrate(captioner: Captioner, checkpoint: Path, cfg: TrainConfig, output: 
     train_names, dev_names = split_names(cfg, references)
     if len(dev_names) < 100:
         raise ValueError(f"{len(dev_names)} dev photos: too few to fit a quality estimator (100 or more)")
-    pooled = [captioner.encode(batch).pooled for batch in
-              _photos(captioner, Path(cfg.images), train_names, batch_size, "training photos")]
+    pooled = torch.cat([captioner.encode(batch).pooled.cpu() for batch in
+                        _photos(captioner, Path(cfg.images), train_names, batch_size, "training photos")])
     train_captions = [references[n] for n in train_names]
-    neighbours = quality.Neighbours.build(torch.cat(pooled), train_captions)
-    words = quality.Words.fit(torch.cat(pooled), train_captions)
+    neighbours = quality.Neighbours.build(pooled, train_captions)  # on the CPU, where production reads them
+    words = quality.Words.fit(pooled, train_captions)
 
     candidates, scores, logps, agreements = [], [], [], []
     for batch in _photos(captioner, Path(cfg.images), dev_names, batch_size, "dev photos"):

@@ -282,6 +282,7 @@ class Agreement:
 
 def agreement(candidates: list[list[str]], pooled: torch.Tensor, neighbours: Neighbours, words: Words) -> Agreement:
     """Each image's candidate captions (the same number per image) and pooled features (B, F)."""
+    pooled = pooled.float().cpu()  # the bank and the regression stay on the CPU, also for a model on a GPU
     sims, idx = neighbours.nearest(pooled, NEAREST_WEIGHTED)
     return Agreement(sims, neighbours.consensus(candidates, idx), words.match(pooled, candidates))
 

@@ -142,9 +142,14 @@ def search(step: Step, h: torch.Tensor, c: torch.Tensor, start: int, end: int, b
     done = torch.zeros(B, dtype=torch.bool, device=device)
     length = torch.zeros(B, device=device)
     never = torch.tensor(banned_words, dtype=torch.long, device=device)
-    rule = None
-    if content_words is not None:
-        rule = [m.to(device) for m in (content_words, modifiers, counting, worn, people)]
+    rule = [content_words, modifiers, counting, worn, people]
+    if all(m is None for m in rule):
+        rule = None
+    elif any(m is None for m in rule):
+        raise ValueError("the repeat rule needs all five masks (content_words, modifiers, counting, worn, people): "
+                         "pass **repeats.rule(words, specials)")
+    else:
+        rule = [m.to(device) for m in rule]
     results: list[list[Hypothesis]] = [[] for _ in range(B)]
     # each live image's n_best captions that ended so far, best first: scores, words (<end> and
     # after it: end) and their log-probabilities, as tensors so that keeping them takes a few operations

@@ -188,6 +188,13 @@ def test_checkpoint_round_trip_gives_identical_outputs(tmp_path):
     assert [c.text.rstrip(".").lower().split() for c in captions] == [VOCAB.decode(hs[0].tokens) for hs in want]
 
 
+def test_a_partial_repeat_rule_is_refused():
+    rule = repeats.rule(VOCAB.words, len(SPECIALS))
+    feats = torch.randn(1, 4, 16)
+    with pytest.raises(ValueError, match="all five masks"):
+        search(tiny_decoder(), feats, content_words=rule["content_words"])
+
+
 def test_checkpoint_without_model_keys_is_refused(tmp_path):
     from captioner.model import inference
 

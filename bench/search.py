@@ -19,7 +19,6 @@ from sqlalchemy import select
 from sqlalchemy.orm import sessionmaker
 
 from captioner.core import captioner, jobs, queries, search
-from captioner.core.db import make_engine, make_sessionmaker
 from captioner.migrations import open_database
 from captioner.core.settings import Settings
 from captioner.core.tables import Caption, Image
@@ -131,6 +130,7 @@ def coco_precision(sm: sessionmaker, query_list: list[str], relevant: Callable[[
 
 def run(settings: Settings, imagenet: Path, flickr: Path, queries_file: Path, cache: Path, k: int,
         log: Log, on_batch: Callable[[jobs.BatchReport], None], postgres_url: str | None = None) -> dict[str, Any]:
+    pg = open_database(postgres_url) if postgres_url else None  # refused now, not after the captioning
     cache.mkdir(parents=True, exist_ok=True)
     classes = class_queries(imagenet / "labels.tsv")
     log(f"captioning {len(classes)} ImageNet samples into {cache / 'imagenet.db'} (skips those done)")
@@ -142,9 +142,8 @@ def run(settings: Settings, imagenet: Path, flickr: Path, queries_file: Path, ca
     judge = relevance_judge(human_captions(flickr / "Flickr8k.token.txt", set(dev)))
     query_list = read_queries(queries_file)
     backends = {"sqlite": (imagenet_sm, flickr_sm, "default", "default")}
-    if postgres_url:
+    if pg is not None:
         # one database, the two corpora kept apart as two tenants
-        pg = make_sessionmaker(make_engine(postgres_url))
         copy_captions(imagenet_sm, pg, "bench-imagenet")
         copy_captions(flickr_sm, pg, "bench-flickr8k-dev")
         backends["postgresql"] = (pg, pg, "bench-imagenet", "bench-flickr8k-dev")

@@ -81,7 +81,7 @@ def bench_search(imagenet, flickr, queries, cache_dir, k, postgres_url) -> None:
 
     imagenet = context.data_path(imagenet, "imagenet-samples", "--imagenet")
     flickr = context.data_path(flickr, "flickr8k", "--flickr")
-    with tqdm(unit="img", desc="captioning") as bar:
+    with context.reported(), tqdm(unit="img", desc="captioning") as bar:
         result = search.run(context.settings(), imagenet, flickr, Path(queries) if queries else search.QUERIES,
                             Path(cache_dir), k, click.echo, lambda report: bar.update(report.captioned + report.failed),
                             postgres_url)

@@ -21,7 +21,10 @@ def settings() -> Settings:
 
 
 def database(config: Settings) -> sessionmaker:
-    return open_database(config.database_url)
+    try:
+        return open_database(config.database_url)
+    except ConfigError as e:
+        raise click.ClickException(f"{e.code}: {e.message}")
 
 
 @contextmanager

@@ -6,11 +6,12 @@ from alembic import command, context, op
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Connection, func, select, table
+from sqlalchemy import Connection, Engine, func, select, table
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import sessionmaker
 
-from captioner.core.db import make_engine, make_sessionmaker
-from captioner.core.errors import Conflict
+from captioner.core.db import make_engine, make_sessionmaker, shown
+from captioner.core.errors import ConfigError, Conflict
 
 HERE = Path(__file__).parent
 
@@ -69,7 +70,30 @@ def _refuse_if_rows(connection: Connection, name: str, what: str) -> None:
 def open_database(database_url: str) -> sessionmaker:
     """Sessions for the command line's database. A SQLite file (the embedded default) is created and
     migrated on first use, so a new user needs no set-up step; PostgreSQL is migrated once per
-    deployment, by `captioner db upgrade`."""
+    deployment, by `captioner db upgrade`, and one that cannot be reached or is not migrated is
+    refused here, with what to do, rather than met later as a missing table."""
     if database_url.startswith("sqlite"):
         upgrade(database_url)
-    return make_sessionmaker(make_engine(database_url))
+        return make_sessionmaker(make_engine(database_url))
+    engine = make_engine(database_url)
+    require_migrated(engine, database_url)
+    return make_sessionmaker(engine)
+
+
+def require_migrated(engine: Engine, database_url: str) -> None:
+    """ConfigError unless the database is at this captioner's head revision. One migrated by a newer
+    captioner (a revision this one does not know) passes: its schema only adds to ours."""
+    script = ScriptDirectory.from_config(alembic_config(database_url))
+    try:
+        with engine.connect() as connection:
+            current = set(MigrationContext.configure(connection).get_current_heads())
+    except OperationalError as e:
+        reason = str(e.orig or e).strip().splitlines()[0]
+        raise ConfigError(f"cannot reach the database {shown(database_url)}: {reason}") from e
+    heads = set(script.get_heads())
+    known = {r.revision for r in script.walk_revisions()}
+    if current == heads or not current <= known:
+        return
+    state = "not migrated" if not current else f"at revision {', '.join(sorted(current))}"
+    raise ConfigError(f"the database {shown(database_url)} is {state}, this captioner needs revision "
+                      f"{', '.join(sorted(heads))}: run `captioner db upgrade`")

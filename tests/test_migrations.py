@@ -137,3 +137,38 @@ def test_caption_quality_upgrades_to_null_and_downgrades_keeping_the_captions_an
     engine.dispose()
     assert qualities == {estimated: None, later: None}  # a row from before the column has no estimate
     assert found == [[estimated], [later]]
+
+
+def test_commands_refuse_a_postgresql_database_that_is_not_at_head_or_not_reachable(own_pg_url):
+    """Not a missing-table traceback half-way through: the command stops first and says what to do."""
+    from alembic.script import ScriptDirectory
+
+    from captioner.migrations import downgrade, upgrade
+
+    script = ScriptDirectory.from_config(alembic_config(own_pg_url))
+    [head] = script.get_heads()
+    below = script.get_revision(head).down_revision
+
+    def search(url: str):
+        get_settings.cache_clear()
+        try:
+            return CliRunner().invoke(cli, ["search", "--json", "dog"], env={"CAPTIONER_DATABASE_URL": url})
+        finally:
+            get_settings.cache_clear()
+
+    assert search(own_pg_url).exit_code == 0
+    try:
+        downgrade(own_pg_url, below)
+        result = search(own_pg_url)
+        assert result.exit_code == 1 and f"is at revision {below}" in result.output, result.output
+        assert f"needs revision {head}: run `captioner db upgrade`" in result.output
+        downgrade(own_pg_url, "base", force=True)
+        result = search(own_pg_url)
+        assert result.exit_code == 1 and "is not migrated" in result.output and "captioner db upgrade" in result.output
+    finally:
+        upgrade(own_pg_url)
+    assert search(own_pg_url).exit_code == 0
+    unreachable = urlunsplit(urlsplit(_with_password(own_pg_url))._replace(netloc=f"postgres:{PASSWORD}@127.0.0.1:1"))
+    result = search(unreachable)
+    assert result.exit_code == 1 and "cannot reach the database" in result.output, result.output
+    assert PASSWORD not in result.output and ":***@127.0.0.1:1" in result.output

@@ -92,10 +92,14 @@ def status(as_json) -> None:
     settings = context.settings()
     with context.database(settings)() as s:
         state = liveness.report(s, settings.worker_timeout_seconds, with_failures=True)
+    # embedded, nothing runs in the background: queued jobs and pending events wait for the next
+    # `captioner caption` by design, which is not a stall
+    stalled = [] if settings.embedded else state.stalled()
     if as_json:
-        click.echo(json.dumps({"queues": {name: asdict(q) for name, q in state.queues.items()},
+        click.echo(json.dumps({"embedded": settings.embedded,
+                               "queues": {name: asdict(q) for name, q in state.queues.items()},
                                "webhook_events": asdict(state.webhooks),
-                               "stalled": state.stalled(),
+                               "stalled": stalled,
                                "workers": [asdict(w) for w in state.workers],
                                "failures": {code: asdict(f) for code, f in state.failures.items()},
                                "worker_timeout_seconds": settings.worker_timeout_seconds}, default=str))
@@ -104,7 +108,8 @@ def status(as_json) -> None:
     names = [*state.queues, *([] if settings.embedded else [WEBHOOK_QUEUE])]  # embedded: events go out inline
     for name in names:
         q = state.queue(name)
-        note = "  stalled: no live worker consumes it" if name in state.stalled() else ""
+        note = ("  stalled: no live worker consumes it" if name in stalled else
+                "  waits for the next `captioner caption`" if settings.embedded and q.queued else "")
         click.echo(f"{name:<12} {q.queued:>8} {_age(q.oldest_seconds) if q.queued else '-':>10} {q.workers:>8}{note}")
     click.echo(f"\nworkers (lost after {settings.worker_timeout_seconds} s without a heartbeat)")
     for w in state.workers:

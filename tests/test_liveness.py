@@ -166,8 +166,19 @@ def test_status_prints_queues_workers_and_failures(sqlite_url, monkeypatch):
     assert "live  celery@gpu1 pid 4242  backfill  model 349f304d4ac1 (torch)" in text
     report = json.loads(shown)
     assert report["queues"]["interactive"]["queued"] == 2 and report["stalled"] == ["interactive", "webhooks"]
-    assert report["webhook_events"]["queued"] == 1
+    assert report["webhook_events"]["queued"] == 1 and report["embedded"] is False
     assert report["workers"][0]["hostname"] == "celery@gpu1" and report["workers"][0]["live"] is True
+
+    monkeypatch.delenv("CAPTIONER_BROKER_URL")  # embedded: the same queue waits for the next caption run
+    get_settings.cache_clear()
+    try:
+        text = CliRunner().invoke(cli, ["status"], catch_exceptions=False).output
+        report = json.loads(CliRunner().invoke(cli, ["status", "--json"], catch_exceptions=False).output)
+    finally:
+        get_settings.cache_clear()
+    [interactive] = [line for line in text.splitlines() if line.startswith("interactive")]
+    assert interactive.endswith("waits for the next `captioner caption`") and "stalled" not in text
+    assert report["embedded"] is True and report["stalled"] == [] and report["queues"]["interactive"]["queued"] == 2
 
 
 @pytest.mark.integration  # starts worker processes
